@@ -1,0 +1,5 @@
+import sys
+
+from modularforge.cli import main
+
+sys.exit(main())

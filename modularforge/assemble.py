@@ -1,0 +1,208 @@
+"""Stage 4, assemble: stream the shared part and every expert into one Mixtral folder (DESIGN.md section 4).
+
+1. Validate everything before writing anything: files present, headers readable, names, shapes and
+   dtypes as the config says, checksums as recorded when they were written, experts trained under
+   this run's config. A problem is an AssemblyError that names the file; no output is left behind.
+2. Compute the routers in closed form from the experts' statistics, one expert's statistics at a time.
+3. Write into a temporary folder, tensor by tensor with bounded buffers: shared shards, one shard per
+   expert, and a last small shard with the routers and the post-attention norms (the only tensors
+   calibration changes). Then calibrate, write config, index and tokenizer, and rename into place.
+
+Peak memory is the routers and statistics of one layer, never an expert, whatever the number of experts.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from modularforge.calibrate import calibrate
+from modularforge.data.tokenizer import load_tokenizer
+from modularforge.errors import AssemblyError, DataError
+from modularforge.files import atomic_dir, load_tensors, read_json, sha256_file, write_json
+from modularforge.model.hf import mixtral_config
+from modularforge.model.transformer import CausalLM
+from modularforge.model.weights import FFN_WEIGHTS, expert_key, gate_key
+from modularforge.routers import LayerStats, router_from_stats
+from modularforge.runs import Run
+from modularforge.safetensors_stream import TensorInfo, from_file, from_tensor, read_header, write_streaming
+from modularforge.train.experts import expert_files
+from modularforge.train.shared import vocab_size
+
+log = logging.getLogger(__name__)
+
+OnRead = Callable[[Path, str], None]
+
+
+@dataclass
+class Inputs:
+    """Validated inputs: every file with its tensor table."""
+
+    shared: Path
+    shared_table: dict[str, TensorInfo]
+    experts: list[Path] = field(default_factory=list)
+    expert_tables: list[dict[str, TensorInfo]] = field(default_factory=list)
+    stats: list[Path] = field(default_factory=list)
+
+
+def assemble(run: Run, on_read: OnRead | None = None) -> None:
+    """`on_read(file, tensor)` is called before each input tensor is copied (for instrumentation)."""
+    cfg = run.cfg
+    with run.stage("assemble") as facts:
+        inputs = validate_inputs(run)
+        routers, norm_targets = compute_routers(run, inputs)
+        with atomic_dir(run.model_dir) as tmp:
+            files = write_weights(tmp, run, inputs, routers, on_read)
+            write_json(tmp / "config.json", mixtral_config(cfg.model, vocab_size(run), _eos(run)))
+            write_json(tmp / "generation_config.json", _generation_config(run))
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                shutil.copy2(run.tokenizer_dir / name, tmp / name)
+            calibration = calibrate(tmp, run, norm_targets)
+            write_json(tmp / "modularforge.json", {
+                "router": cfg.assemble.router, "centred": cfg.assemble.centred,
+                "experts": cfg.model.num_experts, "calibration": calibration,
+                "fingerprint": run.fingerprint("assemble"),
+            })
+        facts.update(shards=len(files), calibration=calibration)
+        log.info("assembled %d experts into %s (%d shards)", cfg.model.num_experts, run.model_dir, len(files))
+
+
+def _eos(run: Run) -> int:
+    return read_json(run.data_dir / "shards.json")["eos_id"]
+
+
+def _generation_config(run: Run) -> dict:
+    g, eos = run.cfg.generate, _eos(run)
+    return {
+        "bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "do_sample": g.temperature > 0,
+        "temperature": g.temperature or 1.0, "top_k": g.top_k or 0, "top_p": g.top_p or 1.0,
+    }
+
+
+def expected_shapes(run: Run) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of the dense model this run trains."""
+    with torch.device("meta"):
+        dense = CausalLM(run.cfg.model, vocab_size(run), moe=False)
+    shapes = {k: tuple(v.shape) for k, v in dense.state_dict().items()}
+    if run.cfg.model.tie_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
+def validate_inputs(run: Run) -> Inputs:
+    cfg = run.cfg
+    shapes = expected_shapes(run)
+    shared_facts = run.manifest()["stages"].get("train-shared", {})
+    try:
+        load_tokenizer(run.tokenizer_dir)
+    except DataError as e:
+        raise AssemblyError(str(e)) from None
+    shared = run.shared_dir / "shared.safetensors"
+    shared_table = _checked_table(
+        shared, {k: v for k, v in shapes.items() if ".mlp." not in k}, shared_facts.get("shared_sha256")
+    )
+    inputs = Inputs(shared, shared_table)
+    fingerprint = run.fingerprint("train-experts")
+    for k in range(cfg.model.num_experts):
+        files = expert_files(run, k)
+        done_path = run.expert_dir(k) / "done.json"
+        if not done_path.exists():
+            raise AssemblyError(f"expert {k} is missing: {done_path} not found; run `modularforge train-experts`")
+        done = read_json(done_path)
+        if done.get("fingerprint") != fingerprint:
+            raise AssemblyError(f"{done_path}: expert {k} was trained under a different config; retrain it")
+        expected = {
+            expert_key(i, k, w): shapes[f"model.layers.{i}.mlp.{w}.weight"]
+            for i in range(cfg.model.num_layers) for w in FFN_WEIGHTS
+        }
+        table = _checked_table(Path(files["expert"]), expected, done["sha256"]["expert"], allow_extra="router_row.")
+        stats_shapes = {}
+        for i in range(cfg.model.num_layers):
+            h = cfg.model.hidden_size
+            stats_shapes |= {f"layers.{i}.count": (), f"layers.{i}.sum": (h,), f"layers.{i}.xtx": (h, h)}
+        _checked_table(Path(files["stats"]), stats_shapes, done["sha256"]["stats"])
+        inputs.experts.append(Path(files["expert"]))
+        inputs.expert_tables.append(table)
+        inputs.stats.append(Path(files["stats"]))
+    return inputs
+
+
+def _checked_table(
+    path: Path, expected: dict[str, tuple[int, ...]], sha256: str | None, allow_extra: str | None = None
+) -> dict[str, TensorInfo]:
+    if not path.is_file():
+        raise AssemblyError(f"missing input: {path}")
+    try:
+        table, _ = read_header(path)
+    except DataError as e:
+        raise AssemblyError(str(e)) from None
+    missing = sorted(set(expected) - set(table))
+    extra = sorted(n for n in set(table) - set(expected) if not (allow_extra and n.startswith(allow_extra)))
+    if missing or extra:
+        raise AssemblyError(f"{path} does not match the config: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, shape in expected.items():
+        if table[name].shape != shape:
+            raise AssemblyError(f"{path}: {name} has shape {list(table[name].shape)}, the config needs {list(shape)}")
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise AssemblyError(f"{path} does not match the checksum recorded when it was written; it is corrupted")
+    return table
+
+
+def compute_routers(run: Run, inputs: Inputs) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Router rows per layer and, per layer, the experts' mean per-channel second moment of the router
+    input (the target of norm recalibration). Statistics are read one expert and one layer at a time."""
+    cfg = run.cfg
+    routers, targets = {}, []
+    generator = torch.Generator().manual_seed(cfg.run.seed)
+    for i in range(cfg.model.num_layers):
+        layer = LayerStats(cfg.model.hidden_size)
+        for path in inputs.stats:
+            s = load_tensors(path, [f"layers.{i}.count", f"layers.{i}.sum", f"layers.{i}.xtx"])
+            layer.add(s[f"layers.{i}.count"], s[f"layers.{i}.sum"], s[f"layers.{i}.xtx"])
+        routers[gate_key(i)] = router_from_stats(
+            cfg.assemble.router, layer, cfg.assemble.ridge_lambda, cfg.assemble.centred, generator
+        )
+        targets.append(torch.stack(layer.diag).mean(0).float())
+    return routers, targets
+
+
+def write_weights(
+    out: Path, run: Run, inputs: Inputs, routers: dict[str, torch.Tensor], on_read: OnRead | None
+) -> list[str]:
+    """Write the shards and the index into `out`; returns the shard file names."""
+    cfg = run.cfg
+    limit = cfg.assemble.shard_max_mb << 20
+    norms = [n for n in inputs.shared_table if n.endswith("post_attention_layernorm.weight")]
+    groups: list[list[TensorInfo]] = [[]]
+    for info in inputs.shared_table.values():
+        if info.name in norms:
+            continue
+        if groups[-1] and sum(t.nbytes for t in groups[-1]) + info.nbytes > limit:
+            groups.append([])
+        groups[-1].append(info)
+    total_files = len(groups) + len(inputs.experts) + 1
+    names = [f"model-{i + 1:05d}-of-{total_files:05d}.safetensors" for i in range(total_files)]
+    weight_map: dict[str, str] = {}
+    total_bytes = 0
+    meta = {"modularforge": run.fingerprint("assemble")}
+    for name, group in zip(names, groups):
+        total_bytes += write_streaming(out / name, [from_file(inputs.shared, t, on_read) for t in group], meta)
+        weight_map |= {t.name: name for t in group}
+    for k, (path, table) in enumerate(zip(inputs.experts, inputs.expert_tables)):
+        name = names[len(groups) + k]
+        infos = [t for t in table.values() if not t.name.startswith("router_row.")]
+        total_bytes += write_streaming(out / name, [from_file(path, t, on_read) for t in infos], meta)
+        weight_map |= {t.name: name for t in infos}
+    last = names[-1]
+    norm_tensors = load_tensors(inputs.shared, norms) if norms else {}
+    sources = [from_tensor(n, t) for n, t in (routers | norm_tensors).items()]
+    total_bytes += write_streaming(out / last, sources, meta)
+    weight_map |= {n: last for n in routers | norm_tensors}
+    write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
+    return names
+

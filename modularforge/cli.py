@@ -1,0 +1,272 @@
+"""Command line: one subcommand per pipeline stage, plus `run` (all stages, skipping finished ones),
+`generate`, `export` and `config`. Only this module turns exceptions into a message and an exit code.
+
+`run` starts every stage as a child process: memory is returned between stages, and each stage's
+peak RSS in the manifest is that stage's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from modularforge.config import Config, describe_keys, load_config, preset_names, preset_path
+from modularforge.errors import ModularForgeError
+from modularforge.runs import STAGES, Run
+
+log = logging.getLogger("modularforge")
+
+EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("configuration")
+    g.add_argument("--config", type=Path, help="YAML config file")
+    g.add_argument("--preset", help=f"shipped preset: {', '.join(preset_names())} (default: demo)")
+    g.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable); `modularforge config --keys` lists them")
+    g.add_argument("--run-dir", type=Path, help="run directory (default: <run.root>/<run.name>)")
+    g.add_argument("--smoke-test", action="store_true", help="use the tiny `smoke` preset")
+
+
+def resolve(args: argparse.Namespace) -> Run:
+    """Config from --smoke-test / --config / --preset / the run directory's saved config / the demo preset."""
+    chosen = [x for x in (args.smoke_test and "smoke", args.config, args.preset) if x]
+    if len(chosen) > 1:
+        raise ModularForgeError("give only one of --smoke-test, --config and --preset")
+    saved = args.run_dir / "config.yaml" if args.run_dir else None
+    if args.smoke_test:
+        path = preset_path("smoke")
+    elif args.config:
+        path = args.config
+    elif args.preset:
+        path = preset_path(args.preset)
+    elif saved is not None and saved.exists():
+        path = saved
+    else:
+        path = preset_path("demo")
+    cfg: Config = load_config(path, args.set)
+    return Run(cfg, args.run_dir)
+
+
+def _apply_threads(run: Run) -> None:
+    if run.cfg.run.threads:
+        import torch
+
+        torch.set_num_threads(run.cfg.run.threads)
+
+
+def cmd_prepare(args) -> None:
+    from modularforge.prepare import prepare
+
+    prepare(resolve(args))
+
+
+def cmd_train_shared(args) -> None:
+    from modularforge.train.shared import train_shared
+
+    run = resolve(args)
+    _apply_threads(run)
+    train_shared(run)
+
+
+def cmd_train_experts(args) -> None:
+    from modularforge.train.experts import train_experts
+
+    if args.executor:
+        args.set.append(f"experts.executor={args.executor}")
+    if args.ray_address:
+        args.set.append(f"experts.ray_address={args.ray_address}")
+    run = resolve(args)
+    _apply_threads(run)
+    train_experts(run)
+
+
+def cmd_assemble(args) -> None:
+    from modularforge.assemble import assemble
+
+    run = resolve(args)
+    _apply_threads(run)
+    assemble(run)
+
+
+def cmd_evaluate(args) -> None:
+    import json
+
+    run = resolve(args)
+    _apply_threads(run)
+    if args.data:
+        from modularforge.evaluate import evaluate_file
+
+        model_dir = args.model or run.model_dir
+        result = evaluate_file(model_dir, args.data, args.window, args.stride or run.cfg.evaluate.stride,
+                               args.routing, run.cfg.evaluate.prefix_len, args.precision)
+        print(json.dumps(result, indent=2))
+        return
+    from modularforge.evaluate import evaluate
+
+    if args.model:
+        raise ModularForgeError("--model applies to `evaluate --data FILE`; the full report evaluates the run")
+    evaluate(run)
+
+
+def cmd_generate(args) -> None:
+    from modularforge.data.tokenizer import load_tokenizer
+    from modularforge.generate import Sampling, generate_text, stream_to_stdout
+    from modularforge.inference import open_model
+
+    run = resolve(args)
+    _apply_threads(run)
+    g = run.cfg.generate
+    s = Sampling.from_config(g)
+    for name in ("temperature", "top_k", "top_p", "max_new_tokens", "seed", "context_window"):
+        if getattr(args, name) is not None:
+            setattr(s, name, getattr(args, name))
+    model_dir = args.model or run.model_dir
+    model = open_model(model_dir, expert_cache=args.expert_cache or g.expert_cache)
+    tokenizer = load_tokenizer(model_dir)
+    sys.stdout.write(args.prompt)
+    generate_text(model, tokenizer, args.prompt, s, routing=args.routing or g.routing, on_text=stream_to_stdout)
+    sys.stdout.write("\n")
+
+
+def cmd_run(args) -> None:
+    run = resolve(args)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    run.save_config()
+    log.info("run directory: %s", run.dir)
+    for stage in STAGES:
+        if run.is_done(stage):
+            log.info("%s: already done, skipping", stage)
+            continue
+        command = [sys.executable, "-m", "modularforge", *(["-v"] if args.verbose else []), stage,
+                   "--run-dir", str(run.dir)]
+        log.info("%s: starting", stage)
+        code = subprocess.call(command)
+        if code:
+            raise StageFailed(stage, code)
+    report = run.reports_dir / "report.md"
+    log.info("done: model in %s, report in %s", run.model_dir, report)
+    _print_samples(run)
+
+
+class StageFailed(ModularForgeError):
+    def __init__(self, stage: str, code: int):
+        self.code = code
+        super().__init__(f"stage {stage} failed (exit code {code}); fix the cause and rerun to resume")
+
+
+def _print_samples(run: Run) -> None:
+    import json
+
+    path = run.reports_dir / "report.json"
+    if not path.exists():
+        return
+    report = json.loads(path.read_text())
+    print("\nperplexity on held-out text: assembled MoE %.2f, dense anchor %.2f" % (
+        report["headline"]["token"]["perplexity"], report["headline"]["anchor"]["perplexity"]))
+    for s in report["samples"]:
+        print(f"\n[{s['routing']} routing] {s['prompt']}{s['text']}")
+
+
+def cmd_export(args) -> None:
+    from modularforge.export import export
+
+    run = resolve(args)
+    out = export(args.model or run.model_dir, args.format, args.out, args.dtype)
+    print(out)
+
+
+def cmd_config(args) -> None:
+    if args.keys:
+        for key, default, doc in describe_keys():
+            print(f"{key} = {default}\n    {doc}")
+        return
+    print(resolve(args).cfg.to_yaml(), end="")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modularforge",
+        description="Train a Mixture-of-Experts language model one expert at a time, under a memory bound, "
+        "and assemble it into a standard Mixtral checkpoint without retraining.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        _add_config_args(p)
+        p.set_defaults(func=func)
+        return p
+
+    add("prepare", cmd_prepare, "load text, train the BPE tokenizer, write token shards and partitions")
+    add("train-shared", cmd_train_shared, "train embeddings, attention, norms, LM head and the anchor FFN")
+    p = add("train-experts", cmd_train_experts, "train one expert FFN per partition beside the frozen shared part")
+    p.add_argument("--executor", choices=["local", "ray"], help="where experts train (experts.executor)")
+    p.add_argument("--ray-address", help="Ray cluster address (experts.ray_address)")
+    add("assemble", cmd_assemble, "stream shared part and experts into a Mixtral folder; routers without training")
+    p = add("evaluate", cmd_evaluate, "write reports/ for the run, or score a text file with --data")
+    p.add_argument("--data", type=Path, help="evaluate on this UTF-8 text file instead")
+    p.add_argument("--model", type=Path, help="assembled model folder (default: the run's model/)")
+    p.add_argument("--window", type=int, help="window length in tokens (default: the model's context)")
+    p.add_argument("--stride", type=int, help="window stride (default: evaluate.stride or the window)")
+    p.add_argument("--routing", choices=["token", "sequence"], default="token", help="routing mode for --data")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32", help="compute precision")
+    p = add("generate", cmd_generate, "generate text, streamed to stdout")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--model", type=Path, help="assembled model folder (default: the run's model/)")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--context-window", type=int, help="sliding context window in tokens")
+    p.add_argument("--routing", choices=["token", "sequence"], help="per-token routing or one expert per sequence")
+    p.add_argument("--expert-cache", type=int, help="keep at most N expert FFNs in memory (LRU)")
+    add("run", cmd_run, "run every stage in order, skipping the ones already finished")
+    p = add("export", cmd_export, "export the assembled model (gguf for llama.cpp)")
+    p.add_argument("--format", choices=["gguf"], default="gguf")
+    p.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16")
+    p.add_argument("--out", type=Path, help="output file (default: <run>/model.<dtype>.gguf)")
+    p.add_argument("--model", type=Path, help="assembled model folder (default: the run's model/)")
+    p = add("config", cmd_config, "print the resolved config, or every key with --keys")
+    p.add_argument("--keys", action="store_true", help="list every config key with its default and meaning")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="[%(asctime)s] %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    try:
+        args.func(args)
+    except StageFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code if e.code == EXIT_INTERRUPTED else EXIT_ERROR
+    except ModularForgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("\ninterrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a bug, not a user mistake: one line unless --debug
+        if args.debug:
+            raise
+        print(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

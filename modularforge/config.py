@@ -1,0 +1,388 @@
+"""The one typed configuration tree, validated at load.
+
+Every section is a pydantic model that rejects unknown keys; field descriptions double as the
+text of `modularforge config --keys`. Presets live in `modularforge/configs/*.yaml` (also reachable
+as `configs/` at the repository root). `--set section.key=value` overrides any field; values are
+parsed as YAML, so `--set model.top_k=1` gives an int and `--set data.sources=[a.txt,b.txt]` a list.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from modularforge.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = Field("demo", description="Run name; the run directory is <root>/<name>.")
+    root: str = Field("runs", description="Folder that holds run directories.")
+    seed: int = Field(0, description="Seed for data splits, initialisation and batch sampling.")
+    threads: int | None = Field(None, description="torch intra-op threads (None: torch's default).")
+
+
+class DataConfig(Section):
+    sources: list[str] = Field(
+        default_factory=lambda: ["bundled"],
+        description="Local .txt/.jsonl/.jsonl.gz/.parquet files, folders or globs; 'bundled' is the "
+        "shipped public-domain sample. Ignored when `dataset` is set.",
+    )
+    dataset: str | None = Field(
+        None, description="Hugging Face dataset name or alias (e.g. wikitext-103); needs network or a cache."
+    )
+    dataset_config: str | None = Field(None, description="Dataset configuration name (e.g. wikitext-103-raw-v1).")
+    dataset_split: str = Field("train", description="Dataset split to read.")
+    text_field: str = Field("text", description="Field holding the text in .jsonl/.parquet/dataset rows.")
+    max_documents: int | None = Field(None, ge=1, description="Read at most this many documents.")
+    min_chars: int = Field(200, ge=1, description="Drop documents shorter than this many characters.")
+    max_doc_chars: int = Field(
+        10_000, ge=1000, description="Cut longer documents into pieces of about this size at paragraph breaks."
+    )
+    split_unit: Literal["document", "group"] = Field(
+        "document",
+        description="Make the train/val split per document piece, or per group (a source record such as a "
+        "whole book, so no text is on both sides).",
+    )
+    val_fraction: float = Field(0.05, gt=0, lt=0.5, description="Fraction of documents held out for validation.")
+    calib_fraction: float = Field(
+        0.05, gt=0, lt=0.5, description="Fraction of documents held out for router statistics and calibration."
+    )
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(8192, ge=260, le=1 << 20, description="BPE vocabulary size (special tokens included).")
+    min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a BPE merge.")
+    train_max_chars: int = Field(
+        60_000_000, ge=10_000, description="Train the tokenizer on at most this many characters (a prefix sample)."
+    )
+
+
+class PartitionConfig(Section):
+    method: Literal["random", "clustered", "curriculum"] = Field(
+        "clustered", description="How documents are split among experts."
+    )
+    features: Literal["tfidf", "embeddings"] = Field(
+        "tfidf", description="Clustering features: tf-idf over tokens + SVD, or sentence embeddings."
+    )
+    embedding_model: str = Field(
+        "sentence-transformers/all-MiniLM-L6-v2",
+        description="Locally installed sentence-transformers model (name or path) for features=embeddings.",
+    )
+    svd_dim: int = Field(64, ge=2, description="Dimensions kept by truncated SVD of the tf-idf matrix.")
+    balance: float = Field(
+        1.5,
+        ge=1.0,
+        description="Largest cluster may hold at most balance x (tokens / num_experts); 1.0 = perfectly balanced.",
+    )
+    top_terms: int = Field(12, ge=1, description="Top terms listed per cluster in the partition report.")
+    kmeans_iters: int = Field(30, ge=1, description="Balanced k-means iterations.")
+
+
+class ModelConfig(Section):
+    hidden_size: int = Field(256, ge=8, description="Model width (d_model).")
+    intermediate_size: int = Field(768, ge=8, description="SwiGLU hidden width of each FFN / expert (d_ff).")
+    num_layers: int = Field(4, ge=1, description="Transformer blocks.")
+    num_heads: int = Field(4, ge=1, description="Attention heads.")
+    num_kv_heads: int | None = Field(None, ge=1, description="Key/value heads (grouped-query); None = num_heads.")
+    max_seq_len: int = Field(256, ge=8, description="Context length (max_position_embeddings).")
+    num_experts: int = Field(4, ge=1, description="Experts = data partitions.")
+    top_k: int = Field(2, ge=1, description="Experts used per token in token-level routing.")
+    rope_theta: float = Field(10_000.0, gt=0, description="Rotary embedding base.")
+    norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon.")
+    tie_embeddings: bool = Field(False, description="Share the input embedding with the LM head.")
+    init_std: float = Field(0.02, gt=0, description="Standard deviation of the normal weight initialisation.")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+class TrainConfig(Section):
+    batch_size: int = Field(16, ge=1, description="Sequences per optimizer step.")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="Sequences per forward/backward (gradient accumulation); None = batch_size."
+    )
+    seq_len: int | None = Field(None, ge=8, description="Training sequence length; None = model.max_seq_len.")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr (cosine).")
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Fraction of steps spent in linear warmup.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only).")
+    beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, gt=0, lt=1, description="AdamW beta2.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm (0 = off).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Autocast precision: bf16 on CPUs with native bf16 (auto), or fp32."
+    )
+    activation_checkpointing: bool = Field(False, description="Recompute block activations in backward.")
+    compile: bool = Field(False, description="torch.compile the model (pays off only on long runs).")
+    eval_interval: int = Field(100, ge=1, description="Validate every this many steps (and at the end).")
+    eval_batches: int = Field(4, ge=1, description="Micro-batches per validation.")
+    log_interval: int = Field(10, ge=1, description="One metrics line every this many steps.")
+    checkpoint_interval: int = Field(100, ge=1, description="Save a resumable checkpoint every this many steps.")
+
+    @property
+    def micro_batch(self) -> int:
+        return self.micro_batch_size or self.batch_size
+
+
+class BudgetConfig(Section):
+    total_tokens: int = Field(
+        2_000_000, ge=1, description="Training tokens of the whole pipeline (shared phase + all experts)."
+    )
+    shared_fraction: float = Field(
+        0.5, gt=0, lt=1, description="Share of total_tokens spent on the shared phase; the rest is split among experts."
+    )
+
+
+class ExpertsConfig(Section):
+    init: Literal["scratch", "anchor"] = Field(
+        "anchor", description="Start each expert from random weights or from the shared phase's anchor FFN."
+    )
+    mode: Literal["alone", "with_anchor"] = Field(
+        "alone", description="Train the expert alone, or in a two-expert MoE beside the frozen anchor (FlexOlmo)."
+    )
+    executor: Literal["local", "ray"] = Field("local", description="Run experts in this process or as Ray tasks.")
+    ray_address: str | None = Field(None, description="Ray cluster address; None starts a local Ray instance.")
+    ray_cpus_per_task: float = Field(1.0, gt=0, description="CPUs reserved per expert task.")
+    ray_memory_gb_per_task: float | None = Field(None, gt=0, description="Memory reserved per expert task (GiB).")
+    ray_max_retries: int = Field(2, ge=0, description="Retries of a failed expert task (each resumes).")
+    ray_local_cpus: int = Field(2, ge=1, description="CPUs of the local Ray instance started without an address.")
+    stats_tokens: int = Field(
+        65_536, ge=256, description="Calibration-split tokens per expert for the router statistics."
+    )
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=1e-3))
+
+
+class AssembleConfig(Section):
+    router: Literal["uniform", "kaiming", "data_stats", "ridge", "lda"] = Field(
+        "ridge", description="Router initialisation from the experts' statistics (no training)."
+    )
+    ridge_lambda: float = Field(
+        1e-2, gt=0, description="Ridge/LDA regulariser, relative to the mean eigenvalue of the covariance."
+    )
+    centred: bool = Field(True, description="Centre the statistics on the pooled mean before solving.")
+    shard_max_mb: int = Field(512, ge=1, description="Largest output shard for the shared tensors (MB).")
+
+
+class CalibrateConfig(Section):
+    temperature: bool = Field(True, description="Search a router temperature on the calibration split.")
+    per_layer: bool = Field(False, description="Search one temperature per layer (coordinate descent).")
+    temperatures: list[float] = Field(
+        default_factory=lambda: [0.1, 0.2, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 3.0, 5.0],
+        description="Candidate temperatures (router logits are divided by these).",
+    )
+    norm: bool = Field(
+        False, description="Rescale post-attention norm gains so expert inputs match their training statistics."
+    )
+    calib_tokens: int = Field(16_384, ge=256, description="Calibration-split tokens scored per candidate.")
+
+
+class EvaluateConfig(Section):
+    eval_tokens: int = Field(32_768, ge=256, description="Validation tokens scored per partition.")
+    stride: int | None = Field(None, ge=1, description="Window stride for `evaluate --data`; None = window length.")
+    prefix_len: int = Field(32, ge=1, description="Prefix tokens that choose the expert in sequence/ensemble routing.")
+    routing_modes: list[Literal["token", "sequence", "ensemble", "oracle"]] = Field(
+        default_factory=lambda: ["token", "sequence", "ensemble", "oracle"],
+        description="Routing modes compared in the report.",
+    )
+    sample_prompts: list[str] = Field(
+        default_factory=lambda: ["The", "In the year", "A hacker is"], description="Prompts for report samples."
+    )
+    sample_tokens: int = Field(60, ge=1, description="New tokens per sample.")
+
+
+class GenerateConfig(Section):
+    temperature: float = Field(0.8, ge=0, description="Sampling temperature (0 = greedy).")
+    top_k: int | None = Field(50, ge=1, description="Keep the k most likely tokens (None = off).")
+    top_p: float | None = Field(0.95, gt=0, le=1, description="Nucleus sampling mass (None = off).")
+    max_new_tokens: int = Field(200, ge=1, description="Tokens to generate.")
+    seed: int = Field(0, description="Sampling seed.")
+    context_window: int | None = Field(
+        None, ge=2, description="Sliding context window in tokens; None = model.max_seq_len."
+    )
+    routing: Literal["token", "sequence"] = Field("token", description="Routing mode for generation.")
+    expert_cache: int | None = Field(
+        None, ge=1, description="Keep at most this many expert FFNs in memory (LRU); None = load all."
+    )
+
+
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
+    assemble: AssembleConfig = Field(default_factory=AssembleConfig)
+    calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Config:
+        m = self.model
+        if m.top_k > m.num_experts:
+            raise ValueError(f"model.top_k={m.top_k} exceeds model.num_experts={m.num_experts}; lower top_k")
+        if m.hidden_size % m.num_heads:
+            raise ValueError(
+                f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}"
+            )
+        if m.head_dim % 2:
+            raise ValueError(f"model.hidden_size / model.num_heads = {m.head_dim} must be even for rotary embeddings")
+        if m.num_heads % m.kv_heads:
+            raise ValueError(f"model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.kv_heads}")
+        for name, train in (("train", self.train), ("experts.train", self.experts.train)):
+            if train.batch_size % train.micro_batch:
+                raise ValueError(
+                    f"{name}.batch_size={train.batch_size} is not a multiple of "
+                    f"{name}.micro_batch_size={train.micro_batch}"
+                )
+            if train.seq_len is not None and train.seq_len > m.max_seq_len:
+                raise ValueError(f"{name}.seq_len={train.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+        if self.data.val_fraction + self.data.calib_fraction >= 0.5:
+            raise ValueError("data.val_fraction + data.calib_fraction must stay below 0.5")
+        if self.generate.context_window is not None and self.generate.context_window > m.max_seq_len:
+            raise ValueError(
+                f"generate.context_window={self.generate.context_window} exceeds model.max_seq_len={m.max_seq_len}"
+            )
+        if self.evaluate.prefix_len >= m.max_seq_len:
+            raise ValueError(f"evaluate.prefix_len must be below model.max_seq_len={m.max_seq_len}")
+        if self.shared_steps < 1 or self.expert_steps < 1:
+            raise ValueError(
+                f"budget.total_tokens={self.budget.total_tokens} is too small for one step per phase; raise it"
+            )
+        return self
+
+    def seq_len(self, train: TrainConfig) -> int:
+        return train.seq_len or self.model.max_seq_len
+
+    @property
+    def shared_steps(self) -> int:
+        tokens_per_step = self.train.batch_size * self.seq_len(self.train)
+        return round(self.budget.total_tokens * self.budget.shared_fraction / tokens_per_step)
+
+    @property
+    def expert_steps(self) -> int:
+        tokens_per_step = self.experts.train.batch_size * self.seq_len(self.experts.train)
+        expert_tokens = self.budget.total_tokens * (1 - self.budget.shared_fraction) / self.model.num_experts
+        return round(expert_tokens / tokens_per_step)
+
+    def fingerprint(self, *sections: str) -> str:
+        """Stable hash of the named sections (all when none are named)."""
+        dump = self.model_dump(mode="json")
+        picked = {s: dump[s] for s in (sections or dump.keys())}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("modularforge.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_path(name: str) -> Path:
+    path = resources.files("modularforge.configs") / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset '{name}'; available presets: {', '.join(preset_names())}")
+    return Path(str(path))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML file (or the defaults when path is None), apply `section.key=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, not {type(raw).__name__}")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects section.key=value, got '{item}'")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: '{part}' is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {key}: cannot parse value '{value}'") from None
+
+
+def _one_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        *parents, leaf = [str(p) for p in first["loc"]]
+        known = _known_keys(parents)
+        hint = difflib.get_close_matches(leaf, known, n=1)
+        fix = f"did you mean '{'.'.join([*parents, hint[0]])}'?" if hint else f"known keys: {', '.join(known)}"
+        return f"unknown config key '{loc}'; {fix}"
+    message = first["msg"].removeprefix("Value error, ")
+    if not loc:
+        return f"invalid config: {message}"
+    return f"invalid config value for '{loc}': {message} (got {first.get('input')!r})"
+
+
+def _known_keys(parents: list[str]) -> list[str]:
+    model: type[BaseModel] = Config
+    for p in parents:
+        annotation = model.model_fields[p].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every leaf, for `modularforge config --keys`."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name}.")
+            else:
+                default = field.get_default(call_default_factory=True)
+                rows.append((f"{prefix}{name}", json.dumps(default), field.description or ""))
+
+    walk(Config, "")
+    return rows

@@ -1,0 +1,102 @@
+"""Windows of tokens over a set of documents, read from the memmapped shards.
+
+The chosen documents are treated as one stream (each ends with EOS), so a window may run across
+a document boundary, as in nanoGPT's packing. Random batches are a pure function of
+(seed, stream, step): resuming at step s draws exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modularforge.data.partition import load_partition
+from modularforge.data.shards import SPLIT_NAMES, TokenStore
+from modularforge.errors import DataError
+
+
+class Windows:
+    def __init__(self, store: TokenStore, doc_indices: np.ndarray, name: str = "documents"):
+        order = np.lexsort((store.docs["start"][doc_indices], store.docs["shard"][doc_indices]))
+        self.store = store
+        self.name = name
+        self.docs = np.asarray(doc_indices)[order]
+        lengths = store.docs["length"][self.docs]
+        self.doc_end = np.cumsum(lengths)
+        self.doc_begin = self.doc_end - lengths
+        self.total = int(self.doc_end[-1]) if len(self.docs) else 0
+        self.bytes = int(store.docs["bytes"][self.docs].sum())
+
+    def _require(self, length: int) -> None:
+        if self.total < length:
+            raise DataError(f"{self.name} hold {self.total} tokens, fewer than one window of {length}")
+
+    def gather(self, offsets: np.ndarray, length: int) -> np.ndarray:
+        """Tokens [offset, offset + length) of the stream for each offset: (B, length) int64."""
+        positions = np.asarray(offsets)[:, None] + np.arange(length)
+        d = np.searchsorted(self.doc_end, positions, side="right")
+        docs = self.docs[d]
+        local = self.store.docs["start"][docs] + positions - self.doc_begin[d]
+        shards = self.store.docs["shard"][docs]
+        out = np.empty(positions.shape, dtype=np.int64)
+        for shard in np.unique(shards):
+            mask = shards == shard
+            out[mask] = self.store.shard(int(shard))[local[mask]]
+        return out
+
+    def sample(self, rng: np.random.Generator, batch: int, seq_len: int) -> torch.Tensor:
+        """A random batch of (batch, seq_len + 1) windows: inputs are [:, :-1], targets [:, 1:]."""
+        self._require(seq_len + 1)
+        offsets = rng.integers(0, self.total - seq_len, size=batch)
+        return torch.from_numpy(self.gather(offsets, seq_len + 1))
+
+    def sequential(self, seq_len: int, max_tokens: int | None = None, stride: int | None = None) -> np.ndarray:
+        """Offsets of deterministic windows of seq_len + 1 tokens, `stride` apart, covering at most max_tokens."""
+        self._require(seq_len + 1)
+        stride = stride or seq_len
+        limit = self.total - seq_len - 1
+        if max_tokens is not None:
+            limit = min(limit, max(0, max_tokens - seq_len - 1))
+        return np.arange(0, limit + 1, stride)
+
+    def batches(self, offsets: np.ndarray, seq_len: int, batch: int) -> Iterator[torch.Tensor]:
+        for i in range(0, len(offsets), batch):
+            yield torch.from_numpy(self.gather(offsets[i : i + batch], seq_len + 1))
+
+
+def batch_rng(seed: int, stream: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stream, step])
+
+
+class PreparedData:
+    """The prepared corpus of a run: token store plus partition and split of every document."""
+
+    def __init__(self, data_dir: Path):
+        self.store = TokenStore.open(data_dir)
+        self.partition, self.split = load_partition(data_dir)
+        if len(self.partition) != self.store.num_documents:
+            raise DataError(f"{data_dir}/partition.npz does not match the token shards; rerun `modularforge prepare`")
+
+    @property
+    def num_partitions(self) -> int:
+        return int(self.partition.max()) + 1
+
+    def windows(self, split: int, partition: int | None = None) -> Windows:
+        mask = self.split == split
+        if partition is not None:
+            mask &= self.partition == partition
+        where = "all partitions" if partition is None else f"partition {partition}"
+        docs = np.flatnonzero(mask)
+        if not len(docs):
+            raise DataError(f"no {SPLIT_NAMES[split]} documents in {where}")
+        return Windows(self.store, docs, name=f"{SPLIT_NAMES[split]} documents of {where}")
+
+
+def fixed_batches(windows: Windows, count: int, seq_len: int, micro_batch: int) -> list[torch.Tensor]:
+    """`count` windows spread evenly over the stream, in micro-batches: the same ones at every validation."""
+    windows._require(seq_len + 1)
+    offsets = np.unique(np.linspace(0, windows.total - seq_len - 1, count).astype(np.int64))
+    return list(windows.batches(offsets, seq_len, micro_batch))

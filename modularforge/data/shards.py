@@ -1,0 +1,171 @@
+"""Token ids in memory-mapped shards, with an index of documents (DESIGN.md section 5).
+
+    data/tokens-00000.bin   raw uint16 (uint32 when the vocabulary needs it) ids, EOS after each document
+    data/documents.npz      per document: shard, start, length (with EOS), utf-8 bytes, split, source label
+    data/documents.json     document ids and the list of source labels
+    data/shards.json        dtype, EOS id, shard files with token counts and sha256
+
+A document never crosses a shard. Splits come from a hash of the document id (or of its group,
+with data.split_unit=group), so they do not depend on the order of sources or on the seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from modularforge.config import DataConfig
+from modularforge.data.sources import Document
+from modularforge.errors import DataError
+from modularforge.files import atomic_path, read_json, sha256_file, write_json
+
+TRAIN, CALIB, VAL = 0, 1, 2
+SPLIT_NAMES = {TRAIN: "train", CALIB: "calib", VAL: "val"}
+SHARD_MAX_TOKENS = 1 << 28  # 512 MiB of uint16
+
+
+def split_of(key: str, cfg: DataConfig) -> int:
+    h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "little") / 2**64
+    if h < cfg.val_fraction:
+        return VAL
+    if h < cfg.val_fraction + cfg.calib_fraction:
+        return CALIB
+    return TRAIN
+
+
+def write_shards(docs: Iterable[Document], tokenizer: Tokenizer, eos: int, cfg: DataConfig, out_dir: Path) -> dict:
+    """Tokenise `docs` into shards under `out_dir`; return the shard manifest."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab = tokenizer.get_vocab_size()
+    dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
+    columns: dict[str, list[int]] = {k: [] for k in ("shard", "start", "length", "bytes", "split", "label")}
+    ids: list[str] = []
+    labels: dict[str, int] = {}
+    shards: list[dict] = []
+    writer = _ShardWriter(out_dir, dtype)
+    progress = tqdm(desc="tokenize", unit=" docs", disable=None)
+    for batch in _batched(docs, 256):
+        encodings = tokenizer.encode_batch([d.text for d in batch], add_special_tokens=False)
+        for doc, enc in zip(batch, encodings):
+            tokens = np.asarray(enc.ids + [eos], dtype=dtype)
+            shard, start = writer.append(tokens)
+            columns["shard"].append(shard)
+            columns["start"].append(start)
+            columns["length"].append(len(tokens))
+            columns["bytes"].append(len(doc.text.encode("utf-8")))
+            columns["split"].append(split_of(doc.group if cfg.split_unit == "group" else doc.id, cfg))
+            columns["label"].append(labels.setdefault(doc.source, len(labels)))
+            ids.append(doc.id)
+        progress.update(len(batch))
+    progress.close()
+    shards = writer.close()
+    if not ids:
+        raise DataError("the data sources hold no documents of at least data.min_chars characters")
+    arrays = {k: np.asarray(v, dtype=np.int64) for k, v in columns.items()}
+    with atomic_path(out_dir / "documents.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    write_json(out_dir / "documents.json", {"ids": ids, "labels": list(labels)})
+    manifest = {
+        "dtype": np.dtype(dtype).name,
+        "eos_id": eos,
+        "vocab_size": vocab,
+        "num_documents": len(ids),
+        "num_tokens": int(arrays["length"].sum()),
+        "shards": shards,
+    }
+    write_json(out_dir / "shards.json", manifest)
+    return manifest
+
+
+def _batched(items: Iterable[Document], size: int) -> Iterator[list[Document]]:
+    batch: list[Document] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class _ShardWriter:
+    def __init__(self, out_dir: Path, dtype: type):
+        self.out_dir, self.dtype = out_dir, dtype
+        self.shards: list[dict] = []
+        self._open()
+
+    def _open(self) -> None:
+        name = f"tokens-{len(self.shards):05d}.bin"
+        self.path = self.out_dir / name
+        self.tmp = self.out_dir / f".{name}.tmp"
+        self.file = open(self.tmp, "wb")
+        self.count = 0
+
+    def _seal(self) -> None:
+        self.file.close()
+        self.tmp.replace(self.path)
+        self.shards.append({"file": self.path.name, "tokens": self.count, "sha256": sha256_file(self.path)})
+
+    def append(self, tokens: np.ndarray) -> tuple[int, int]:
+        if self.count and self.count + len(tokens) > SHARD_MAX_TOKENS:
+            self._seal()
+            self._open()
+        start = self.count
+        self.file.write(tokens.tobytes())
+        self.count += len(tokens)
+        return len(self.shards), start
+
+    def close(self) -> list[dict]:
+        self._seal()
+        return self.shards
+
+
+@dataclass
+class TokenStore:
+    """Read side of the shards: document index plus a fresh memmap per access.
+
+    The memmap is re-opened on every read (as nanoGPT does) so pages from earlier reads are
+    unmapped and do not accumulate in the process's resident memory.
+    """
+
+    data_dir: Path
+    dtype: np.dtype
+    eos_id: int
+    shard_files: list[Path]
+    docs: dict[str, np.ndarray]
+    ids: list[str]
+    labels: list[str]
+
+    @classmethod
+    def open(cls, data_dir: Path) -> TokenStore:
+        data_dir = Path(data_dir)
+        manifest = read_json(data_dir / "shards.json")
+        meta = read_json(data_dir / "documents.json")
+        try:
+            with np.load(data_dir / "documents.npz") as z:
+                docs = {k: z[k] for k in z.files}
+        except FileNotFoundError:
+            raise DataError(f"missing file: {data_dir / 'documents.npz'}") from None
+        files = [data_dir / s["file"] for s in manifest["shards"]]
+        for f, s in zip(files, manifest["shards"]):
+            if not f.is_file() or f.stat().st_size != s["tokens"] * np.dtype(manifest["dtype"]).itemsize:
+                raise DataError(f"token shard {f} is missing or has the wrong size; rerun `modularforge prepare`")
+        return cls(data_dir, np.dtype(manifest["dtype"]), manifest["eos_id"], files, docs, meta["ids"], meta["labels"])
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.ids)
+
+    def shard(self, index: int) -> np.memmap:
+        return np.memmap(self.shard_files[index], dtype=self.dtype, mode="r")
+
+    def document(self, index: int) -> np.ndarray:
+        start, length = self.docs["start"][index], self.docs["length"][index]
+        return np.array(self.shard(int(self.docs["shard"][index]))[start : start + length])

@@ -1,0 +1,98 @@
+"""Byte-level BPE tokenizer trained with `tokenizers`, saved so that `AutoTokenizer` loads it.
+
+Pre-tokenisation is GPT-2's byte-level regex, which llama.cpp knows under the name `gpt2`; the
+GGUF export declares that name. One special token, `<|endoftext|>`, is BOS, EOS and padding; it
+separates documents in the token shards. Nothing is added automatically when encoding, so our
+ids equal what `AutoTokenizer(text)` returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from modularforge.config import TokenizerConfig
+from modularforge.errors import DataError
+from modularforge.files import atomic_dir, write_json
+
+EOS = "<|endoftext|>"
+PRE_TOKENIZER_NAME = "gpt2"  # the llama.cpp name of this pre-tokenizer
+
+
+def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, max_seq_len: int, out_dir: Path) -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_capped(texts, cfg.train_max_chars), trainer=trainer)
+    save_tokenizer(tokenizer, max_seq_len, out_dir)
+    return tokenizer
+
+
+def _capped(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+    total = 0
+    for text in texts:
+        yield text
+        total += len(text)
+        if total >= max_chars:
+            return
+
+
+def save_tokenizer(tokenizer: Tokenizer, max_seq_len: int, out_dir: Path) -> None:
+    """Write tokenizer.json + tokenizer_config.json + special_tokens_map.json into `out_dir` (atomically)."""
+    with atomic_dir(out_dir) as tmp:
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        write_json(
+            tmp / "tokenizer_config.json",
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": EOS,
+                "eos_token": EOS,
+                "pad_token": EOS,
+                "unk_token": None,
+                "add_bos_token": False,
+                "add_eos_token": False,
+                "clean_up_tokenization_spaces": False,
+                "model_max_length": max_seq_len,
+            },
+        )
+        write_json(tmp / "special_tokens_map.json", {"bos_token": EOS, "eos_token": EOS, "pad_token": EOS})
+
+
+def load_tokenizer(tokenizer_dir: Path) -> Tokenizer:
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise DataError(f"missing tokenizer: {path}")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise DataError(f"cannot read tokenizer {path}: {e}") from None
+
+
+def eos_id(tokenizer: Tokenizer) -> int:
+    token_id = tokenizer.token_to_id(EOS)
+    assert token_id is not None, "tokenizer lacks the EOS token"
+    return token_id
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """Bytes of UTF-8 text each token id stands for (0 for special tokens), for bits-per-byte.
+
+    Byte-level BPE maps every byte to one printable character, so a token's length in
+    characters is its length in bytes.
+    """
+    lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    for token, index in tokenizer.get_vocab().items():
+        lengths[index] = 0 if token in special else len(token)
+    return lengths

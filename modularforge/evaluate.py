@@ -1,0 +1,256 @@
+"""Stage 5, evaluate: how good the assembled model is, and how it routes.
+
+On every partition's validation documents, in non-overlapping windows of `max_seq_len` tokens:
+
+- `anchor`: the dense shared-phase model alone;
+- `token`: the exported MoE, per-layer top-k routing (what transformers and llama.cpp run);
+- `oracle`: each partition's text sent to its own expert in every layer;
+- `sequence`: one expert for all layers and the whole window, the one under which the first
+  `prefix_len` tokens are most likely;
+- `ensemble`: the experts' next-token distributions mixed by their posterior given the prefix
+  (as BTM/DEMix do).
+
+So that the modes are compared on equal terms, the routing table scores only tokens after the
+prefix; the headline perplexities of `token` and `anchor` score every position but each window's first.
+Loss is in nats per token, perplexity its exponential, bits-per-byte its total in bits over the
+UTF-8 bytes of the scored tokens. Routing analysis: per-layer expert load and the partition -> expert
+matrix of the top-1 choice. Also generation samples, and wall time and peak RSS of every stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modularforge.data.batches import PreparedData, Windows
+from modularforge.data.partition import load_report
+from modularforge.data.shards import VAL
+from modularforge.data.tokenizer import load_tokenizer, token_byte_lengths
+from modularforge.errors import DataError
+from modularforge.files import write_json
+from modularforge.generate import Sampling, choose_expert, generate_text
+from modularforge.model.hf import load_assembled
+from modularforge.model.transformer import CausalLM
+from modularforge.model.weights import load_dense
+from modularforge.report import write_report
+from modularforge.runs import Run
+from modularforge.train.loop import autocast, autocast_dtype
+from modularforge.train.shared import vocab_size
+
+log = logging.getLogger(__name__)
+
+MODES = ("anchor", "token", "oracle", "sequence", "ensemble")
+
+
+@dataclass
+class Tally:
+    nll: float = 0.0
+    tokens: int = 0
+    bytes: int = 0
+
+    def add(self, nll: torch.Tensor, targets: torch.Tensor, token_bytes: np.ndarray) -> None:
+        self.nll += float(nll.double().sum())
+        self.tokens += nll.numel()
+        self.bytes += int(token_bytes[targets.numpy()].sum())
+
+    def summary(self) -> dict:
+        loss = self.nll / max(self.tokens, 1)
+        return {
+            "loss": round(loss, 5),
+            "perplexity": round(math.exp(loss), 4),
+            "bits_per_byte": round(self.nll / math.log(2) / max(self.bytes, 1), 5),
+            "tokens": self.tokens,
+        }
+
+
+@dataclass
+class RoutingTally:
+    layers: int
+    experts: int
+    partitions: int
+    top1: np.ndarray = field(init=False)  # (layers, partitions, experts) counts of top-1 choices
+    load: np.ndarray = field(init=False)  # (layers, experts) counts of all k slots
+
+    def __post_init__(self):
+        self.top1 = np.zeros((self.layers, self.partitions, self.experts), dtype=np.int64)
+        self.load = np.zeros((self.layers, self.experts), dtype=np.int64)
+
+    def add(self, records: list[torch.Tensor], partition: int) -> None:
+        for layer, indices in enumerate(records):
+            self.top1[layer, partition] += np.bincount(indices[:, 0].numpy(), minlength=self.experts)
+            self.load[layer] += np.bincount(indices.reshape(-1).numpy(), minlength=self.experts)
+
+    def summary(self) -> dict:
+        matrix = self.top1 / np.maximum(self.top1.sum(-1, keepdims=True), 1)
+        aligned = self.partitions == self.experts
+        return {
+            "load": (self.load / np.maximum(self.load.sum(-1, keepdims=True), 1)).round(4).tolist(),
+            "partition_to_expert": matrix.round(4).tolist(),
+            "partition_to_expert_mean": matrix.mean(0).round(4).tolist(),
+            "accuracy_per_layer": [round(float(np.trace(m) / m.shape[0]), 4) for m in matrix] if aligned else None,
+        }
+
+
+@torch.no_grad()
+def window_nll(
+    moe: CausalLM, anchor: CausalLM | None, batch: torch.Tensor, partition: int | None, prefix_len: int, modes: set[str],
+) -> dict[str, torch.Tensor]:
+    """Per-token NLL (B, T) of each mode on a (B, T + 1) batch; sequence/ensemble/oracle come from forced passes."""
+    out = {"token": moe.token_nll(batch)}
+    if anchor is not None and "anchor" in modes:
+        out["anchor"] = anchor.token_nll(batch)
+    if modes & {"oracle", "sequence", "ensemble"}:
+        experts = moe.moe_blocks()[0].num_experts
+        B = batch.shape[0]
+        per_expert = torch.stack([moe.token_nll(batch, expert_ids=torch.full((B,), e)) for e in range(experts)])  # (E, B, T)
+        prefix = per_expert[:, :, : prefix_len - 1].sum(-1)  # (E, B): -log p(prefix | expert)
+        if "sequence" in modes:
+            out["sequence"] = per_expert.gather(0, prefix.argmin(0)[None, :, None].expand(1, B, per_expert.shape[-1]))[0]
+        if "ensemble" in modes:
+            log_posterior = torch.log_softmax(-prefix, dim=0)  # uniform prior over experts
+            out["ensemble"] = -torch.logsumexp(log_posterior[:, :, None] - per_expert, dim=0)
+        if "oracle" in modes and partition is not None and partition < experts:
+            out["oracle"] = per_expert[partition]
+    return out
+
+
+def _batches(w: Windows, seq_len: int, max_tokens: int, micro: int, stride: int | None = None):
+    seq_len = min(seq_len, w.total - 1)
+    return w.batches(w.sequential(seq_len, max_tokens=max_tokens, stride=stride), seq_len, micro)
+
+
+def evaluate(run: Run) -> dict:
+    cfg = run.cfg
+    with run.stage("evaluate") as facts:
+        tokenizer = load_tokenizer(run.tokenizer_dir)
+        token_bytes = token_byte_lengths(tokenizer)
+        moe, _ = load_assembled(run.model_dir)
+        anchor = load_dense(cfg.model, vocab_size(run), run.shared_dir)
+        moe.eval(), anchor.eval()
+        data = PreparedData(run.data_dir)
+        modes = set(cfg.evaluate.routing_modes) | {"anchor", "token"}
+        dtype = autocast_dtype(cfg.experts.train.precision)
+        prefix = cfg.evaluate.prefix_len
+        full = {m: Tally() for m in ("anchor", "token")}
+        after_prefix = {m: [Tally() for _ in range(data.num_partitions)] for m in MODES if m in modes}
+        routing = RoutingTally(cfg.model.num_layers, cfg.model.num_experts, data.num_partitions)
+        blocks = moe.moe_blocks()
+        for p in range(data.num_partitions):
+            for batch in _batches(data.windows(VAL, p), cfg.model.max_seq_len, cfg.evaluate.eval_tokens,
+                                  cfg.experts.train.micro_batch):
+                for b in blocks:
+                    b.record = []
+                with autocast(dtype):
+                    nll = window_nll(moe, anchor, batch, p, prefix, modes)
+                routing.add([b.record[0] for b in blocks], p)
+                targets = batch[:, 1:]
+                for m in full:
+                    full[m].add(nll[m], targets, token_bytes)
+                for m, tallies in after_prefix.items():
+                    if m in nll:
+                        tallies[p].add(nll[m][:, prefix - 1 :], targets[:, prefix - 1 :], token_bytes)
+        for b in blocks:
+            b.record = None
+        report = {
+            "run": str(run.dir),
+            "windowing": {
+                "window": cfg.model.max_seq_len, "stride": cfg.model.max_seq_len,
+                "scored": "every position but each window's first (headline); positions after the "
+                          f"{prefix}-token prefix (routing comparison)",
+                "eval_tokens_per_partition": cfg.evaluate.eval_tokens,
+            },
+            "headline": {m: t.summary() for m, t in full.items()},
+            "routing_modes": {
+                m: {"overall": _merge(ts).summary(), "per_partition": [t.summary() for t in ts]}
+                for m, ts in after_prefix.items()
+            },
+            "routing": routing.summary(),
+            "samples": samples(moe, tokenizer, cfg),
+            "stages": {name: {k: v for k, v in entry.items() if k in ("wall_seconds", "peak_rss_mb")}
+                       for name, entry in run.manifest()["stages"].items()},
+            "partitions": _partition_summary(run),
+        }
+        write_report(run, report)
+        facts["token_perplexity"] = report["headline"]["token"]["perplexity"]
+        facts["anchor_perplexity"] = report["headline"]["anchor"]["perplexity"]
+        return report
+
+
+def _merge(tallies: list[Tally]) -> Tally:
+    return Tally(sum(t.nll for t in tallies), sum(t.tokens for t in tallies), sum(t.bytes for t in tallies))
+
+
+def _partition_summary(run: Run) -> list[dict]:
+    return [{k: p[k] for k in ("partition", "train_tokens", "val_tokens", "top_terms", "sources")}
+            for p in load_report(run.data_dir)["partitions"]]
+
+
+def samples(model: CausalLM, tokenizer, cfg) -> list[dict]:
+    s = Sampling.from_config(cfg.generate)
+    s.max_new_tokens = cfg.evaluate.sample_tokens
+    out = []
+    for prompt in cfg.evaluate.sample_prompts:
+        for routing in ("token", "sequence"):
+            out.append({"prompt": prompt, "routing": routing,
+                        "text": generate_text(model, tokenizer, prompt, s, routing=routing)})
+    return out
+
+
+def evaluate_file(model_dir: Path, path: Path, window: int | None, stride: int | None, routing: str,
+                  prefix_len: int, precision: str = "fp32") -> dict:
+    """Perplexity of the model in `model_dir` on a text file, in windows of `window` tokens (default: the
+    model's context) every `stride` tokens (default: window). With stride < window only each window's last
+    `stride` positions are scored (the first window scores all), so every token is scored once."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"evaluation file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    tokenizer = load_tokenizer(model_dir)
+    ids = torch.tensor(tokenizer.encode(text, add_special_tokens=False).ids)
+    model, config = load_assembled(model_dir)
+    model.eval()
+    window = window or config["max_position_embeddings"]
+    stride = stride or window
+    if window > config["max_position_embeddings"] or stride > window:
+        raise DataError(f"need stride <= window <= {config['max_position_embeddings']} (got {stride}, {window})")
+    if len(ids) < 2:
+        raise DataError(f"{path} holds fewer than 2 tokens")
+    token_bytes = token_byte_lengths(tokenizer)
+    tally, windows = Tally(), 0
+    dtype = autocast_dtype(precision)
+    starts = list(range(0, max(1, len(ids) - 1), stride))
+    for start in starts:
+        chunk = ids[start : start + window]
+        if len(chunk) < 2:
+            break
+        scored_from = 0 if start == 0 else window - stride
+        if routing == "sequence":
+            scored_from = max(scored_from, prefix_len - 1)
+        with torch.no_grad(), autocast(dtype):
+            batch = chunk[None]
+            if routing == "sequence":
+                expert = choose_expert(model, chunk[:prefix_len].tolist())
+                nll = model.token_nll(batch, expert_ids=torch.tensor([expert]))
+            else:
+                nll = model.token_nll(batch)
+        if scored_from < nll.shape[1]:
+            tally.add(nll[:, scored_from:], batch[:, 1:][:, scored_from:], token_bytes)
+        windows += 1
+        if start + window >= len(ids):
+            break
+    return {
+        "file": str(path),
+        "tokens_in_file": len(ids),
+        "windowing": {"window": window, "stride": stride, "windows": windows, "routing": routing,
+                      "scored": "positions 1..window-1 of each window when stride == window; otherwise the last "
+                                "`stride` positions of every window after the first"},
+        **tally.summary(),
+    }

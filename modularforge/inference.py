@@ -1,0 +1,96 @@
+"""Opening an assembled model under a memory bound (DESIGN.md section 8).
+
+With `expert_cache=N`, everything but the experts is loaded, and each MoE block gets a lazy list of
+experts backed by one LRU cache of at most N expert FFNs (one FFN = one expert in one layer). A miss
+opens the expert's shard, reads that FFN's three matrices and closes the file, so no mapping of the
+shard stays resident. Logits are the same as with the model fully loaded.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from modularforge.errors import DataError
+from modularforge.files import read_json
+from modularforge.model.hf import load_assembled, model_config_from_hf, weight_map
+from modularforge.model.layers import SwiGLU
+from modularforge.model.transformer import CausalLM
+from modularforge.model.weights import FFN_WEIGHTS, build_model, expert_key
+
+
+class ExpertCache:
+    """LRU cache of expert FFNs read on demand from an assembled folder."""
+
+    def __init__(self, model_dir: Path, capacity: int, files: dict[str, str]):
+        self.model_dir, self.capacity, self.files = Path(model_dir), capacity, files
+        self.cache: OrderedDict[tuple[int, int], SwiGLU] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, layer: int, expert: int) -> SwiGLU:
+        key = (layer, expert)
+        if key in self.cache:
+            self.hits += 1
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        self.misses += 1
+        names = {w: expert_key(layer, expert, w) for w in FFN_WEIGHTS}
+        path = self.model_dir / self.files[names["w1"]]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                weights = {w: f.get_tensor(n) for w, n in names.items()}
+        except Exception as e:
+            raise DataError(f"cannot read expert {expert} of layer {layer} from {path}: {e}") from None
+        with torch.device("meta"):
+            ffn = SwiGLU(weights["w1"].shape[1], weights["w1"].shape[0])
+        for w, t in weights.items():
+            getattr(ffn, w).weight = torch.nn.Parameter(t, requires_grad=False)
+        self.cache[key] = ffn
+        while len(self.cache) > self.capacity:
+            self.cache.popitem(last=False)
+        return ffn
+
+
+class LazyExperts:
+    """Stands in for a block's `nn.ModuleList` of experts: indexing loads through the cache."""
+
+    def __init__(self, cache: ExpertCache, layer: int, count: int):
+        self.cache, self.layer, self.count = cache, layer, count
+
+    def __getitem__(self, expert: int) -> SwiGLU:
+        return self.cache.get(self.layer, expert)
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def open_model(model_dir: Path, expert_cache: int | None = None) -> CausalLM:
+    """The assembled model, fully loaded, or with at most `expert_cache` expert FFNs in memory."""
+    if expert_cache is None:
+        return load_assembled(model_dir)[0]
+    model_dir = Path(model_dir)
+    config = read_json(model_dir / "config.json")
+    cfg = model_config_from_hf(config)
+    files = weight_map(model_dir)
+    is_expert = {expert_key(i, e, w) for i in range(cfg.num_layers) for e in range(cfg.num_experts) for w in FFN_WEIGHTS}
+    by_file: dict[str, list[str]] = {}
+    for name, file in files.items():
+        if name not in is_expert:
+            by_file.setdefault(file, []).append(name)
+    tensors = {}
+    for file, names in by_file.items():
+        with safe_open(str(model_dir / file), framework="pt") as f:
+            tensors |= {n: f.get_tensor(n) for n in names}
+    cache = ExpertCache(model_dir, expert_cache, files)
+
+    def lazy(model: CausalLM) -> None:
+        for i, block in enumerate(model.moe_blocks()):
+            del block.experts
+            block.experts = LazyExperts(cache, i, cfg.num_experts)
+
+    model = build_model(cfg, config["vocab_size"], moe=True, tensors=tensors, customize=lazy)
+    model.expert_cache = cache
+    return model.eval()

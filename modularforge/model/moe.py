@@ -1,0 +1,57 @@
+"""The sparse MoE block with Mixtral semantics: a bias-free linear router, softmax in fp32, top-k,
+the k weights renormalised, and `index_add_` over the experts that received tokens.
+
+`expert_ids` overrides the router: one expert per token (or per sequence) with weight 1. That
+single switch gives oracle routing (the partition's expert) and sequence-level routing.
+An optional always-on `shared_expert` (the anchor) is mixed in with weight `shared_weight`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modularforge.model.layers import SwiGLU
+
+
+def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits (N, E) -> (weights (N, k) fp32 summing to 1, expert indices (N, k))."""
+    probs = F.softmax(logits.float(), dim=-1)
+    weights, indices = torch.topk(probs, top_k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), indices
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.top_k = top_k
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(hidden_size, intermediate_size) for _ in range(num_experts))
+        self.shared_expert: SwiGLU | None = None
+        self.shared_weight = 0.0
+        self.record: list[torch.Tensor] | None = None  # when a list, each forward appends its expert indices
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.out_features
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, H); expert_ids: None (use the router), (B,) or (B, T) forced expert per token."""
+        B, T, H = x.shape
+        flat = x.reshape(-1, H)
+        if expert_ids is None:
+            weights, indices = route(self.gate(flat), self.top_k)
+        else:
+            indices = expert_ids.reshape(B, -1).expand(B, T).reshape(-1, 1)
+            weights = torch.ones(indices.shape, dtype=torch.float32)
+        if self.record is not None:
+            self.record.append(indices.detach())
+        out = torch.zeros_like(flat)
+        for e in torch.unique(indices).tolist():
+            token, slot = torch.where(indices == e)
+            y = self.experts[e](flat[token]) * weights[token, slot, None].to(flat.dtype)
+            out.index_add_(0, token, y.to(out.dtype))
+        if self.shared_expert is not None:
+            out = (1 - self.shared_weight) * out + self.shared_weight * self.shared_expert(flat)
+        return out.view(B, T, H)

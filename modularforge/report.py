@@ -1,0 +1,132 @@
+"""The evaluation report: `reports/report.json`, `reports/report.md` and PNG plots
+(training loss curves of the shared phase and of every expert; the partition -> expert routing heatmap
+and the per-layer expert load)."""
+
+from __future__ import annotations
+
+import logging
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from modularforge.files import atomic_path, write_json, write_text  # noqa: E402
+from modularforge.runs import Run  # noqa: E402
+from modularforge.train.loop import read_metrics  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def write_report(run: Run, report: dict) -> None:
+    out = run.reports_dir
+    out.mkdir(parents=True, exist_ok=True)
+    plot_losses(run, out / "loss_curves.png")
+    plot_routing(report["routing"], out / "routing.png")
+    write_json(out / "report.json", report)
+    markdown = render_markdown(report)
+    write_text(out / "report.md", markdown)
+    log.info("report written to %s\n%s", out / "report.md", _summary_lines(report))
+
+
+def _summary_lines(report: dict) -> str:
+    rows = [f"{'mode':<9} {'ppl':>9} {'bpb':>7}"]
+    for mode, r in report["routing_modes"].items():
+        rows.append(f"{mode:<9} {r['overall']['perplexity']:>9.2f} {r['overall']['bits_per_byte']:>7.3f}")
+    return "\n".join(rows)
+
+
+def render_markdown(report: dict) -> str:
+    w = report["windowing"]
+    lines = [
+        "# ModularForge evaluation report",
+        "",
+        f"Run: `{report['run']}`. Validation documents of every partition, non-overlapping windows of "
+        f"{w['window']} tokens (stride {w['stride']}), at most {w['eval_tokens_per_partition']} tokens per partition.",
+        "",
+        "## Headline (every position but each window's first)",
+        "",
+        "| model | loss | perplexity | bits/byte | tokens |",
+        "|---|---|---|---|---|",
+    ]
+    for name, label in (("token", "assembled MoE (token routing, exported)"), ("anchor", "dense anchor (shared phase)")):
+        r = report["headline"][name]
+        lines.append(f"| {label} | {r['loss']:.4f} | {r['perplexity']:.2f} | {r['bits_per_byte']:.4f} | {r['tokens']} |")
+    modes = report["routing_modes"]
+    parts = len(next(iter(modes.values()))["per_partition"])
+    lines += [
+        "",
+        "## Routing modes (positions after the prefix only)",
+        "",
+        "Perplexity per partition and overall; bits-per-byte overall.",
+        "",
+        "| mode | " + " | ".join(f"p{p}" for p in range(parts)) + " | overall | bits/byte |",
+        "|---|" + "---|" * (parts + 2),
+    ]
+    for mode, r in modes.items():
+        cells = " | ".join(f"{x['perplexity']:.2f}" for x in r["per_partition"])
+        lines.append(f"| {mode} | {cells} | {r['overall']['perplexity']:.2f} | {r['overall']['bits_per_byte']:.4f} |")
+    routing = report["routing"]
+    lines += ["", "## Routing analysis", "", "![routing](routing.png)", ""]
+    if routing["accuracy_per_layer"] is not None:
+        lines.append(
+            "Share of each partition's tokens whose top-1 expert is that partition's expert, per layer: "
+            + ", ".join(f"{a:.3f}" for a in routing["accuracy_per_layer"])
+        )
+    lines += ["", "Expert load per layer (share of all top-k slots):", ""]
+    lines += [f"- layer {i}: " + ", ".join(f"{x:.3f}" for x in load) for i, load in enumerate(routing["load"])]
+    lines += ["", "## Partitions", "", "| partition | train tokens | val tokens | top terms | sources |", "|---|---|---|---|---|"]
+    for p in report["partitions"]:
+        sources = ", ".join(p["sources"])
+        lines.append(f"| {p['partition']} | {p['train_tokens']} | {p['val_tokens']} | {' '.join(p['top_terms'][:10])} | {sources} |")
+    lines += ["", "## Training", "", "![loss curves](loss_curves.png)", "", "## Samples", ""]
+    for s in report["samples"]:
+        text = s["text"].replace("\n", " ")
+        lines.append(f"- **{s['prompt']}** ({s['routing']} routing): {s['prompt']}{text}")
+    lines += ["", "## Stages", "", "| stage | wall time (s) | peak RSS (MB) |", "|---|---|---|"]
+    for name, st in report["stages"].items():
+        lines.append(f"| {name} | {st.get('wall_seconds', '')} | {st.get('peak_rss_mb', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_losses(run: Run, path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    shared = read_metrics(run.shared_dir / "metrics.jsonl")
+    offset = 0
+    if shared:
+        ax.plot([m["step"] for m in shared], [m["loss"] for m in shared], label="shared phase", color="black")
+        offset = shared[-1]["step"]
+    for k in range(run.cfg.model.num_experts):
+        metrics = read_metrics(run.expert_dir(k) / "metrics.jsonl")
+        if metrics:
+            ax.plot([offset + m["step"] for m in metrics], [m["loss"] for m in metrics], label=f"expert {k}")
+    ax.set_xlabel("step (experts start where the shared phase ends)")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_routing(routing: dict, path) -> None:
+    matrix = np.asarray(routing["partition_to_expert_mean"])
+    load = np.asarray(routing["load"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    image = left.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    left.set_xlabel("expert (top-1)")
+    left.set_ylabel("partition")
+    left.set_title("share of partition's tokens, mean over layers")
+    fig.colorbar(image, ax=left)
+    image = right.imshow(load, vmin=0, cmap="magma", aspect="auto")
+    right.set_xlabel("expert")
+    right.set_ylabel("layer")
+    right.set_title("expert load (share of top-k slots)")
+    fig.colorbar(image, ax=right)
+    _save(fig, path)
+
+
+def _save(fig, path) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

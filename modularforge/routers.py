@@ -1,0 +1,100 @@
+"""Routers computed without training, from each expert's router-input statistics (DESIGN.md section 3).
+
+Statistics per expert e and layer: n_e (count), s_e (sum of x), S_e (sum of x x^T), gathered over its
+own partition with itself in place. Methods:
+
+- `uniform`: zeros; every expert equally likely (top-k then breaks ties by index).
+- `kaiming`: the seed's default, a random `nn.Linear` initialisation.
+- `data_stats`: the seed's centroids, W_e = mu_e / |mu_e| (centred on the pooled mean when `centred`).
+- `ridge`: one-vs-rest least squares from x to the one-hot expert label, W = B (C + lam I)^-1, as DUME's
+  closed-form router; C and B from the pooled (centred) statistics, the intercept is the expert's share
+  of tokens. Its outputs approximate P(expert | x) in [0, 1], so they are multiplied by RIDGE_SCALE to
+  serve as logits (a margin of 0.1 becomes a logit gap of 1); calibration then tunes the temperature.
+- `lda`: linear discriminant with shared covariance: W_e = Sigma^-1 mu_e, b_e = -mu_e^T Sigma^-1 mu_e / 2.
+
+A Mixtral router has no bias, so an affine router (W, b) is folded into bias-free rows with
+`fold_bias`: W' = W + b mu^T / |mu|^2, exact at the pooled mean mu and close to it for the
+RMS-normalised hidden states a router sees, whose pooled mean is a large shared component.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+RIDGE_SCALE = 10.0
+
+
+class LayerStats:
+    """Pooled statistics of one layer across experts, accumulated one expert at a time."""
+
+    def __init__(self, hidden: int):
+        self.counts: list[float] = []
+        self.sums: list[torch.Tensor] = []
+        self.second = torch.zeros(hidden, hidden, dtype=torch.float64)  # sum over experts of S_e
+        self.within = torch.zeros(hidden, hidden, dtype=torch.float64)  # sum over experts of S_e - n_e mu_e mu_e^T
+        self.diag: list[torch.Tensor] = []  # diag(S_e) / n_e, per-channel second moment of each expert
+
+    def add(self, count: torch.Tensor, total: torch.Tensor, xtx: torch.Tensor) -> None:
+        n = float(count)
+        self.counts.append(n)
+        self.sums.append(total)
+        self.second += xtx
+        self.within += xtx - torch.outer(total, total) / n
+        self.diag.append(torch.diagonal(xtx) / n)
+
+    @property
+    def n(self) -> float:
+        return sum(self.counts)
+
+    @property
+    def means(self) -> torch.Tensor:
+        return torch.stack([s / n for s, n in zip(self.sums, self.counts)])
+
+    @property
+    def pooled_mean(self) -> torch.Tensor:
+        return torch.stack(self.sums).sum(0) / self.n
+
+
+def _regularised(matrix: torch.Tensor, lam: float) -> torch.Tensor:
+    scale = torch.trace(matrix) / matrix.shape[0]
+    return matrix + lam * scale * torch.eye(matrix.shape[0], dtype=matrix.dtype)
+
+
+def fold_bias(weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    return weight + torch.outer(bias, mean) / mean.dot(mean)
+
+
+def router_from_stats(method: str, stats: LayerStats, lam: float, centred: bool, generator: torch.Generator) -> torch.Tensor:
+    """(num_experts, hidden) float32 router rows."""
+    experts, hidden = len(stats.counts), stats.second.shape[0]
+    mu = stats.pooled_mean
+    if method == "uniform":
+        return torch.zeros(experts, hidden)
+    if method == "kaiming":
+        weight = torch.empty(experts, hidden)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+        return weight
+    if method == "data_stats":
+        centroids = stats.means - (mu if centred else 0)
+        return (centroids / centroids.norm(dim=1, keepdim=True).clamp_min(1e-12)).float()
+    if method == "ridge":
+        counts = torch.tensor(stats.counts, dtype=torch.float64)
+        if centred:
+            cov = stats.second - stats.n * torch.outer(mu, mu)
+            cross = torch.stack(stats.sums) - counts[:, None] * mu  # sum_n (y_ne - 0) (x_n - mu)
+        else:
+            cov, cross = stats.second, torch.stack(stats.sums)
+        weight = torch.linalg.solve(_regularised(cov, lam), cross.T).T
+        if centred:
+            weight = fold_bias(weight, counts / stats.n - weight @ mu, mu)
+        return (RIDGE_SCALE * weight).float()
+    if method == "lda":
+        cov = _regularised(stats.within / stats.n, lam)
+        means = stats.means
+        weight = torch.linalg.solve(cov, means.T).T  # Sigma^-1 mu_e
+        bias = -0.5 * (weight * means).sum(1)
+        return fold_bias(weight, bias, mu).float()
+    raise ValueError(f"unknown router method {method}")

@@ -1,0 +1,126 @@
+"""Stream tensors between safetensors files in bounded memory.
+
+The `safetensors` library writes a file from a dict of tensors held in memory (and copies each one
+to bytes first), and reading through `safe_open` maps the whole input, whose touched pages count
+toward resident memory. Assembly must not grow with the model, so it copies tensor bytes straight
+from the input file's data section to the output in fixed-size chunks. The format is the documented
+one: an 8-byte little-endian header length, a JSON header of {name: {dtype, shape, data_offsets}}
+padded with spaces to 8 bytes, then the tensor bytes back to back.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+
+from modularforge.errors import DataError
+
+CHUNK_BYTES = 8 << 20
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Tensor table and metadata of a safetensors file; a truncated or damaged file is a DataError."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8 or header_len > 100 << 20:
+                raise ValueError("header length past the end of the file")
+            header = json.loads(f.read(header_len))
+    except FileNotFoundError:
+        raise DataError(f"missing file: {path}") from None
+    except (OSError, ValueError, struct.error) as e:
+        raise DataError(f"{path} is not a readable safetensors file ({e})") from None
+    data_start = 8 + header_len
+    metadata = header.pop("__metadata__", {}) or {}
+    table = {}
+    expected = 0
+    for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        begin, end = entry["data_offsets"]
+        count = int(np.prod(entry["shape"])) if entry["shape"] else 1
+        itemsize = torch.empty((), dtype=DTYPES[entry["dtype"]]).element_size()
+        if begin != expected or end - begin != count * itemsize:
+            raise DataError(f"{path}: tensor {name} has inconsistent offsets; the file is damaged")
+        expected = end
+        table[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), data_start + begin, data_start + end)
+    if data_start + expected != size:
+        raise DataError(f"{path} is {size} bytes but its header describes {data_start + expected}; the file is damaged")
+    return table, metadata
+
+
+Source = tuple[TensorInfo, Callable[[BinaryIO], None]]  # what to write, and a function writing its bytes
+
+
+def from_file(path: str | Path, info: TensorInfo, on_read: Callable[[Path, str], None] | None = None) -> Source:
+    """A source that copies `info`'s bytes from `path` in CHUNK_BYTES pieces."""
+
+    def copy(out: BinaryIO) -> None:
+        if on_read is not None:
+            on_read(Path(path), info.name)
+        with open(path, "rb") as f:
+            f.seek(info.begin)
+            left = info.nbytes
+            while left:
+                chunk = f.read(min(left, CHUNK_BYTES))
+                if not chunk:
+                    raise DataError(f"{path} ended early while reading {info.name}")
+                out.write(chunk)
+                left -= len(chunk)
+
+    return info, copy
+
+
+def from_tensor(name: str, tensor: torch.Tensor) -> Source:
+    tensor = tensor.detach().contiguous()
+    info = TensorInfo(name, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), 0, tensor.numel() * tensor.element_size())
+
+    def copy(out: BinaryIO) -> None:
+        out.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+
+    return info, copy
+
+
+def write_streaming(path: str | Path, sources: Iterable[Source], metadata: dict[str, str] | None = None) -> int:
+    """Write a safetensors file from `sources` one tensor at a time; return the bytes of tensor data."""
+    sources = list(sources)
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for info, _ in sources:
+        header[info.name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]}
+        offset += info.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(blob)))
+        out.write(blob)
+        for _, copy in sources:
+            copy(out)
+    return offset

@@ -1,0 +1,210 @@
+"""Stage 3, train-experts: one FFN stack per partition beside the frozen shared part.
+
+Each expert is a dense run with everything but its FFN frozen (`mode: alone`, the seed's harness),
+or a two-expert MoE of the frozen anchor and the trainable expert with that expert's router row
+(`mode: with_anchor`, as FlexOlmo does). It starts from the anchor FFN (`init: anchor`, as
+Branch-Train-MiX does) or from random weights (`init: scratch`). At the end it records, over its
+partition's calibration documents and with itself in place, the router-input statistics of
+DESIGN.md section 3: count, sum and X^T X of the post-attention-norm hidden state per layer.
+
+Only one expert's training state exists at a time; a finished expert is skipped on rerun and an
+interrupted one resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import torch
+from torch import nn
+
+from modularforge.config import Config
+from modularforge.data.batches import PreparedData, Windows, batch_rng, fixed_batches
+from modularforge.data.shards import CALIB, TRAIN, VAL
+from modularforge.files import load_tensors, read_json, save_tensors, sha256_file, write_json
+from modularforge.model.layers import SwiGLU
+from modularforge.model.moe import SparseMoE
+from modularforge.model.transformer import CausalLM
+from modularforge.model.weights import FFN_WEIGHTS, build_model, expert_key, ffn_key
+from modularforge.runs import Run
+from modularforge.train.loop import autocast, autocast_dtype, train_loop
+from modularforge.train.shared import vocab_size
+
+log = logging.getLogger(__name__)
+
+
+def train_experts(run: Run, stop_at: tuple[int, int] | None = None) -> None:
+    """Train every expert not yet finished. stop_at=(expert, step) simulates a crash (tests)."""
+    cfg = run.cfg
+    with run.stage("train-experts") as facts:
+        if cfg.experts.executor == "ray":
+            from modularforge.train.ray_executor import train_experts_on_ray
+
+            summaries = train_experts_on_ray(run)
+        else:
+            summaries = []
+            for k in range(cfg.model.num_experts):
+                stop = stop_at[1] if stop_at and stop_at[0] == k else None
+                summaries.append(train_expert(run, k, stop_after=stop))
+                gc.collect()
+        facts["experts"] = summaries
+
+
+def expert_files(run: Run, k: int) -> dict[str, str]:
+    d = run.expert_dir(k)
+    return {"expert": str(d / "expert.safetensors"), "stats": str(d / "router_stats.safetensors")}
+
+
+def finished_expert(run: Run, k: int) -> dict | None:
+    """The summary of expert k if it finished under the current config and its files are intact."""
+    done = run.expert_dir(k) / "done.json"
+    if not done.exists():
+        return None
+    summary = read_json(done)
+    if summary.get("fingerprint") != run.fingerprint("train-experts"):
+        return None
+    return summary
+
+
+def train_expert(run: Run, k: int, stop_after: int | None = None) -> dict:
+    cfg = run.cfg
+    if (summary := finished_expert(run, k)) is not None:
+        log.info("expert %d/%d already trained; skipping", k + 1, cfg.model.num_experts)
+        return summary
+    out = run.expert_dir(k)
+    data = PreparedData(run.data_dir)
+    model = expert_model(cfg, vocab_size(run), run, k)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    tcfg = cfg.experts.train
+    seq_len, micro = cfg.seq_len(tcfg), tcfg.micro_batch
+    train_windows = data.windows(TRAIN, k)
+    val_batches = fixed_batches(data.windows(VAL, k), tcfg.eval_batches * micro, seq_len, micro)
+    result = train_loop(
+        trainable,
+        model.loss,
+        lambda step: train_windows.sample(batch_rng(cfg.run.seed, k, step), tcfg.batch_size, seq_len),
+        val_batches,
+        tcfg,
+        cfg.expert_steps,
+        out,
+        f"expert {k + 1}/{cfg.model.num_experts}",
+        fingerprint=run.fingerprint("train-experts"),
+        no_decay=lambda name: name.endswith("gate.weight"),
+        stop_after=stop_after,
+    )
+    stats = router_statistics(model, data.windows(CALIB, k), cfg.experts.stats_tokens, seq_len, micro,
+                              autocast_dtype(tcfg.precision))
+    provenance = {"stage": "train-experts", "expert": k, "fingerprint": run.fingerprint("train-experts"),
+                  "tokens": result.tokens}
+    files = expert_files(run, k)
+    save_tensors(files["expert"], expert_tensors(model, k), provenance)
+    save_tensors(files["stats"], stats, provenance)
+    summary = {
+        "expert": k,
+        "fingerprint": run.fingerprint("train-experts"),
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "train_loss": result.train_loss,
+        "val_loss": result.val_loss,
+        "seconds": round(result.seconds, 1),
+        "sha256": {name: sha256_file(path) for name, path in files.items()},
+    }
+    write_json(out / "done.json", summary)
+    (out / "ckpt.safetensors").unlink(missing_ok=True)  # the finished files supersede it
+    return summary
+
+
+def expert_model(cfg: Config, vocab: int, run: Run, k: int) -> CausalLM:
+    """Frozen shared part + this expert's trainable FFN (beside the frozen anchor in with_anchor mode)."""
+    shared = load_tensors(run.shared_dir / "shared.safetensors")
+    anchor = load_tensors(run.shared_dir / "anchor.safetensors")
+    if cfg.experts.init == "anchor":
+        ffn = {name: t.clone() for name, t in anchor.items()}
+    else:
+        ffn = scratch_ffn(cfg, k)
+    model = build_model(cfg.model, vocab, moe=False, tensors=shared | ffn)
+    model.requires_grad_(False)
+    model.activation_checkpointing = cfg.experts.train.activation_checkpointing
+    for layer in model.model.layers:
+        layer.mlp.requires_grad_(True)
+    if cfg.experts.mode == "with_anchor":
+        for i, layer in enumerate(model.model.layers):
+            layer.mlp = anchored_pair(layer.mlp, {w: anchor[ffn_key(i, w)] for w in FFN_WEIGHTS}, cfg.model.hidden_size)
+    return model
+
+
+def scratch_ffn(cfg: Config, k: int) -> dict[str, torch.Tensor]:
+    m = cfg.model
+    g = torch.Generator().manual_seed(cfg.run.seed * 1000 + k + 1)
+    out_std = m.init_std * (2 * m.num_layers) ** -0.5
+    ffn = {}
+    for i in range(m.num_layers):
+        ffn[ffn_key(i, "w1")] = torch.randn(m.intermediate_size, m.hidden_size, generator=g) * m.init_std
+        ffn[ffn_key(i, "w3")] = torch.randn(m.intermediate_size, m.hidden_size, generator=g) * m.init_std
+        ffn[ffn_key(i, "w2")] = torch.randn(m.hidden_size, m.intermediate_size, generator=g) * out_std
+    return ffn
+
+
+def anchored_pair(expert: SwiGLU, anchor: dict[str, torch.Tensor], hidden: int) -> SparseMoE:
+    """FlexOlmo's training unit: MoE of [frozen anchor, trainable expert] with top-2 of 2 and a router
+    whose anchor row stays zero (its gradient is masked and it has no weight decay)."""
+    pair = SparseMoE(hidden, expert.w1.out_features, num_experts=2, top_k=2)
+    frozen = pair.experts[0]
+    for w in FFN_WEIGHTS:
+        getattr(frozen, w).weight = nn.Parameter(anchor[w], requires_grad=False)
+    pair.experts[1] = expert
+    nn.init.zeros_(pair.gate.weight)
+    mask = torch.tensor([[0.0], [1.0]])
+    pair.gate.weight.register_hook(lambda grad: grad * mask)
+    return pair
+
+
+def expert_ffn(layer: nn.Module) -> SwiGLU:
+    return layer.mlp.experts[1] if isinstance(layer.mlp, SparseMoE) else layer.mlp
+
+
+def expert_tensors(model: CausalLM, k: int) -> dict[str, torch.Tensor]:
+    """The trained FFN under its final Mixtral names; in with_anchor mode also its router row."""
+    out = {}
+    for i, layer in enumerate(model.model.layers):
+        ffn = expert_ffn(layer)
+        for w in FFN_WEIGHTS:
+            out[expert_key(i, k, w)] = getattr(ffn, w).weight.detach()
+        if isinstance(layer.mlp, SparseMoE):
+            out[f"router_row.layers.{i}"] = layer.mlp.gate.weight.detach()[1].clone()
+    return out
+
+
+@torch.no_grad()
+def router_statistics(
+    model: CausalLM, windows: Windows, tokens: int, seq_len: int, micro: int, dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """count, sum and X^T X (float64) of each layer's router input over up to `tokens` tokens of `windows`."""
+    hidden = model.cfg.hidden_size
+    stats = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        stats[f"layers.{i}.count"] = torch.zeros((), dtype=torch.float64)
+        stats[f"layers.{i}.sum"] = torch.zeros(hidden, dtype=torch.float64)
+        stats[f"layers.{i}.xtx"] = torch.zeros(hidden, hidden, dtype=torch.float64)
+
+        def accumulate(module, args, output, i=i):
+            x = output.detach().reshape(-1, hidden).double()
+            stats[f"layers.{i}.count"] += x.shape[0]
+            stats[f"layers.{i}.sum"] += x.sum(0)
+            stats[f"layers.{i}.xtx"] += x.T @ x
+
+        hooks.append(layer.post_attention_layernorm.register_forward_hook(accumulate))
+    was_training = model.training
+    model.eval()
+    try:
+        offsets = windows.sequential(seq_len, max_tokens=max(tokens, seq_len + 1))
+        for batch in windows.batches(offsets, seq_len, micro):
+            with autocast(dtype):
+                model(batch[:, :-1])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return stats

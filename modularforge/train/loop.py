@@ -1,0 +1,218 @@
+"""The one training loop, used by the shared phase and by every expert.
+
+AdamW (fused on CPU), linear warmup + cosine decay, gradient accumulation, global-norm clipping,
+optional bf16 autocast, periodic validation, resumable checkpoints, a progress bar, one log line
+per interval and a `metrics.jsonl` file. Batches are a pure function of the step (see
+`data.batches.batch_rng`) and the checkpoint holds parameters and optimizer state, so a resumed
+run takes the same steps as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+from torch import nn
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from modularforge.config import TrainConfig
+from modularforge.errors import TrainingError
+from modularforge.files import atomic_path, load_tensors, read_metadata, save_tensors
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[torch.Tensor], torch.Tensor]  # (micro_batch, T + 1) window batch -> scalar loss
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """bf16 when asked, or under `auto` on CPUs with native bf16 matrix units; None means fp32."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and _cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def _cpu_has_native_bf16() -> bool:
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((check and check()) or (amx and amx()))
+
+
+def autocast(dtype: torch.dtype | None):
+    return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+
+
+def lr_at(step: int, steps: int, cfg: TrainConfig) -> float:
+    warmup = int(cfg.warmup_fraction * steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    train_loss: float
+    val_loss: float | None
+    tokens: int
+    seconds: float
+
+
+class Interrupted(Exception):
+    """Raised by `stop_after`: the loop stopped early after saving a checkpoint, as a crash would."""
+
+
+def train_loop(
+    params: dict[str, nn.Parameter],
+    loss_fn: LossFn,
+    sample_batch: Callable[[int], torch.Tensor],
+    val_batches: Sequence[torch.Tensor],
+    cfg: TrainConfig,
+    steps: int,
+    out_dir: Path,
+    label: str,
+    fingerprint: str,
+    no_decay: Callable[[str], bool] = lambda name: False,
+    stop_after: int | None = None,
+) -> LoopResult:
+    """Train `params` for `steps` optimizer steps; resume from `out_dir/ckpt.safetensors` if it matches.
+
+    sample_batch(step) returns that step's (batch_size, T + 1) windows; the loop splits it into micro-batches.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, metrics_path = out_dir / "ckpt.safetensors", out_dir / "metrics.jsonl"
+    decay = [p for n, p in params.items() if p.dim() >= 2 and not no_decay(n)]
+    rest = [p for n, p in params.items() if not (p.dim() >= 2 and not no_decay(n))]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    start = _resume(ckpt_path, params, optimizer, fingerprint, steps)
+    _trim_metrics(metrics_path, start)
+    dtype = autocast_dtype(cfg.precision)
+    micro = cfg.micro_batch
+    accum = cfg.batch_size // micro
+    trainable = list(params.values())
+    process = psutil.Process()
+
+    val_loss = None
+    interval_tokens, interval_start, last_loss = 0, time.perf_counter(), float("nan")
+    tokens_total, loop_start = 0, time.perf_counter()
+    bar = tqdm(total=steps, initial=start, desc=label, unit="step", disable=None, leave=False)
+    with logging_redirect_tqdm():
+        for step in range(start, steps):
+            lr = lr_at(step, steps, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = sample_batch(step)
+            loss_sum = 0.0
+            for m in range(accum):
+                with autocast(dtype):
+                    loss = loss_fn(batch[m * micro : (m + 1) * micro])
+                (loss / accum).backward()
+                loss_sum += loss.item()
+            last_loss = loss_sum / accum
+            if not math.isfinite(last_loss):
+                raise TrainingError(f"{label}: non-finite loss ({last_loss}) at step {step + 1}; lower the learning rate")
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            tokens = batch.shape[0] * (batch.shape[1] - 1)
+            interval_tokens += tokens
+            tokens_total += tokens
+            bar.update(1)
+            record = None
+            if done % cfg.eval_interval == 0 or done == steps:
+                val_loss = evaluate_loss(loss_fn, val_batches, dtype)
+                record = {"val_loss": round(val_loss, 5)}
+            if done % cfg.log_interval == 0 or done == steps or record:
+                now = time.perf_counter()
+                rate = interval_tokens / max(now - interval_start, 1e-9)
+                rss = process.memory_info().rss / 2**30
+                log.info(
+                    "%s | step %d/%d | loss %.3f | lr %.1e | %.1fk tok/s | rss %.2f GiB%s",
+                    label, done, steps, last_loss, lr, rate / 1e3, rss,
+                    f" | val {val_loss:.3f}" if record else "",
+                )
+                _append_metrics(metrics_path, {
+                    "step": done, "loss": round(last_loss, 5), "lr": lr, "tokens_per_s": round(rate, 1),
+                    "rss_gib": round(rss, 3), **(record or {}),
+                })
+                interval_tokens, interval_start = 0, now
+            if done % cfg.checkpoint_interval == 0 or done == steps or done == stop_after:
+                _save_checkpoint(ckpt_path, params, optimizer, done, fingerprint)
+            if done == stop_after and done < steps:
+                bar.close()
+                raise Interrupted(f"{label}: stopped after step {done}")
+    bar.close()
+    return LoopResult(steps, last_loss, val_loss, tokens_total, time.perf_counter() - loop_start)
+
+
+@torch.no_grad()
+def evaluate_loss(loss_fn: LossFn, batches: Sequence[torch.Tensor], dtype: torch.dtype | None) -> float:
+    total, count = 0.0, 0
+    for batch in batches:
+        with autocast(dtype):
+            total += loss_fn(batch).item() * len(batch)
+        count += len(batch)
+    return total / max(count, 1)
+
+
+def _save_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer, step: int, fingerprint: str) -> None:
+    tensors = {f"param.{n}": p.detach() for n, p in params.items()}
+    for name, p in params.items():
+        for key, value in optimizer.state.get(p, {}).items():
+            tensors[f"{key}.{name}"] = value
+    save_tensors(path, tensors, {"step": str(step), "fingerprint": fingerprint})
+
+
+def _resume(path: Path, params: dict[str, nn.Parameter], optimizer, fingerprint: str, steps: int) -> int:
+    if not path.exists():
+        return 0
+    meta = read_metadata(path)
+    if meta.get("fingerprint") != fingerprint:
+        log.warning("ignoring checkpoint %s: it was written with a different config", path)
+        return 0
+    tensors = load_tensors(path)
+    with torch.no_grad():
+        for name, p in params.items():
+            if f"param.{name}" not in tensors:
+                raise TrainingError(f"checkpoint {path} lacks parameter {name}; delete it to restart")
+            p.copy_(tensors[f"param.{name}"])
+            state = {k.split(".", 1)[0]: v for k, v in tensors.items() if k.split(".", 1)[1] == name and not k.startswith("param.")}
+            if state:
+                optimizer.state[p] = state
+    step = int(meta["step"])
+    log.info("resuming %s at step %d/%d", path.parent, step, steps)
+    return step
+
+
+def _append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop metrics lines written after the checkpoint we resume from (they will be written again)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
