@@ -122,6 +122,9 @@ def plot_routing(routing: dict, path) -> None:
     right.set_ylabel("layer")
     right.set_title("expert load (share of top-k slots)")
     fig.colorbar(image, ax=right)
+    for ax, (rows, cols) in ((left, matrix.shape), (right, load.shape)):
+        ax.set_xticks(range(cols))
+        ax.set_yticks(range(rows))
     _save(fig, path)
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -181,18 +182,26 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
+def _go_offline() -> None:
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    for module, names in (("datasets.config", ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")),
+                          ("huggingface_hub.constants", ("HF_HUB_OFFLINE",))):
+        if module in sys.modules:  # already imported: its constants were read from the environment then
+            for name in names:
+                setattr(sys.modules[module], name, True)
+
+
 def _iter_dataset(cfg: DataConfig) -> Iterator[Document]:
     name, config = DATASET_ALIASES.get(cfg.dataset, (cfg.dataset, None))
     config = cfg.dataset_config or config
+    offline = not hub_reachable()
+    if offline:
+        _go_offline()  # offline, `datasets` only succeeds from its cache; without this it retries for minutes
     try:
         import datasets
     except ImportError:
         raise DataError("data.dataset needs the `datasets` package: pip install 'modularforge[hf]'") from None
-    offline = not hub_reachable()
-    if offline:
-        # Offline, `datasets` only succeeds from its local cache; without this it retries for minutes.
-        os.environ["HF_DATASETS_OFFLINE"] = "1"
-        os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         ds = datasets.load_dataset(name, config, split=cfg.dataset_split)
     except Exception as e:

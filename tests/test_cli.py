@@ -1,0 +1,63 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from modularforge.cli import build_parser, main
+
+SUBCOMMANDS = ["prepare", "train-shared", "train-experts", "assemble", "evaluate", "generate", "run", "export", "config"]
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["-h"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in SUBCOMMANDS)
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "modularforge", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_bad_config_value_is_one_line_and_exit_code_2(tmp_path):
+    result = _cli("prepare", "--set", "model.top_k=9", "--set", f"run.root={tmp_path}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: invalid config: model.top_k=9 exceeds model.num_experts=4; lower top_k"
+    ]
+
+
+def test_missing_data_source_is_one_line(tmp_path):
+    result = _cli("prepare", "--set", "data.sources=[/no/such/dir]", "--set", f"run.root={tmp_path}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: data source not found: /no/such/dir"
+
+
+def test_stage_before_its_input_says_what_to_run(tmp_path):
+    result = _cli("assemble", "--set", f"run.root={tmp_path}")
+    assert result.returncode == 2
+    assert "run `modularforge train-experts`" in result.stderr or "run `modularforge prepare`" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_config_prints_the_resolved_config_with_overrides(capsys):
+    assert main(["config", "--preset", "smoke", "--set", "model.top_k=1"]) == 0
+    out = capsys.readouterr().out
+    assert "top_k: 1" in out and "name: smoke" in out
+
+
+def test_evaluate_data_on_an_unseen_file_reports_windowing(trained_run, tmp_path, capsys):
+    path = tmp_path / "unseen.txt"
+    path.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+                    "must be in want of a wife. " * 10)
+    assert main(["evaluate", "--run-dir", str(trained_run.dir), "--data", str(path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["windowing"]["window"] == 32 and result["windowing"]["stride"] == 32
+    assert result["perplexity"] > 1 and result["bits_per_byte"] > 0
+
+
+def test_generate_streams_text_to_stdout(trained_run, capsys):
+    assert main(["generate", "--run-dir", str(trained_run.dir), "--prompt", "The", "--max-new-tokens", "5",
+                 "--expert-cache", "2"]) == 0
+    assert capsys.readouterr().out.startswith("The")

@@ -1,0 +1,86 @@
+import pytest
+
+from modularforge.config import config_from_dict, describe_keys, load_config, preset_names, preset_path
+from modularforge.errors import ConfigError
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_shipped_preset_parses(name):
+    cfg = load_config(preset_path(name))
+    assert cfg.shared_steps >= 1 and cfg.expert_steps >= 1
+
+
+def test_presets_include_the_documented_ones():
+    assert {"smoke", "demo", "poc-50m", "small"} <= set(preset_names())
+
+
+def test_poc_50m_preset_is_the_seed_configuration():
+    m = load_config(preset_path("poc-50m")).model
+    assert (m.hidden_size, m.intermediate_size, m.num_layers, m.num_experts, m.top_k, m.max_seq_len) == (
+        512, 2048, 4, 5, 2, 512)
+    assert load_config(preset_path("poc-50m")).tokenizer.vocab_size == 16384
+
+
+def test_unknown_key_names_the_key_and_suggests_the_fix():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"model": {"hiden_size": 64}})
+    assert str(e.value) == "unknown config key 'model.hiden_size'; did you mean 'model.hidden_size'?"
+
+
+def test_unknown_section_lists_known_sections():
+    with pytest.raises(ConfigError, match="unknown config key 'modle'.*did you mean 'model'"):
+        config_from_dict({"modle": {}})
+
+
+def test_top_k_above_num_experts_is_rejected_with_the_fix():
+    with pytest.raises(ConfigError, match=r"model.top_k=5 exceeds model.num_experts=4; lower top_k"):
+        config_from_dict({"model": {"num_experts": 4, "top_k": 5}})
+
+
+def test_wrong_type_is_one_line_naming_the_key():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"train": {"lr": "fast"}})
+    assert "'train.lr'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_literal_choices_are_enforced():
+    with pytest.raises(ConfigError, match="'assemble.router'"):
+        config_from_dict({"assemble": {"router": "magic"}})
+
+
+def test_batch_must_be_a_multiple_of_micro_batch():
+    with pytest.raises(ConfigError, match="train.batch_size=10 is not a multiple of train.micro_batch_size=4"):
+        config_from_dict({"train": {"batch_size": 10, "micro_batch_size": 4}})
+
+
+def test_set_overrides_are_parsed_as_yaml(tmp_path):
+    cfg = load_config(None, ["model.top_k=1", "data.sources=[a.txt, b.txt]", "train.precision=fp32"])
+    assert cfg.model.top_k == 1 and cfg.data.sources == ["a.txt", "b.txt"] and cfg.train.precision == "fp32"
+
+
+def test_malformed_set_is_rejected():
+    with pytest.raises(ConfigError, match="--set expects section.key=value"):
+        load_config(None, ["model.top_k"])
+
+
+def test_budget_is_split_between_phases():
+    cfg = config_from_dict({
+        "model": {"num_experts": 4, "max_seq_len": 100},
+        "budget": {"total_tokens": 100_000, "shared_fraction": 0.5},
+        "train": {"batch_size": 10}, "experts": {"train": {"batch_size": 5}},
+    })
+    assert cfg.shared_steps == 50  # 50k tokens / (10 x 100)
+    assert cfg.expert_steps == 25  # 50k / 4 experts / (5 x 100)
+
+
+def test_fingerprint_changes_only_with_its_sections():
+    a = config_from_dict({})
+    b = config_from_dict({"train": {"lr": 1e-2}})
+    assert a.fingerprint("data") == b.fingerprint("data")
+    assert a.fingerprint("train") != b.fingerprint("train")
+
+
+def test_every_key_is_documented():
+    rows = describe_keys()
+    assert len(rows) > 60
+    assert all(doc for key, _, doc in rows if not key.startswith("experts.train.")), [k for k, _, d in rows if not d]

@@ -1,0 +1,156 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from modularforge.config import DataConfig, PartitionConfig, TokenizerConfig
+from modularforge.data import sources
+from modularforge.data.batches import PreparedData, batch_rng
+from modularforge.data.partition import balanced_kmeans, capacity_assign, cluster_purity, load_partition
+from modularforge.data.shards import CALIB, TRAIN, VAL, TokenStore
+from modularforge.data.sources import iter_documents, split_paragraphs
+from modularforge.data.tokenizer import load_tokenizer, token_byte_lengths, train_tokenizer
+from modularforge.errors import DataError
+from modularforge.prepare import prepare
+from modularforge.runs import Run
+
+TEXT = "Fellow-Citizens of the Senate and House: naïve café — 3.14 ÷ 2, 東京, emoji 🚀.\n\nA hacker is a person."
+
+
+def test_tokenizer_round_trips_text_and_loads_in_transformers(tmp_path):
+    tok = train_tokenizer([TEXT * 20, "the state of the union " * 50], TokenizerConfig(vocab_size=300), 64, tmp_path)
+    assert tok.decode(tok.encode(TEXT, add_special_tokens=False).ids) == TEXT
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    assert hf(TEXT)["input_ids"] == tok.encode(TEXT, add_special_tokens=False).ids
+    assert hf.decode(hf(TEXT)["input_ids"]) == TEXT
+    assert hf.eos_token == "<|endoftext|>"
+    lengths = token_byte_lengths(load_tokenizer(tmp_path))
+    ids = tok.encode(TEXT).ids
+    assert lengths[ids].sum() == len(TEXT.encode("utf-8"))
+
+
+def test_reads_txt_jsonl_parquet_folders_and_globs(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha " * 100)
+    (tmp_path / "b.jsonl").write_text(json.dumps({"id": "b1", "text": "beta " * 100}) + "\n")
+    pq.write_table(pa.table({"text": ["gamma " * 100, "delta " * 100]}), tmp_path / "c.parquet")
+    docs = list(iter_documents(DataConfig(sources=[str(tmp_path)], min_chars=10)))
+    assert sorted(d.text.split()[0] for d in docs) == ["alpha", "beta", "delta", "gamma"]
+    globbed = list(iter_documents(DataConfig(sources=[str(tmp_path / "*.jsonl")], min_chars=10)))
+    assert [d.id for d in globbed] == ["b1"]
+    assert {d.source for d in docs} == {"a", "b", "c"}
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="data source not found: nope.txt"):
+        list(iter_documents(DataConfig(sources=["nope.txt"])))
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{broken\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2 is not valid JSON"):
+        list(iter_documents(DataConfig(sources=[str(tmp_path / "bad.jsonl")], min_chars=1)))
+    (tmp_path / "nofield.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(DataError, match="has no string field 'text'"):
+        list(iter_documents(DataConfig(sources=[str(tmp_path / "nofield.jsonl")])))
+    with pytest.raises(DataError, match="matched no"):
+        list(iter_documents(DataConfig(sources=[str(tmp_path / "*.xyz")])))
+
+
+def test_hub_dataset_offline_fails_at_once_and_points_to_local_files(monkeypatch, tmp_path):
+    pytest.importorskip("datasets")
+    monkeypatch.setattr(sources, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # restored after the test
+        monkeypatch.setenv(name, "0")
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(DataError) as e:
+        list(iter_documents(DataConfig(dataset="wikitext-103")))
+    assert time.perf_counter() - start < 30
+    assert "Salesforce/wikitext" in str(e.value) and "data.sources" in str(e.value)
+
+
+def test_long_documents_are_cut_at_paragraphs():
+    text = "\n\n".join(f"paragraph {i} " + "word " * 50 for i in range(20))
+    pieces = split_paragraphs(text, 1000)
+    assert all(len(p) <= 1000 for p in pieces)
+    assert "\n\n".join(pieces).split() == text.split()
+
+
+def test_capacity_assign_respects_capacity_and_assigns_everything():
+    rng = np.random.default_rng(0)
+    sim = rng.normal(size=(200, 4))
+    sim[:, 0] += 2  # everyone prefers cluster 0
+    weights = rng.integers(1, 10, 200).astype(float)
+    capacity = 1.1 * weights.sum() / 4
+    a = capacity_assign(sim, weights, capacity)
+    assert set(a) == {0, 1, 2, 3}
+    loads = np.bincount(a, weights=weights, minlength=4)
+    assert loads.max() <= capacity + weights.max()
+
+
+def test_balanced_kmeans_recovers_separated_groups():
+    rng = np.random.default_rng(0)
+    centers = np.eye(8)[:4] * 5
+    x = np.concatenate([c + rng.normal(size=(50, 8)) for c in centers])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels = np.repeat(np.arange(4), 50)
+    centroids = balanced_kmeans(x, np.ones(200), 4, 1.2, 30, rng)
+    assignment = capacity_assign(x @ centroids.T, np.ones(200), 1.2 * 50)
+    assert cluster_purity(labels, assignment) > 0.95
+
+
+@pytest.mark.parametrize("method", ["clustered", "random", "curriculum"])
+def test_partitions_are_deterministic_disjoint_and_complete(make_config, method):
+    partition_cfg = {"method": method}
+    first = Run(make_config(partition=partition_cfg))
+    prepare(first)
+    a, split_a = load_partition(first.data_dir)
+    second = Run(make_config(partition=partition_cfg, run={"name": "again"}))
+    prepare(second)
+    b, split_b = load_partition(second.data_dir)
+    store = TokenStore.open(first.data_dir)
+    assert np.array_equal(a, b) and np.array_equal(split_a, split_b)
+    assert len(a) == store.num_documents  # every document has exactly one partition
+    assert set(a.tolist()) == {0, 1, 2, 3}
+    for p in range(4):  # each partition has all three splits
+        assert {TRAIN, CALIB, VAL} <= set(split_a[a == p].tolist())
+    report = json.loads((first.data_dir / "partitions.json").read_text())
+    assert sum(p["train_documents"] + p["val_documents"] + p["calib_documents"] for p in report["partitions"]) == len(a)
+
+
+def test_clustering_separates_the_two_domains(make_config):
+    run = Run(make_config(model={"num_experts": 2, "top_k": 1}))
+    prepare(run)
+    report = json.loads((run.data_dir / "partitions.json").read_text())
+    assert report["purity"] > 0.9
+    assert all(p["top_terms"] for p in report["partitions"])
+
+
+def test_windows_gather_across_document_boundaries(make_config):
+    run = Run(make_config())
+    prepare(run)
+    data = PreparedData(run.data_dir)
+    w = data.windows(TRAIN, 0)
+    stream = np.concatenate([data.store.document(i) for i in w.docs])
+    assert len(stream) == w.total
+    offsets = np.array([0, 5, w.total - 40])
+    got = w.gather(offsets, 33)
+    for row, off in zip(got, offsets):
+        assert np.array_equal(row, stream[off : off + 33])
+    eos = data.store.eos_id
+    assert np.count_nonzero(stream == eos) == len(w.docs)  # EOS ends every document
+    a = w.sample(batch_rng(0, 1, 7), 4, 16)
+    b = w.sample(batch_rng(0, 1, 7), 4, 16)
+    assert a.shape == (4, 17) and bool((a == b).all())
+
+
+def test_sentence_embedding_clustering_with_the_locally_installed_model(make_config):
+    run = Run(make_config(model={"num_experts": 2, "top_k": 1}, partition={"features": "embeddings"}))
+    prepare(run)
+    report = json.loads((run.data_dir / "partitions.json").read_text())
+    assert report["features"] == "embeddings"
+    assert report["purity"] > 0.9

@@ -1,0 +1,74 @@
+import torch
+
+from modularforge.config import ModelConfig
+from modularforge.generate import Sampling, filter_logits, generate_ids, generate_text
+from modularforge.inference import open_model
+from modularforge.model.hf import load_assembled
+from modularforge.model.transformer import CausalLM
+from modularforge.data.tokenizer import load_tokenizer
+
+CFG = ModelConfig(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, max_seq_len=24,
+                  num_experts=4, top_k=2)
+
+
+def _model():
+    model = CausalLM(CFG, vocab_size=40, moe=True)
+    model.init_weights(torch.Generator().manual_seed(0))
+    for b in model.moe_blocks():
+        torch.nn.init.normal_(b.gate.weight, generator=torch.Generator().manual_seed(1))
+    return model.eval()
+
+
+def test_cached_greedy_decode_equals_full_recompute():
+    model = _model()
+    prompt = [1, 5, 7, 2]
+    cached = list(generate_ids(model, prompt, Sampling(temperature=0, max_new_tokens=12)))
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+    assert cached == tokens[len(prompt):]
+
+
+def test_sliding_window_keeps_generating_past_the_context():
+    model = _model()
+    out = list(generate_ids(model, [1, 2, 3], Sampling(temperature=1.0, max_new_tokens=60, context_window=16)))
+    assert len(out) == 60 and all(0 <= t < 40 for t in out)
+
+
+def test_same_seed_same_tokens_and_sampling_depends_on_seed():
+    model = _model()
+    a = list(generate_ids(model, [3, 4], Sampling(temperature=1.0, top_k=None, top_p=None, max_new_tokens=20, seed=1)))
+    b = list(generate_ids(model, [3, 4], Sampling(temperature=1.0, top_k=None, top_p=None, max_new_tokens=20, seed=1)))
+    c = list(generate_ids(model, [3, 4], Sampling(temperature=1.0, top_k=None, top_p=None, max_new_tokens=20, seed=2)))
+    assert a == b and a != c
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert torch.isinf(filter_logits(logits, 2, None)).tolist() == [False, False, True, True]
+    assert torch.isinf(filter_logits(logits, None, 0.7)).tolist() == [False, False, True, True]
+    assert torch.isinf(filter_logits(logits, None, 0.85)).tolist() == [False, False, False, True]
+    assert torch.isinf(filter_logits(logits, None, 0.97)).tolist() == [False, False, False, False]
+    assert torch.isinf(filter_logits(logits, 1, 0.97)).tolist() == [False, True, True, True]
+
+
+def test_expert_cache_gives_the_same_logits_and_tokens_as_the_full_model(trained_run):
+    full, _ = load_assembled(trained_run.model_dir)
+    cached = open_model(trained_run.model_dir, expert_cache=2)
+    ids = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(full.eval()(ids), cached(ids))
+    assert cached.expert_cache.misses > 0 and len(cached.expert_cache.cache) <= 2
+    s = Sampling(temperature=0.9, max_new_tokens=10, seed=3)
+    assert list(generate_ids(full, [5, 6, 7], s)) == list(generate_ids(cached, [5, 6, 7], s))
+
+
+def test_streamed_pieces_make_up_the_returned_text(trained_run):
+    model, _ = load_assembled(trained_run.model_dir)
+    tokenizer = load_tokenizer(trained_run.model_dir)
+    pieces = []
+    text = generate_text(model, tokenizer, "The", Sampling(max_new_tokens=15, seed=0), on_text=pieces.append)
+    assert "".join(pieces) == text.rstrip("\ufffd") and len(pieces) >= 1
+    sequence = generate_text(model, tokenizer, "The Congress", Sampling(max_new_tokens=5), routing="sequence")
+    assert isinstance(sequence, str)

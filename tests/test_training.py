@@ -1,0 +1,107 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from modularforge.config import TrainConfig
+from modularforge.errors import TrainingError
+from modularforge.files import load_tensors, read_json
+from modularforge.prepare import prepare
+from modularforge.runs import Run
+from modularforge.train.experts import train_experts
+from modularforge.train.loop import Interrupted, lr_at, train_loop
+from modularforge.train.shared import train_shared
+
+
+def _same_tensors(a, b):
+    x, y = load_tensors(a), load_tensors(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def _losses(path):
+    return [(m["step"], m["loss"], m.get("val_loss")) for m in map(json.loads, path.read_text().splitlines())]
+
+
+def test_resume_matches_uninterrupted_run(make_config):
+    straight = Run(make_config(run={"name": "straight"}))
+    prepare(straight)
+    train_shared(straight)
+    resumed = Run(make_config(run={"name": "resumed"}))
+    prepare(resumed)
+    with pytest.raises(Interrupted):
+        train_shared(resumed, stop_after=7)
+    assert read_json(resumed.manifest_path)["stages"]["train-shared"]["status"] == "running"
+    train_shared(resumed)
+    for name in ("shared.safetensors", "anchor.safetensors"):
+        assert _same_tensors(straight.shared_dir / name, resumed.shared_dir / name)
+    assert _losses(straight.shared_dir / "metrics.jsonl") == _losses(resumed.shared_dir / "metrics.jsonl")
+
+
+def test_interrupted_expert_phase_resumes_at_the_expert_and_step(make_config, caplog):
+    straight = Run(make_config(run={"name": "straight"}))
+    prepare(straight)
+    train_shared(straight)
+    resumed = Run(straight.cfg, straight.dir.parent / "resumed")
+    shutil.copytree(straight.dir, resumed.dir)
+    train_experts(straight)
+    with pytest.raises(Interrupted):
+        train_experts(resumed, stop_at=(1, 3))
+    assert (resumed.expert_dir(0) / "done.json").exists()
+    assert not (resumed.expert_dir(1) / "done.json").exists()
+    assert load_tensors(resumed.expert_dir(1) / "ckpt.safetensors") and not resumed.expert_dir(2).exists()
+    caplog.set_level("INFO", logger="modularforge")
+    train_experts(resumed)
+    assert "expert 1/4 already trained; skipping" in caplog.text
+    assert "resuming" in caplog.text and "at step 3/" in caplog.text
+    for k in range(4):
+        for name in ("expert.safetensors", "router_stats.safetensors"):
+            assert _same_tensors(straight.expert_dir(k) / name, resumed.expert_dir(k) / name), (k, name)
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path):
+    weight = torch.nn.Parameter(torch.ones(3))
+    calls = {"n": 0}
+
+    def loss_fn(batch):
+        calls["n"] += 1
+        return (weight * batch.float().mean()).sum() * (float("nan") if calls["n"] == 4 else 1.0)
+
+    cfg = TrainConfig(batch_size=2, eval_interval=100, log_interval=100, checkpoint_interval=100)
+    with pytest.raises(TrainingError, match="non-finite loss .* at step 4"):
+        train_loop({"w": weight}, loss_fn, lambda step: torch.ones(2, 5), [], cfg, 10, tmp_path, "t", "fp")
+
+
+def test_gradient_accumulation_equals_the_full_batch(tmp_path):
+    torch.manual_seed(0)
+    data = torch.randn(8, 5)
+
+    def run(micro):
+        weight = torch.nn.Parameter(torch.ones(5))
+        cfg = TrainConfig(batch_size=8, micro_batch_size=micro, eval_interval=100, log_interval=100,
+                          checkpoint_interval=100, precision="fp32", grad_clip=0)
+        train_loop({"w": weight}, lambda b: ((b @ weight) ** 2).mean(), lambda s: data, [], cfg, 3,
+                   tmp_path / str(micro), "t", "fp")
+        return weight.detach()
+
+    torch.testing.assert_close(run(8), run(2), atol=1e-6, rtol=1e-6)
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(lr=1.0, warmup_fraction=0.1, min_lr_ratio=0.1)
+    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_frozen_shared_weights_get_no_gradients_in_the_expert_phase(trained_run):
+    from modularforge.train.experts import expert_model
+    from modularforge.train.shared import vocab_size
+
+    model = expert_model(trained_run.cfg, vocab_size(trained_run), trained_run, 0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".mlp." in n for n in trainable)
+    batch = torch.randint(0, 500, (2, 17))
+    model.loss(batch).backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
