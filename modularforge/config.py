@@ -156,6 +156,11 @@ class ExpertsConfig(Section):
     mode: Literal["alone", "with_anchor"] = Field(
         "alone", description="Train the expert alone, or in a two-expert MoE beside the frozen anchor (FlexOlmo)."
     )
+    anchor_swap: float = Field(
+        0.0, ge=0, lt=1,
+        description="mode=alone: chance that a training step runs the frozen anchor FFN instead of the expert in "
+        "a layer, so the expert learns to work on inputs other FFNs produced.",
+    )
     executor: Literal["local", "ray"] = Field("local", description="Run experts in this process or as Ray tasks.")
     ray_address: str | None = Field(None, description="Ray cluster address; None starts a local Ray instance.")
     ray_cpus_per_task: float = Field(1.0, gt=0, description="CPUs reserved per expert task.")
@@ -262,6 +267,8 @@ class Config(Section):
             raise ValueError(
                 f"generate.context_window={self.generate.context_window} exceeds model.max_seq_len={m.max_seq_len}"
             )
+        if self.experts.anchor_swap and self.experts.mode == "with_anchor":
+            raise ValueError("experts.anchor_swap applies to experts.mode=alone (with_anchor always runs the anchor)")
         if self.evaluate.prefix_len >= m.max_seq_len:
             raise ValueError(f"evaluate.prefix_len must be below model.max_seq_len={m.max_seq_len}")
         if self.shared_steps < 1 or self.expert_steps < 1:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 
 from modularforge.errors import DataError
@@ -19,7 +18,7 @@ from modularforge.files import read_json
 from modularforge.model.hf import load_assembled, model_config_from_hf, weight_map
 from modularforge.model.layers import SwiGLU
 from modularforge.model.transformer import CausalLM
-from modularforge.model.weights import FFN_WEIGHTS, build_model, expert_key
+from modularforge.model.weights import FFN_WEIGHTS, build_model, expert_key, ffn_from_weights
 
 
 class ExpertCache:
@@ -44,10 +43,7 @@ class ExpertCache:
                 weights = {w: f.get_tensor(n) for w, n in names.items()}
         except Exception as e:
             raise DataError(f"cannot read expert {expert} of layer {layer} from {path}: {e}") from None
-        with torch.device("meta"):
-            ffn = SwiGLU(weights["w1"].shape[1], weights["w1"].shape[0])
-        for w, t in weights.items():
-            getattr(ffn, w).weight = torch.nn.Parameter(t, requires_grad=False)
+        ffn = ffn_from_weights(weights)
         self.cache[key] = ffn
         while len(self.cache) > self.capacity:
             self.cache.popitem(last=False)

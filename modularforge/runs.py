@@ -33,7 +33,8 @@ _STAGE_KEYS: dict[str, list[str]] = {
     "prepare": ["data", "tokenizer", "partition", "model.num_experts", "run.seed"],
     "train-shared": ["model", "train", "budget", "run.seed"],
     "train-experts": [
-        "experts.init", "experts.mode", "experts.stats_tokens", "experts.train", "budget", "model", "run.seed",
+        "experts.init", "experts.mode", "experts.anchor_swap", "experts.stats_tokens", "experts.train", "budget",
+        "model", "run.seed",
     ],
     "assemble": ["assemble", "calibrate"],
     "evaluate": ["evaluate"],

@@ -154,3 +154,19 @@ def test_sentence_embedding_clustering_with_the_locally_installed_model(make_con
     report = json.loads((run.data_dir / "partitions.json").read_text())
     assert report["features"] == "embeddings"
     assert report["purity"] > 0.9
+
+
+@pytest.mark.parametrize("method", ["clustered", "curriculum"])
+def test_saved_partitioner_assigns_new_text_as_prepare_did(make_config, method):
+    from modularforge.data.partition import Partitioner
+    from modularforge.data.tokenizer import load_tokenizer
+
+    run = Run(make_config(partition={"method": method}))
+    prepare(run)
+    assignment, split = load_partition(run.data_dir)
+    store = TokenStore.open(run.data_dir)
+    held_out = np.flatnonzero(split != TRAIN)
+    partitioner = Partitioner.load(run.data_dir / "partitioner.npz")
+    again = partitioner.assign([store.document(i)[:-1] for i in held_out], load_tokenizer(run.tokenizer_dir))
+    moved = np.asarray(split)[held_out] != store.docs["split"][held_out]  # tiny corpora borrow training documents
+    assert np.array_equal(again[~moved], assignment[held_out][~moved])

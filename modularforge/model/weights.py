@@ -19,7 +19,7 @@ import torch
 from modularforge.config import ModelConfig
 from modularforge.errors import DataError
 from modularforge.files import load_tensors
-from modularforge.model.layers import rotary_tables
+from modularforge.model.layers import SwiGLU, rotary_tables
 from modularforge.model.transformer import CausalLM
 
 FFN_WEIGHTS = ("w1", "w2", "w3")
@@ -99,3 +99,12 @@ def expert_as_ffn(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if match:
             out[ffn_key(int(match[1]), match[2])] = t
     return out
+
+
+def ffn_from_weights(weights: dict[str, torch.Tensor], trainable: bool = False) -> SwiGLU:
+    """A SwiGLU FFN whose w1/w2/w3 are the given tensors (no copy)."""
+    with torch.device("meta"):
+        ffn = SwiGLU(weights["w1"].shape[1], weights["w1"].shape[0])
+    for w, t in weights.items():
+        getattr(ffn, w).weight = torch.nn.Parameter(t, requires_grad=trainable)
+    return ffn

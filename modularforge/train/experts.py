@@ -26,12 +26,14 @@ from modularforge.files import load_tensors, read_json, save_tensors, sha256_fil
 from modularforge.model.layers import SwiGLU
 from modularforge.model.moe import SparseMoE
 from modularforge.model.transformer import CausalLM
-from modularforge.model.weights import FFN_WEIGHTS, build_model, expert_key, ffn_key
+from modularforge.model.weights import FFN_WEIGHTS, build_model, expert_key, ffn_from_weights, ffn_key
 from modularforge.runs import Run
 from modularforge.train.loop import autocast, autocast_dtype, train_loop
 from modularforge.train.shared import vocab_size
 
 log = logging.getLogger(__name__)
+
+SWAP_STREAM = 10_000  # random stream of anchor-swap draws (expert k uses SWAP_STREAM + k)
 
 
 def train_experts(run: Run, stop_at: tuple[int, int] | None = None) -> None:
@@ -80,10 +82,21 @@ def train_expert(run: Run, k: int, stop_after: int | None = None) -> dict:
     seq_len, micro = cfg.seq_len(tcfg), tcfg.micro_batch
     train_windows = data.windows(TRAIN, k)
     val_batches = fixed_batches(data.windows(VAL, k), tcfg.eval_batches * micro, seq_len, micro)
+
+    def sample_batch(step: int) -> torch.Tensor:
+        swaps = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, AnchorSwap)]
+        if swaps:  # which layers run the anchor this step: a function of the step, so resuming repeats it
+            draws = batch_rng(cfg.run.seed, SWAP_STREAM + k, step).random(len(swaps))
+            use_anchor = draws < cfg.experts.anchor_swap
+            use_anchor[draws.argmax()] = False  # at least one layer trains every step
+            for swap, flag in zip(swaps, use_anchor):
+                swap.use_anchor = bool(flag)
+        return train_windows.sample(batch_rng(cfg.run.seed, k, step), tcfg.batch_size, seq_len)
+
     result = train_loop(
         trainable,
         model.loss,
-        lambda step: train_windows.sample(batch_rng(cfg.run.seed, k, step), tcfg.batch_size, seq_len),
+        sample_batch,
         val_batches,
         tcfg,
         cfg.expert_steps,
@@ -128,10 +141,27 @@ def expert_model(cfg: Config, vocab: int, run: Run, k: int) -> CausalLM:
     model.activation_checkpointing = cfg.experts.train.activation_checkpointing
     for layer in model.model.layers:
         layer.mlp.requires_grad_(True)
-    if cfg.experts.mode == "with_anchor":
-        for i, layer in enumerate(model.model.layers):
-            layer.mlp = anchored_pair(layer.mlp, {w: anchor[ffn_key(i, w)] for w in FFN_WEIGHTS}, cfg.model.hidden_size)
+    for i, layer in enumerate(model.model.layers):
+        frozen = {w: anchor[ffn_key(i, w)] for w in FFN_WEIGHTS}
+        if cfg.experts.mode == "with_anchor":
+            layer.mlp = anchored_pair(layer.mlp, frozen, cfg.model.hidden_size)
+        elif cfg.experts.anchor_swap > 0:
+            layer.mlp = AnchorSwap(layer.mlp, ffn_from_weights(frozen))
     return model
+
+
+class AnchorSwap(nn.Module):
+    """The expert FFN, which a training step may replace by the frozen anchor FFN (`experts.anchor_swap`),
+    so that the expert's other layers learn to work on hidden states another FFN produced, as they will
+    in the assembled MoE."""
+
+    def __init__(self, expert: SwiGLU, anchor: SwiGLU):
+        super().__init__()
+        self.expert, self.anchor = expert, anchor
+        self.use_anchor = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.anchor(x) if self.use_anchor and self.training else self.expert(x)
 
 
 def scratch_ffn(cfg: Config, k: int) -> dict[str, torch.Tensor]:
@@ -149,19 +179,20 @@ def scratch_ffn(cfg: Config, k: int) -> dict[str, torch.Tensor]:
 def anchored_pair(expert: SwiGLU, anchor: dict[str, torch.Tensor], hidden: int) -> SparseMoE:
     """FlexOlmo's training unit: MoE of [frozen anchor, trainable expert] with top-2 of 2 and a router
     whose anchor row stays zero (its gradient is masked and it has no weight decay)."""
-    pair = SparseMoE(hidden, expert.w1.out_features, num_experts=2, top_k=2)
-    frozen = pair.experts[0]
-    for w in FFN_WEIGHTS:
-        getattr(frozen, w).weight = nn.Parameter(anchor[w], requires_grad=False)
+    with torch.device("meta"):
+        pair = SparseMoE(hidden, expert.w1.out_features, num_experts=2, top_k=2)
+    pair.experts[0] = ffn_from_weights(anchor)
     pair.experts[1] = expert
-    nn.init.zeros_(pair.gate.weight)
+    pair.gate.weight = nn.Parameter(torch.zeros(2, hidden))
     mask = torch.tensor([[0.0], [1.0]])
     pair.gate.weight.register_hook(lambda grad: grad * mask)
     return pair
 
 
 def expert_ffn(layer: nn.Module) -> SwiGLU:
-    return layer.mlp.experts[1] if isinstance(layer.mlp, SparseMoE) else layer.mlp
+    if isinstance(layer.mlp, SparseMoE):
+        return layer.mlp.experts[1]
+    return layer.mlp.expert if isinstance(layer.mlp, AnchorSwap) else layer.mlp
 
 
 def expert_tensors(model: CausalLM, k: int) -> dict[str, torch.Tensor]:
