@@ -28,7 +28,7 @@ from modularforge.model.moe import SparseMoE
 from modularforge.model.transformer import CausalLM
 from modularforge.model.weights import FFN_WEIGHTS, build_model, expert_key, ffn_from_weights, ffn_key
 from modularforge.runs import Run
-from modularforge.train.loop import autocast, autocast_dtype, train_loop
+from modularforge.train.loop import autocast, autocast_dtype, model_loss, train_loop
 from modularforge.train.shared import vocab_size
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def train_expert(run: Run, k: int, stop_after: int | None = None) -> dict:
 
     result = train_loop(
         trainable,
-        model.loss,
+        model_loss(model, tcfg.compile),
         sample_batch,
         val_batches,
         tcfg,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -49,6 +50,18 @@ def _cpu_has_native_bf16() -> bool:
 
 def autocast(dtype: torch.dtype | None):
     return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+
+
+def model_loss(model: nn.Module, compile: bool) -> LossFn:
+    """Mean next-token cross-entropy (fp32) of the model on a (B, T + 1) window batch; with `compile`
+    the forward pass goes through torch.compile (fused norms, rotary and SwiGLU elementwise work)."""
+    forward = torch.compile(model, dynamic=False) if compile else model
+
+    def loss(batch: torch.Tensor) -> torch.Tensor:
+        logits = forward(batch[:, :-1])
+        return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+    return loss
 
 
 def lr_at(step: int, steps: int, cfg: TrainConfig) -> float:

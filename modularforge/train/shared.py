@@ -13,7 +13,7 @@ from modularforge.files import read_json, save_tensors
 from modularforge.model.transformer import CausalLM, count_parameters
 from modularforge.model.weights import split_shared
 from modularforge.runs import Run
-from modularforge.train.loop import train_loop
+from modularforge.train.loop import model_loss, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def train_shared(run: Run, stop_after: int | None = None) -> None:
         )
         result = train_loop(
             dict(model.named_parameters()),
-            model.loss,
+            model_loss(model, cfg.train.compile),
             lambda step: train_windows.sample(batch_rng(cfg.run.seed, SHARED_STREAM, step), cfg.train.batch_size, seq_len),
             val_batches,
             cfg.train,

@@ -1,0 +1,41 @@
+"""Each fast path gives the plain path's results within tolerance."""
+
+import torch
+
+from modularforge.config import ModelConfig
+from modularforge.model.transformer import CausalLM
+from modularforge.train.loop import autocast, model_loss
+
+CFG = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, max_seq_len=32,
+                  num_experts=4, top_k=2)
+
+
+def _model(moe=False):
+    model = CausalLM(CFG, vocab_size=300, moe=moe)
+    model.init_weights(torch.Generator().manual_seed(0))
+    return model
+
+
+def test_bf16_autocast_loss_is_close_to_fp32():
+    model = _model()
+    batch = torch.randint(0, 300, (4, 33), generator=torch.Generator().manual_seed(1))
+    loss = model_loss(model, compile=False)
+    with torch.no_grad():
+        fp32 = loss(batch).item()
+        with autocast(torch.bfloat16):
+            bf16 = loss(batch).item()
+    assert abs(bf16 - fp32) / fp32 < 5e-3
+
+
+def test_compiled_loss_and_gradients_match_eager():
+    model = _model()
+    batch = torch.randint(0, 300, (4, 33), generator=torch.Generator().manual_seed(2))
+    eager = model_loss(model, compile=False)(batch)
+    eager.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = model_loss(model, compile=True)(batch)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4)
