@@ -64,7 +64,8 @@ class TokenizerConfig(Section):
     vocab_size: int = Field(8192, ge=260, le=1 << 20, description="BPE vocabulary size (special tokens included).")
     min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a BPE merge.")
     train_max_chars: int = Field(
-        60_000_000, ge=10_000, description="Train the tokenizer on at most this many characters (a prefix sample)."
+        30_000_000, ge=10_000,
+        description="Train the tokenizer on about this many characters (an even sample of documents).",
     )
 
 

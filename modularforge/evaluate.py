@@ -98,9 +98,15 @@ class RoutingTally:
 
 @torch.no_grad()
 def window_nll(
-    moe: CausalLM, anchor: CausalLM | None, batch: torch.Tensor, partition: int | None, prefix_len: int, modes: set[str],
+    moe: CausalLM,
+    anchor: CausalLM | None,
+    batch: torch.Tensor,
+    partitions: torch.Tensor | None,
+    prefix_len: int,
+    modes: set[str],
 ) -> dict[str, torch.Tensor]:
-    """Per-token NLL (B, T) of each mode on a (B, T + 1) batch; sequence/ensemble/oracle come from forced passes."""
+    """Per-token NLL (B, T) of each mode on a (B, T + 1) batch; `partitions` (B,) labels each window for the
+    oracle. Sequence, ensemble and oracle come from one forced pass per expert."""
     out = {"token": moe.token_nll(batch)}
     if anchor is not None and "anchor" in modes:
         out["anchor"] = anchor.token_nll(batch)
@@ -114,8 +120,8 @@ def window_nll(
         if "ensemble" in modes:
             log_posterior = torch.log_softmax(-prefix, dim=0)  # uniform prior over experts
             out["ensemble"] = -torch.logsumexp(log_posterior[:, :, None] - per_expert, dim=0)
-        if "oracle" in modes and partition is not None and partition < experts:
-            out["oracle"] = per_expert[partition]
+        if "oracle" in modes and partitions is not None:
+            out["oracle"] = per_expert.gather(0, partitions[None, :, None].expand(1, B, per_expert.shape[-1]))[0]
     return out
 
 
@@ -146,7 +152,8 @@ def evaluate(run: Run) -> dict:
                 for b in blocks:
                     b.record = []
                 with autocast(dtype):
-                    nll = window_nll(moe, anchor, batch, p, prefix, modes)
+                    labels = torch.full((len(batch),), p) if p < cfg.model.num_experts else None
+                    nll = window_nll(moe, anchor, batch, labels, prefix, modes)
                 routing.add([b.record[0] for b in blocks], p)
                 targets = batch[:, 1:]
                 for m in full:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 from modularforge.data.partition import partition_documents
@@ -16,8 +17,11 @@ log = logging.getLogger(__name__)
 def prepare(run: Run) -> None:
     cfg = run.cfg
     with run.stage("prepare") as facts:
-        log.info("training a %d-token BPE tokenizer", cfg.tokenizer.vocab_size)
-        texts = (doc.text for doc in iter_documents(cfg.data))
+        total_chars = sum(len(doc.text) for doc in iter_documents(cfg.data))
+        share = min(1.0, cfg.tokenizer.train_max_chars / max(total_chars, 1))
+        log.info("training a %d-token BPE tokenizer on %.0f%% of %.1fM characters",
+                 cfg.tokenizer.vocab_size, 100 * share, total_chars / 1e6)
+        texts = (doc.text for doc in iter_documents(cfg.data) if _sampled(doc.id, share))
         tokenizer = train_tokenizer(texts, cfg.tokenizer, cfg.model.max_seq_len, run.tokenizer_dir)
         shards = write_shards(iter_documents(cfg.data), tokenizer, eos_id(tokenizer), cfg.data, run.data_dir)
         log.info("%d documents, %d tokens", shards["num_documents"], shards["num_tokens"])
@@ -30,6 +34,11 @@ def prepare(run: Run) -> None:
             vocab_size=tokenizer.get_vocab_size(),
             purity=report["purity"],
         )
+
+
+def _sampled(doc_id: str, share: float) -> bool:
+    """An even, order-independent sample of documents: keep a document when its id hashes below `share`."""
+    return share >= 1.0 or int.from_bytes(hashlib.sha1(doc_id.encode()).digest()[:8], "little") < share * 2**64
 
 
 def format_partition_table(report: dict) -> str:

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 STAGES = ["prepare", "train-shared", "train-experts", "assemble", "evaluate"]
 
-# Config keys each stage reads (executor settings are left out: they do not change results).
+# Config keys each stage reads (executor settings are left out: they do not change results). model.top_k
+# only matters from assembly on, so changing it does not retrain anything.
 _STAGE_KEYS: dict[str, list[str]] = {
     "prepare": ["data", "tokenizer", "partition", "model.num_experts", "run.seed"],
     "train-shared": ["model", "train", "budget", "run.seed"],
@@ -36,7 +37,7 @@ _STAGE_KEYS: dict[str, list[str]] = {
         "experts.init", "experts.mode", "experts.anchor_swap", "experts.stats_tokens", "experts.train", "budget",
         "model", "run.seed",
     ],
-    "assemble": ["assemble", "calibrate"],
+    "assemble": ["assemble", "calibrate", "model.top_k"],
     "evaluate": ["evaluate"],
 }
 
@@ -67,6 +68,8 @@ class Run:
     def fingerprint(self, stage: str) -> str:
         dump = self.cfg.model_dump(mode="json")
         picked = {key: _lookup(dump, key) for key in _STAGE_KEYS[stage]}
+        if "model" in picked:  # top_k matters only from assembly on (listed there)
+            picked["model"] = {k: v for k, v in picked["model"].items() if k != "top_k"}
         index = STAGES.index(stage)
         upstream = self.fingerprint(STAGES[index - 1]) if index else ""
         blob = json.dumps({"keys": picked, "upstream": upstream}, sort_keys=True)

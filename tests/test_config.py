@@ -84,3 +84,13 @@ def test_every_key_is_documented():
     rows = describe_keys()
     assert len(rows) > 60
     assert all(doc for key, _, doc in rows if not key.startswith("experts.train.")), [k for k, _, d in rows if not d]
+
+
+def test_top_k_changes_assembly_but_retrains_nothing():
+    from modularforge.runs import Run
+
+    a, b = Run(config_from_dict({})), Run(config_from_dict({"model": {"top_k": 1}}))
+    assert a.fingerprint("train-experts") == b.fingerprint("train-experts")
+    assert a.fingerprint("assemble") != b.fingerprint("assemble")
+    c = Run(config_from_dict({"model": {"hidden_size": 128}}))
+    assert a.fingerprint("train-shared") != c.fingerprint("train-shared")

@@ -8,7 +8,7 @@ ids equal what `AutoTokenizer(text)` returns.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -34,18 +34,9 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, max_seq_len: int
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_capped(texts, cfg.train_max_chars), trainer=trainer)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
     save_tokenizer(tokenizer, max_seq_len, out_dir)
     return tokenizer
-
-
-def _capped(texts: Iterable[str], max_chars: int) -> Iterator[str]:
-    total = 0
-    for text in texts:
-        yield text
-        total += len(text)
-        if total >= max_chars:
-            return
 
 
 def save_tokenizer(tokenizer: Tokenizer, max_seq_len: int, out_dir: Path) -> None:
