@@ -5,10 +5,11 @@
    this run's config. A problem is an AssemblyError that names the file; no output is left behind.
 2. Compute the routers in closed form from the experts' statistics, one expert's statistics at a time.
 3. Write into a temporary folder, tensor by tensor with bounded buffers: shared shards, one shard per
-   expert, and a last small shard with the routers and the post-attention norms (the only tensors
-   calibration changes). Then calibrate, write config, index and tokenizer, and rename into place.
+   expert, and a last small shard with the routers and the post-attention norms (the only tensors the
+   `calibrate` stage changes). Then write config, index and tokenizer, and rename into place.
 
-Peak memory is the routers and statistics of one layer, never an expert, whatever the number of experts.
+Peak memory is the routers and statistics of one layer and a copy buffer, never an expert, whatever the
+number of experts. The model is not loaded; calibration, which runs it, is the next stage.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from modularforge.calibrate import calibrate
 from modularforge.data.tokenizer import load_tokenizer
 from modularforge.errors import AssemblyError, DataError
 from modularforge.files import atomic_dir, load_tensors, read_json, sha256_file, write_json
@@ -55,20 +55,19 @@ def assemble(run: Run, on_read: OnRead | None = None) -> None:
     cfg = run.cfg
     with run.stage("assemble") as facts:
         inputs = validate_inputs(run)
-        routers, norm_targets = compute_routers(run, inputs)
+        routers = compute_routers(run, inputs.stats)
         with atomic_dir(run.model_dir) as tmp:
             files = write_weights(tmp, run, inputs, routers, on_read)
             write_json(tmp / "config.json", mixtral_config(cfg.model, vocab_size(run), _eos(run)))
             write_json(tmp / "generation_config.json", _generation_config(run))
             for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
                 shutil.copy2(run.tokenizer_dir / name, tmp / name)
-            calibration = calibrate(tmp, run, norm_targets)
             write_json(tmp / "modularforge.json", {
                 "router": cfg.assemble.router, "centred": cfg.assemble.centred,
-                "experts": cfg.model.num_experts, "calibration": calibration,
+                "experts": cfg.model.num_experts, "calibration": None,
                 "fingerprint": run.fingerprint("assemble"),
             })
-        facts.update(shards=len(files), calibration=calibration)
+        facts.update(shards=len(files))
         log.info("assembled %d experts into %s (%d shards)", cfg.model.num_experts, run.model_dir, len(files))
 
 
@@ -153,22 +152,24 @@ def _checked_table(
     return table
 
 
-def compute_routers(run: Run, inputs: Inputs) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """Router rows per layer and, per layer, the experts' mean per-channel second moment of the router
-    input (the target of norm recalibration). Statistics are read one expert and one layer at a time."""
+def layer_stats(stats_paths: list[Path], layer: int, hidden: int) -> LayerStats:
+    """One layer's statistics pooled over experts, reading one expert's file at a time."""
+    pooled = LayerStats(hidden)
+    for path in stats_paths:
+        s = load_tensors(path, [f"layers.{layer}.count", f"layers.{layer}.sum", f"layers.{layer}.xtx"])
+        pooled.add(s[f"layers.{layer}.count"], s[f"layers.{layer}.sum"], s[f"layers.{layer}.xtx"])
+    return pooled
+
+
+def compute_routers(run: Run, stats_paths: list[Path]) -> dict[str, torch.Tensor]:
+    """Router rows of every layer, in closed form from the experts' statistics."""
     cfg = run.cfg
-    routers, targets = {}, []
     generator = torch.Generator().manual_seed(cfg.run.seed)
-    for i in range(cfg.model.num_layers):
-        layer = LayerStats(cfg.model.hidden_size)
-        for path in inputs.stats:
-            s = load_tensors(path, [f"layers.{i}.count", f"layers.{i}.sum", f"layers.{i}.xtx"])
-            layer.add(s[f"layers.{i}.count"], s[f"layers.{i}.sum"], s[f"layers.{i}.xtx"])
-        routers[gate_key(i)] = router_from_stats(
-            cfg.assemble.router, layer, cfg.assemble.ridge_lambda, cfg.assemble.centred, generator
-        )
-        targets.append(torch.stack(layer.diag).mean(0).float())
-    return routers, targets
+    return {
+        gate_key(i): router_from_stats(cfg.assemble.router, layer_stats(stats_paths, i, cfg.model.hidden_size),
+                                       cfg.assemble.ridge_lambda, cfg.assemble.centred, generator)
+        for i in range(cfg.model.num_layers)
+    }
 
 
 def write_weights(

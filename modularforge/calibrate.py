@@ -1,4 +1,4 @@
-"""Calibration after assembly, with no gradient training.
+"""Stage 5, calibrate: adjust the assembled model with no gradient training.
 
 - Router temperature: the router rows are divided by T, chosen from `calibrate.temperatures` by the
   loss on the calibration documents of every partition (one T for all layers, then optionally one per
@@ -7,7 +7,10 @@
   gain is rescaled per channel so the mean square of the router/expert input matches what the experts
   saw in training (from their statistics), layer by layer from the bottom.
 
-Only the shard holding routers and post-attention norms is rewritten.
+The stage starts from the uncalibrated routers (recomputed from the statistics) and norms (from the
+shared part) every time, so running it again with other settings never compounds. Only the shard
+holding routers and post-attention norms is rewritten. With `calibrate.expert_cache` the model is
+opened with at most that many expert FFNs in memory.
 """
 
 from __future__ import annotations
@@ -17,14 +20,16 @@ from pathlib import Path
 
 import torch
 
+from modularforge.assemble import compute_routers, layer_stats
 from modularforge.data.batches import PreparedData, fixed_batches
 from modularforge.data.shards import CALIB
-from modularforge.files import atomic_path, read_json
-from modularforge.model.hf import load_assembled
+from modularforge.files import atomic_path, load_tensors, read_json, write_json
+from modularforge.inference import open_model
 from modularforge.model.transformer import CausalLM
 from modularforge.model.weights import gate_key
 from modularforge.runs import Run
 from modularforge.safetensors_stream import from_tensor, write_streaming
+from modularforge.train.experts import expert_files
 from modularforge.train.loop import autocast, autocast_dtype
 
 log = logging.getLogger(__name__)
@@ -53,24 +58,43 @@ def mean_loss(model: CausalLM, batches: list[torch.Tensor], dtype: torch.dtype |
     return total / count
 
 
-def calibrate(model_dir: Path, run: Run, norm_targets: list[torch.Tensor]) -> dict:
-    cfg = run.cfg.calibrate
-    if not (cfg.temperature or cfg.norm):
-        return {"temperature": None, "norm": False}
-    model, _ = load_assembled(model_dir)
-    model.eval()
-    dtype = autocast_dtype(run.cfg.experts.train.precision)
-    batches = calibration_batches(run, max(1, cfg.calib_tokens // run.cfg.model.num_experts))
-    before = mean_loss(model, batches, dtype)
-    if cfg.norm:
-        recalibrate_norms(model, batches, norm_targets, dtype)
-    temperatures = None
-    if cfg.temperature:
-        temperatures = search_temperature(model, batches, cfg.temperatures, cfg.per_layer, dtype)
-    after = mean_loss(model, batches, dtype)
-    log.info("calibration: loss %.4f -> %.4f (temperature %s, norm %s)", before, after, temperatures, cfg.norm)
-    write_calibration_shard(model_dir, model)
-    return {"temperature": temperatures, "norm": cfg.norm, "calib_loss_before": before, "calib_loss_after": after}
+def calibrate(run: Run) -> dict:
+    cfg = run.cfg
+    with run.stage("calibrate") as facts:
+        model = open_model(run.model_dir, expert_cache=cfg.calibrate.expert_cache)
+        stats_paths = [Path(expert_files(run, k)["stats"]) for k in range(cfg.model.num_experts)]
+        reset_uncalibrated(model, run, stats_paths)
+        result = {"temperature": None, "norm": cfg.calibrate.norm}
+        if cfg.calibrate.temperature or cfg.calibrate.norm:
+            dtype = autocast_dtype(cfg.experts.train.precision)
+            batches = calibration_batches(run, max(1, cfg.calibrate.calib_tokens // cfg.model.num_experts))
+            result["calib_loss_before"] = mean_loss(model, batches, dtype)
+            if cfg.calibrate.norm:
+                targets = [torch.stack(layer_stats(stats_paths, i, cfg.model.hidden_size).diag).mean(0).float()
+                           for i in range(cfg.model.num_layers)]
+                recalibrate_norms(model, batches, targets, dtype)
+            if cfg.calibrate.temperature:
+                result["temperature"] = search_temperature(
+                    model, batches, cfg.calibrate.temperatures, cfg.calibrate.per_layer, dtype
+                )
+            result["calib_loss_after"] = mean_loss(model, batches, dtype)
+            log.info("calibration: loss %.4f -> %.4f (temperature %s, norm %s)", result["calib_loss_before"],
+                     result["calib_loss_after"], result["temperature"], cfg.calibrate.norm)
+        write_calibration_shard(run.model_dir, model)
+        info = read_json(run.model_dir / "modularforge.json")
+        write_json(run.model_dir / "modularforge.json", {**info, "calibration": result})
+        facts["calibration"] = result
+        return result
+
+
+def reset_uncalibrated(model: CausalLM, run: Run, stats_paths: list[Path]) -> None:
+    """Routers as assembly computed them and post-attention norms as the shared phase trained them."""
+    routers = compute_routers(run, stats_paths)
+    shared = run.shared_dir / "shared.safetensors"
+    for i, layer in enumerate(model.model.layers):
+        layer.block_sparse_moe.gate.weight.data.copy_(routers[gate_key(i)])
+        name = f"model.layers.{i}.post_attention_layernorm.weight"
+        layer.post_attention_layernorm.weight.data.copy_(load_tensors(shared, [name])[name])
 
 
 def search_temperature(
@@ -126,7 +150,7 @@ def recalibrate_norms(
 def write_calibration_shard(model_dir: Path, model: CausalLM) -> None:
     index = read_json(model_dir / "model.safetensors.index.json")
     shard = index["weight_map"][gate_key(0)]
-    state = model.state_dict()
+    state = {n: p for n, p in model.named_parameters()}
     names = [n for n, f in index["weight_map"].items() if f == shard]
     with atomic_path(model_dir / shard) as tmp:
         write_streaming(tmp, [from_tensor(n, state[n]) for n in names], {"calibrated": "true"})

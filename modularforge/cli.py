@@ -94,6 +94,14 @@ def cmd_assemble(args) -> None:
     assemble(run)
 
 
+def cmd_calibrate(args) -> None:
+    from modularforge.calibrate import calibrate
+
+    run = resolve(args)
+    _apply_threads(run)
+    calibrate(run)
+
+
 def cmd_evaluate(args) -> None:
     import json
 
@@ -211,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["local", "ray"], help="where experts train (experts.executor)")
     p.add_argument("--ray-address", help="Ray cluster address (experts.ray_address)")
     add("assemble", cmd_assemble, "stream shared part and experts into a Mixtral folder; routers without training")
+    add("calibrate", cmd_calibrate, "router temperature and norm gains of the assembled model, without training")
     p = add("evaluate", cmd_evaluate, "write reports/ for the run, or score a text file with --data")
     p.add_argument("--data", type=Path, help="evaluate on this UTF-8 text file instead")
     p.add_argument("--model", type=Path, help="assembled model folder (default: the run's model/)")

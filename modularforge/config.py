@@ -196,6 +196,9 @@ class CalibrateConfig(Section):
         False, description="Rescale post-attention norm gains so expert inputs match their training statistics."
     )
     calib_tokens: int = Field(16_384, ge=256, description="Calibration-split tokens scored per candidate.")
+    expert_cache: int | None = Field(
+        None, ge=1, description="Run calibration with at most this many expert FFNs in memory (None = all)."
+    )
 
 
 class EvaluateConfig(Section):

@@ -26,7 +26,7 @@ from modularforge.files import read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 
-STAGES = ["prepare", "train-shared", "train-experts", "assemble", "evaluate"]
+STAGES = ["prepare", "train-shared", "train-experts", "assemble", "calibrate", "evaluate"]
 
 # Config keys each stage reads (executor settings are left out: they do not change results). model.top_k
 # only matters from assembly on, so changing it does not retrain anything.
@@ -37,7 +37,8 @@ _STAGE_KEYS: dict[str, list[str]] = {
         "experts.init", "experts.mode", "experts.anchor_swap", "experts.stats_tokens", "experts.train", "budget",
         "model", "run.seed",
     ],
-    "assemble": ["assemble", "calibrate", "model.top_k"],
+    "assemble": ["assemble", "model.top_k"],
+    "calibrate": ["calibrate"],
     "evaluate": ["evaluate"],
 }
 

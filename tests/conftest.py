@@ -69,8 +69,9 @@ def make_config(tiny_corpus, tmp_path):
 
 @pytest.fixture(scope="session")
 def trained_run(tiny_corpus, tmp_path_factory) -> Run:
-    """A tiny run through prepare, train-shared, train-experts and assemble (read-only for tests)."""
+    """A tiny run through every stage up to calibrate (read-only for tests)."""
     from modularforge.assemble import assemble
+    from modularforge.calibrate import calibrate
     from modularforge.prepare import prepare
     from modularforge.train.experts import train_experts
     from modularforge.train.shared import train_shared
@@ -78,7 +79,7 @@ def trained_run(tiny_corpus, tmp_path_factory) -> Run:
     logging.getLogger("modularforge").setLevel(logging.WARNING)
     cfg = config_from_dict(tiny_config_dict(tiny_corpus, tmp_path_factory.mktemp("runs")))
     run = Run(cfg)
-    for stage in (prepare, train_shared, train_experts, assemble):
+    for stage in (prepare, train_shared, train_experts, assemble, calibrate):
         stage(run)
     return run
 

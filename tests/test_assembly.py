@@ -122,3 +122,19 @@ def test_streamed_file_is_a_valid_safetensors_file(tmp_path):
     assert all(torch.equal(back[k], v) for k, v in tensors.items())
     table, meta = stream.read_header(tmp_path / "x.safetensors")
     assert meta["k"] == "v" and table["a"].shape == (3, 4)
+
+
+def test_calibration_reruns_from_the_uncalibrated_routers(run_copy):
+    from modularforge.calibrate import calibrate
+
+    shard = run_copy.model_dir / read_json(run_copy.model_dir / "model.safetensors.index.json")["weight_map"][
+        "model.layers.0.block_sparse_moe.gate.weight"]
+    before = load_tensors(shard)
+    manifest = read_json(run_copy.manifest_path)
+    manifest["stages"].pop("calibrate")
+    from modularforge.files import write_json
+
+    write_json(run_copy.manifest_path, manifest)
+    calibrate(run_copy)  # a second calibration must not divide by the temperature twice
+    after = load_tensors(shard)
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -6,7 +6,7 @@ import pytest
 
 from modularforge.cli import build_parser, main
 
-SUBCOMMANDS = ["prepare", "train-shared", "train-experts", "assemble", "evaluate", "generate", "run", "export", "config"]
+SUBCOMMANDS = ["prepare", "train-shared", "train-experts", "assemble", "calibrate", "evaluate", "generate", "run", "export", "config"]
 
 
 def test_help_lists_every_subcommand(capsys):

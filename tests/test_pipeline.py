@@ -15,7 +15,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     run = tmp_path / "smoke"
     manifest = json.loads((run / "manifest.json").read_text())
     assert all(manifest["stages"][s]["status"] == "done" for s in
-               ("prepare", "train-shared", "train-experts", "assemble", "evaluate"))
+               ("prepare", "train-shared", "train-experts", "assemble", "calibrate", "evaluate"))
     report = json.loads((run / "reports" / "report.json").read_text())
     assert {"token", "anchor", "oracle", "sequence", "ensemble"} <= set(report["routing_modes"])
     assert report["headline"]["token"]["perplexity"] < 1024  # better than uniform over the vocabulary
@@ -24,4 +24,4 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     for name in ("config.json", "tokenizer.json", "model.safetensors.index.json", "generation_config.json"):
         assert (run / "model" / name).exists()
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stderr.count("already done, skipping") == 5
+    assert again.returncode == 0 and again.stderr.count("already done, skipping") == 6

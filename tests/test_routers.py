@@ -1,0 +1,87 @@
+"""Routers from statistics, and the routing-mode math, on tiny inputs."""
+
+import torch
+
+from modularforge.config import ModelConfig
+from modularforge.evaluate import window_nll
+from modularforge.model.transformer import CausalLM
+from modularforge.routers import RIDGE_SCALE, LayerStats, fold_bias, router_from_stats
+
+
+def _clusters(seed=0, experts=3, per=400, hidden=8):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(experts, hidden, generator=g) * 2 + 5  # a large shared mean, as in real hidden states
+    xs = [centres[e] + torch.randn(per, hidden, generator=g) for e in range(experts)]
+    stats = LayerStats(hidden)
+    for x in xs:
+        x = x.double()
+        stats.add(torch.tensor(float(len(x))), x.sum(0), x.T @ x)
+    return xs, stats
+
+
+def _accuracy(weight, xs):
+    hits = sum((torch.argmax(x @ weight.T, 1) == e).sum().item() for e, x in enumerate(xs))
+    return hits / sum(len(x) for x in xs)
+
+
+def test_uniform_and_kaiming():
+    _, stats = _clusters()
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(router_from_stats("uniform", stats, 1e-2, True, g), torch.zeros(3, 8))
+    a = router_from_stats("kaiming", stats, 1e-2, True, torch.Generator().manual_seed(1))
+    b = router_from_stats("kaiming", stats, 1e-2, True, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.abs().max() <= 1 / 8**0.5 + 1e-6
+
+
+def test_data_stats_rows_are_unit_centred_centroids():
+    xs, stats = _clusters()
+    w = router_from_stats("data_stats", stats, 1e-2, True, torch.Generator())
+    mean = torch.cat(xs).mean(0)
+    expected = torch.stack([x.mean(0) - mean for x in xs])
+    torch.testing.assert_close(w, expected / expected.norm(dim=1, keepdim=True), atol=1e-4, rtol=1e-4)
+
+
+def test_ridge_from_statistics_equals_ridge_on_the_data():
+    xs, stats = _clusters()
+    lam = 1e-2
+    w = router_from_stats("ridge", stats, lam, False, torch.Generator()).double() / RIDGE_SCALE
+    x = torch.cat(xs).double()
+    y = torch.cat([torch.nn.functional.one_hot(torch.full((len(v),), e), 3) for e, v in enumerate(xs)]).double()
+    gram = x.T @ x
+    direct = torch.linalg.solve(gram + lam * torch.trace(gram) / 8 * torch.eye(8, dtype=torch.float64), x.T @ y).T
+    torch.testing.assert_close(w, direct, atol=1e-5, rtol=1e-4)
+
+
+def test_discriminative_routers_separate_clusters_better_than_centroids():
+    xs, stats = _clusters(seed=3)
+    g = torch.Generator()
+    ridge = _accuracy(router_from_stats("ridge", stats, 1e-3, True, g), xs)
+    lda = _accuracy(router_from_stats("lda", stats, 1e-3, True, g), xs)
+    assert ridge > 0.95 and lda > 0.95
+
+
+def test_fold_bias_is_exact_at_the_mean():
+    g = torch.Generator().manual_seed(0)
+    w, b, mu = torch.randn(4, 6, generator=g), torch.randn(4, generator=g), torch.randn(6, generator=g)
+    torch.testing.assert_close(fold_bias(w, b, mu) @ mu, w @ mu + b)
+
+
+def test_ensemble_and_sequence_math_on_a_tiny_model():
+    cfg = ModelConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, max_seq_len=16,
+                      num_experts=3, top_k=2)
+    model = CausalLM(cfg, vocab_size=20, moe=True)
+    model.init_weights(torch.Generator().manual_seed(0))
+    for block in model.moe_blocks():
+        for e in block.experts:
+            torch.nn.init.normal_(e.w2.weight, std=0.5, generator=torch.Generator().manual_seed(7))
+    batch = torch.randint(0, 20, (2, 13), generator=torch.Generator().manual_seed(1))
+    prefix = 4
+    out = window_nll(model, None, batch, torch.tensor([2, 0]), prefix, {"oracle", "sequence", "ensemble"})
+    per_expert = torch.stack([model.token_nll(batch, expert_ids=torch.full((2,), e)) for e in range(3)])
+    prefix_nll = per_expert[:, :, : prefix - 1].sum(-1)  # (E, B)
+    posterior = torch.softmax(-prefix_nll, dim=0)
+    mixture = -torch.log((posterior[:, :, None] * torch.exp(-per_expert)).sum(0))
+    torch.testing.assert_close(out["ensemble"], mixture, atol=1e-5, rtol=1e-5)
+    chosen = prefix_nll.argmin(0)
+    torch.testing.assert_close(out["sequence"], per_expert[chosen, torch.arange(2)])
+    torch.testing.assert_close(out["oracle"], per_expert[torch.tensor([2, 0]), torch.arange(2)])
