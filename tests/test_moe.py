@@ -70,3 +70,13 @@ def test_kv_cache_prefill_and_decode_match_full_forward():
     chunk = model(ids[:, 5:9], cache=cache, start=5)  # a multi-token chunk after cached tokens
     steps = [model(ids[:, t : t + 1], cache=cache, start=t) for t in range(9, 12)]
     torch.testing.assert_close(torch.cat([first, chunk, *steps], dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_single_token_path_matches_the_batched_path():
+    torch.manual_seed(3)
+    moe = SparseMoE(32, 48, num_experts=4, top_k=2)
+    torch.nn.init.normal_(moe.gate.weight)
+    x = torch.randn(5, 1, 32)
+    batched = moe(x.reshape(1, 5, 32)).reshape(5, 32)
+    one_by_one = torch.cat([moe(x[i : i + 1]).reshape(1, 32) for i in range(5)])
+    torch.testing.assert_close(one_by_one, batched, atol=1e-6, rtol=1e-5)

@@ -47,11 +47,16 @@ class SparseMoE(nn.Module):
             weights = torch.ones(indices.shape, dtype=torch.float32)
         if self.record is not None:
             self.record.append(indices.detach())
-        out = torch.zeros_like(flat)
-        for e in torch.unique(indices).tolist():
-            token, slot = torch.where(indices == e)
-            y = self.experts[e](flat[token]) * weights[token, slot, None].to(flat.dtype)
-            out.index_add_(0, token, y.to(out.dtype))
+        if flat.shape[0] == 1:  # decoding one token: no gather/scatter bookkeeping, same sum order as below
+            out = torch.zeros_like(flat)
+            for e, w in sorted(zip(indices[0].tolist(), weights[0].tolist())):
+                out += (self.experts[e](flat) * torch.tensor(w, dtype=torch.float32).to(flat.dtype)).to(out.dtype)
+        else:
+            out = torch.zeros_like(flat)
+            for e in torch.unique(indices).tolist():
+                token, slot = torch.where(indices == e)
+                y = self.experts[e](flat[token]) * weights[token, slot, None].to(flat.dtype)
+                out.index_add_(0, token, y.to(out.dtype))
         if self.shared_expert is not None:
             out = (1 - self.shared_weight) * out + self.shared_weight * self.shared_expert(flat)
         return out.view(B, T, H)

@@ -1,0 +1,590 @@
+"""Quality benchmark (issue 3): does zero-retraining assembly work, and which recipe works best?
+
+Trains, on the eight corpora of ../shared/data partitioned into eight clusters, a dense baseline on the
+same tokens as the whole modular pipeline, the shared phase, and several expert sets (init scratch or
+anchor, mode alone or with_anchor, anchor substitution), then scores every row on the same dev tokens
+(each corpus's own dev files): token-level MoE under every router with and without calibration and
+top-1/top-2, the anchor as an always-on shared expert, oracle routing, sequence routing, the output
+ensemble, the best recipe at three budget splits, and with random instead of clustered partitions.
+Finally the best recipe goes through the real `assemble` and the exported folder is scored again.
+
+Every row scores the positions after a 32-token prefix of each 256-token window (the prefix is what
+sequence routing and the ensemble choose from), so all rows are compared on the same tokens.
+Trained parts are cached in --work and reused on a rerun.
+
+    python benchmarks/quality.py --data ../shared/data [--eval-data FILE] [--quick]
+
+Prints a table and writes docs/results/quality.json and docs/results/quality.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from modularforge.assemble import assemble  # noqa: E402
+from modularforge.calibrate import (  # noqa: E402
+    calibrate, calibration_batches, mean_loss, recalibrate_norms, search_temperature,
+)
+from modularforge.config import Config, config_from_dict, preset_path  # noqa: E402
+from modularforge.data.partition import Partitioner, partition_documents  # noqa: E402
+from modularforge.data.shards import TokenStore  # noqa: E402
+from modularforge.data.sources import iter_documents  # noqa: E402
+from modularforge.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths  # noqa: E402
+from modularforge.evaluate import window_nll  # noqa: E402
+from modularforge.files import load_tensors, read_json, write_json  # noqa: E402
+from modularforge.model.hf import load_assembled  # noqa: E402
+from modularforge.model.transformer import CausalLM  # noqa: E402
+from modularforge.model.weights import FFN_WEIGHTS, build_model, ffn_from_weights, ffn_key, gate_key, load_dense  # noqa: E402
+from modularforge.prepare import prepare  # noqa: E402
+from modularforge.routers import LayerStats, router_from_stats  # noqa: E402
+from modularforge.runs import Run  # noqa: E402
+from modularforge.train.experts import expert_files, train_experts  # noqa: E402
+from modularforge.train.loop import autocast  # noqa: E402
+from modularforge.train.shared import train_shared, vocab_size  # noqa: E402
+import yaml  # noqa: E402
+
+log = logging.getLogger("quality")
+
+ROUTERS = ["uniform", "kaiming", "data_stats", "ridge", "lda"]
+CALIBRATIONS = ["none", "temperature", "temperature_per_layer", "temperature+norm"]
+EXPERT_VARIANTS = {
+    "scratch-alone": {"init": "scratch", "mode": "alone"},
+    "anchor-alone": {"init": "anchor", "mode": "alone"},
+    "scratch-with_anchor": {"init": "scratch", "mode": "with_anchor"},
+    "anchor-with_anchor": {"init": "anchor", "mode": "with_anchor"},
+    "anchor-alone-swap": {"init": "anchor", "mode": "alone", "anchor_swap": 0.25},
+}
+BUDGET_SPLITS = {"1/3": 1 / 3, "2/3": 2 / 3, "5/6": 5 / 6}
+DTYPE = torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------- runs
+
+
+class Workspace:
+    """Runs derived from one base config inside --work, sharing prepared data and trained parts."""
+
+    def __init__(self, base: Config, work: Path):
+        self.base, self.work = base, work
+
+    def config(self, **sections) -> Config:
+        raw = self.base.model_dump(mode="json")
+        for section, values in sections.items():
+            node = raw
+            *parents, leaf = section.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = {**node[leaf], **values} if isinstance(values, dict) else values
+        return config_from_dict(raw)
+
+    def run(self, name: str, cfg: Config) -> Run:
+        return Run(cfg, self.work / name)
+
+    def adopt(self, run: Run, stage: str, source: Run, folder: str) -> None:
+        """Use `source`'s finished stage in `run`: link its folder and mark the stage done here."""
+        run.dir.mkdir(parents=True, exist_ok=True)
+        link = run.dir / folder
+        if not link.exists():
+            os.symlink((source.dir / folder).resolve(), link)
+        manifest = run.manifest()
+        entry = dict(source.manifest()["stages"][stage])
+        entry["fingerprint"] = run.fingerprint(stage)
+        manifest["stages"][stage] = entry
+        write_json(run.manifest_path, manifest)
+        run.save_config()
+
+
+def ensure(run: Run, stage: str, fn) -> None:
+    if not run.is_done(stage):
+        start = time.perf_counter()
+        fn(run)
+        log.info("%s of %s took %.0fs", stage, run.dir.name, time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------------------- dev sets
+
+
+@dataclass
+class DevSet:
+    """Windows of (seq_len + 1) tokens from each corpus's dev documents, labelled with the partition the
+    saved partitioner assigns to their document."""
+
+    corpora: list[str]
+    windows: dict[str, torch.Tensor]  # corpus -> (N, T + 1)
+    partitions: dict[str, torch.Tensor]  # corpus -> (N,)
+
+    @classmethod
+    def build(cls, data_root: Path, run: Run, per_corpus: int, seq_len: int) -> DevSet:
+        tokenizer = load_tokenizer(run.tokenizer_dir)
+        partitioner = Partitioner.load(run.data_dir / "partitioner.npz")
+        eos = eos_id(tokenizer)
+        windows, partitions = {}, {}
+        corpora = sorted(p.name for p in data_root.iterdir() if p.is_dir() and any(p.glob("dev-*.jsonl")))
+        for corpus in corpora:
+            cfg = run.cfg.data.model_copy(update={"sources": [str(data_root / corpus / "dev-*.jsonl")],
+                                                  "max_documents": None})
+            docs = [np.asarray(tokenizer.encode(d.text, add_special_tokens=False).ids + [eos]) for d in iter_documents(cfg)]
+            labels = partitioner.assign([d[:-1] for d in docs], tokenizer)
+            rows, row_labels = [], []
+            for doc, label in zip(docs, labels):
+                for start in range(0, len(doc) - seq_len - 1, seq_len):
+                    rows.append(doc[start : start + seq_len + 1])
+                    row_labels.append(label)
+            pick = np.linspace(0, len(rows) - 1, min(per_corpus, len(rows))).astype(int)  # spread over documents
+            windows[corpus] = torch.from_numpy(np.stack([rows[i] for i in pick]).astype(np.int64))
+            partitions[corpus] = torch.tensor([row_labels[i] for i in pick])
+        return cls(corpora, windows, partitions)
+
+    @classmethod
+    def from_text(cls, path: Path, run: Run, seq_len: int, limit: int) -> DevSet:
+        tokenizer = load_tokenizer(run.tokenizer_dir)
+        ids = np.asarray(tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False).ids)
+        rows = [ids[s : s + seq_len + 1] for s in range(0, len(ids) - seq_len - 1, seq_len)][:limit]
+        partitioner = Partitioner.load(run.data_dir / "partitioner.npz")
+        labels = partitioner.assign([r[:-1] for r in rows], tokenizer)
+        return cls(["extra"], {"extra": torch.from_numpy(np.stack(rows).astype(np.int64))},
+                   {"extra": torch.from_numpy(labels)})
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class Scores:
+    """Per corpus: summed NLL (nats), scored tokens and their UTF-8 bytes; per layer: routing hits."""
+
+    nll: dict[str, float]
+    tokens: dict[str, int]
+    bytes: dict[str, int]
+    top1: np.ndarray | None = None  # (layers,) tokens whose top-1 expert is their partition's
+    topk: np.ndarray | None = None  # (layers,) tokens whose partition's expert is among the top-k
+    routed: int = 0
+
+    def summary(self) -> dict:
+        out = {"per_corpus": {c: round(math.exp(self.nll[c] / self.tokens[c]), 3) for c in self.nll}}
+        total_nll, total_tokens = sum(self.nll.values()), sum(self.tokens.values())
+        out["union_ppl"] = round(math.exp(total_nll / total_tokens), 3)
+        out["bits_per_byte"] = round(total_nll / math.log(2) / sum(self.bytes.values()), 4)
+        if self.top1 is not None and self.routed:
+            out["routing_top1_accuracy"] = [round(x / self.routed, 4) for x in self.top1]
+            out["routing_topk_hit"] = [round(x / self.routed, 4) for x in self.topk]
+        return out
+
+
+class Scorer:
+    def __init__(self, dev: DevSet, extra: DevSet | None, token_bytes: np.ndarray, prefix: int, micro: int):
+        self.dev, self.extra, self.token_bytes, self.prefix, self.micro = dev, extra, token_bytes, prefix, micro
+
+    def _batches(self, dev: DevSet):
+        for corpus in dev.corpora:
+            w, p = dev.windows[corpus], dev.partitions[corpus]
+            for i in range(0, len(w), self.micro):
+                yield corpus, w[i : i + self.micro], p[i : i + self.micro]
+
+    @torch.no_grad()
+    def forced(self, moe: CausalLM, dev: DevSet) -> dict[str, dict]:
+        """NLL of oracle, sequence and ensemble routing (one forced pass per expert)."""
+        out = {m: Scores({}, {}, {}) for m in ("oracle", "sequence", "ensemble")}
+        for corpus, batch, labels in self._batches(dev):
+            with autocast(DTYPE):
+                nll = window_nll(moe, None, batch, labels, self.prefix, {"oracle", "sequence", "ensemble"})
+            for m in out:
+                self._add(out[m], corpus, nll[m], batch)
+        return {m: s for m, s in out.items()}
+
+    @torch.no_grad()
+    def plain(self, model: CausalLM, dev: DevSet, route_stats: bool = False) -> Scores:
+        scores = Scores({}, {}, {})
+        blocks = model.moe_blocks()
+        if route_stats and blocks:
+            scores.top1, scores.topk = np.zeros(len(blocks)), np.zeros(len(blocks))
+        for corpus, batch, labels in self._batches(dev):
+            for b in blocks:
+                b.record = [] if route_stats else None
+            with autocast(DTYPE):
+                nll = model.token_nll(batch)
+            self._add(scores, corpus, nll, batch)
+            if route_stats and blocks:
+                expected = labels[:, None].expand(-1, batch.shape[1] - 1).reshape(-1)
+                for i, b in enumerate(blocks):
+                    idx = b.record[0]
+                    scores.top1[i] += (idx[:, 0] == expected).sum().item()
+                    scores.topk[i] += (idx == expected[:, None]).any(-1).sum().item()
+                scores.routed += expected.numel()
+        for b in blocks:
+            b.record = None
+        return scores
+
+    def _add(self, scores: Scores, corpus: str, nll: torch.Tensor, batch: torch.Tensor) -> None:
+        part = nll[:, self.prefix - 1 :]
+        targets = batch[:, 1:][:, self.prefix - 1 :]
+        scores.nll[corpus] = scores.nll.get(corpus, 0.0) + float(part.double().sum())
+        scores.tokens[corpus] = scores.tokens.get(corpus, 0) + part.numel()
+        scores.bytes[corpus] = scores.bytes.get(corpus, 0) + int(self.token_bytes[targets.numpy()].sum())
+
+
+# ------------------------------------------------------------------------------------ in-memory MoE
+
+
+class MoEUnderTest:
+    """Shared part + one expert set as an MoE in memory; routers, temperature, top-k, norms and an
+    always-on anchor are set per row, from the experts' statistics, with no gradient steps."""
+
+    def __init__(self, run: Run):
+        cfg = run.cfg
+        self.run = run
+        tensors = load_tensors(run.shared_dir / "shared.safetensors")
+        for k in range(cfg.model.num_experts):
+            tensors |= {n: t for n, t in load_tensors(expert_files(run, k)["expert"]).items()
+                        if not n.startswith("router_row.")}
+        for i in range(cfg.model.num_layers):
+            tensors[gate_key(i)] = torch.zeros(cfg.model.num_experts, cfg.model.hidden_size)
+        self.model = build_model(cfg.model, vocab_size(run), moe=True, tensors=tensors).eval()
+        self.stats = []
+        for i in range(cfg.model.num_layers):
+            layer = LayerStats(cfg.model.hidden_size)
+            for k in range(cfg.model.num_experts):
+                s = load_tensors(expert_files(run, k)["stats"])
+                layer.add(s[f"layers.{i}.count"], s[f"layers.{i}.sum"], s[f"layers.{i}.xtx"])
+            self.stats.append(layer)
+        self.norms = [layer.post_attention_layernorm.weight.detach().clone() for layer in self.model.model.layers]
+        anchor = load_tensors(run.shared_dir / "anchor.safetensors")
+        self.anchor = [ffn_from_weights({w: anchor[ffn_key(i, w)] for w in FFN_WEIGHTS}) for i in range(cfg.model.num_layers)]
+        self.calib = calibration_batches(run, 2048)
+
+    def configure(self, router: str, calibration: str, top_k: int, anchor_weight: float = 0.0) -> dict:
+        cfg = self.run.cfg
+        generator = torch.Generator().manual_seed(cfg.run.seed)
+        for layer, norm in zip(self.model.model.layers, self.norms):
+            layer.post_attention_layernorm.weight.data.copy_(norm)
+        for i, block in enumerate(self.model.moe_blocks()):
+            block.gate.weight.data.copy_(router_from_stats(router, self.stats[i], cfg.assemble.ridge_lambda,
+                                                           cfg.assemble.centred, generator))
+            block.top_k = top_k
+            block.shared_expert = self.anchor[i] if anchor_weight else None
+            block.shared_weight = anchor_weight
+        info: dict = {}
+        if calibration.endswith("norm"):
+            targets = [torch.stack(s.diag).mean(0).float() for s in self.stats]
+            recalibrate_norms(self.model, self.calib, targets, DTYPE)
+        if calibration.startswith("temperature"):
+            grid = cfg.calibrate.temperatures
+            info["temperature"] = search_temperature(self.model, self.calib, grid,
+                                                     calibration == "temperature_per_layer", DTYPE)
+        info["calib_loss"] = round(mean_loss(self.model, self.calib, DTYPE), 4)
+        return info
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--config", type=Path, default=preset_path("quality"))
+    parser.add_argument("--eval-data", type=Path, help="extra held-out UTF-8 text, scored for every row")
+    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "quality")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "quality.json")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "results" / "quality.png")
+    parser.add_argument("--tokens", type=int, help="override budget.total_tokens")
+    parser.add_argument("--dev-windows", type=int, default=40, help="dev windows per corpus")
+    parser.add_argument("--quick", action="store_true", help="tiny budget, to check the benchmark itself")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("modularforge").setLevel(logging.WARNING)
+    started = time.perf_counter()
+    if not args.data.is_dir():
+        sys.exit(f"error: data folder not found: {args.data} (pass --data)")
+
+    raw = yaml.safe_load(args.config.read_text())
+    raw.setdefault("data", {})["sources"] = [str(args.data / "*" / "train-*.jsonl")]
+    raw.setdefault("run", {})["root"] = str(args.work)
+    if args.tokens or args.quick:
+        raw.setdefault("budget", {})["total_tokens"] = args.tokens or 300_000
+    if args.quick:
+        raw["train"]["compile"] = raw["experts"]["train"]["compile"] = False
+        args.dev_windows = min(args.dev_windows, 8)
+    base_cfg = config_from_dict(raw)
+    ws = Workspace(base_cfg, args.work)
+    T = base_cfg.budget.total_tokens
+    main_split = base_cfg.budget.shared_fraction
+
+    base = ws.run("base", base_cfg)
+    ensure(base, "prepare", prepare)
+    seq_len = base_cfg.model.max_seq_len
+    dev = DevSet.build(args.data, base, args.dev_windows, seq_len)
+    extra = DevSet.from_text(args.eval_data, base, seq_len, 200) if args.eval_data else None
+    scorer = Scorer(dev, extra, token_byte_lengths(load_tokenizer(base.tokenizer_dir)),
+                    base_cfg.evaluate.prefix_len, base_cfg.experts.train.micro_batch)
+    purity = read_json(base.data_dir / "partitions.json")["purity"]
+    rows: list[dict] = []
+
+    def record(row: str, group: str, scores: Scores, extra_scores: Scores | None = None, **info) -> dict:
+        entry = {"row": row, "group": group, **scores.summary(), **info}
+        if extra_scores is not None:
+            entry["extra_ppl"] = extra_scores.summary()["union_ppl"]
+        rows.append(entry)
+        acc = entry.get("routing_top1_accuracy")
+        log.info("%-58s union ppl %8.3f  bpb %.4f%s", row, entry["union_ppl"], entry["bits_per_byte"],
+                 f"  top1 acc {' '.join(f'{a:.2f}' for a in acc)}" if acc else "")
+        return entry
+
+    def score_dense(model: CausalLM, row: str, group: str) -> dict:
+        return record(row, group, scorer.plain(model, dev), scorer.plain(model, extra) if extra else None)
+
+    def score_moe(moe: MoEUnderTest, row: str, group: str, router: str, calibration: str, top_k: int,
+                  anchor_weight: float = 0.0) -> dict:
+        info = moe.configure(router, calibration, top_k, anchor_weight)
+        return record(row, group, scorer.plain(moe.model, dev, route_stats=True),
+                      scorer.plain(moe.model, extra) if extra else None,
+                      router=router, calibration=calibration, top_k=top_k, anchor_weight=anchor_weight, **info)
+
+    def score_forced(moe: MoEUnderTest, prefix: str, group: str) -> dict[str, dict]:
+        forced = scorer.forced(moe.model, dev)
+        forced_extra = scorer.forced(moe.model, extra) if extra else {}
+        return {m: record(f"{prefix} {m}", group, s, forced_extra.get(m)) for m, s in forced.items()}
+
+    # Dense baseline: the anchor's architecture trained on all T tokens (a shared phase with fraction 1/2 of 2T).
+    dense = ws.run("dense", ws.config(budget={"total_tokens": 2 * T, "shared_fraction": 0.5}))
+    _link_prepared(ws, dense, base)
+    ensure(dense, "train-shared", train_shared)
+    vocab = vocab_size(base)
+    score_dense(load_dense(base_cfg.model, vocab, dense.shared_dir), "dense (same total tokens)", "baseline")
+
+    shared_runs: dict[float, Run] = {}
+
+    def shared_for(fraction: float) -> Run:
+        if fraction not in shared_runs:
+            run = ws.run(f"shared-{fraction:.3f}", ws.config(budget={"total_tokens": T, "shared_fraction": fraction}))
+            _link_prepared(ws, run, base)
+            ensure(run, "train-shared", train_shared)
+            shared_runs[fraction] = run
+        return shared_runs[fraction]
+
+    def experts_for(fraction: float, variant: str, data_from: Run = base, tag: str = "") -> Run:
+        source = shared_for(fraction)
+        cfg = ws.config(budget={"total_tokens": T, "shared_fraction": fraction}, experts=EXPERT_VARIANTS[variant],
+                        **({"partition": data_from.cfg.partition.model_dump()} if tag else {}))
+        run = ws.run(f"experts-{fraction:.3f}-{variant}{tag}", cfg)
+        _link_prepared(ws, run, data_from)
+        if not run.is_done("train-shared"):
+            ws.adopt(run, "train-shared", source, "shared")
+        ensure(run, "train-experts", train_experts)
+        return run
+
+    main_shared = shared_for(main_split)
+    score_dense(load_dense(base_cfg.model, vocab, main_shared.shared_dir), "anchor (shared phase alone)", "baseline")
+
+    # Every expert set, with the default token recipe and with forced routing.
+    default = ("ridge", "temperature", 2)
+    per_variant = {}
+    for variant in EXPERT_VARIANTS:
+        moe = MoEUnderTest(experts_for(main_split, variant))
+        if variant == "scratch-alone":
+            score_moe(moe, "seed recipe (scratch, alone, data_stats, no calibration, top-2)", "seed",
+                      "data_stats", "none", 2)
+        token = score_moe(moe, f"{variant}: token, ridge + temperature, top-2", "experts", *default)
+        forced = score_forced(moe, f"{variant}:", "experts")
+        per_variant[variant] = {"token": token, **forced}
+        del moe
+    best_variant = min(per_variant, key=lambda v: per_variant[v]["token"]["union_ppl"])
+    log.info("best expert set for token routing: %s", best_variant)
+
+    # Router x calibration x top-k on the best expert set, and the anchor kept on as a shared expert.
+    moe = MoEUnderTest(experts_for(main_split, best_variant))
+    for router in ROUTERS:
+        for calibration in CALIBRATIONS:
+            for top_k in (1, 2):
+                if (router, calibration, top_k) == default:
+                    continue
+                if router == "uniform" and calibration != "none":
+                    continue  # a temperature does not change all-zero logits
+                score_moe(moe, f"{best_variant}: {router}, {calibration}, top-{top_k}", "routers",
+                          router, calibration, top_k)
+    token_rows = [r for r in rows if r["group"] in ("experts", "routers") and r["row"].startswith(best_variant)
+                  and "router" in r]
+    best_token = min(token_rows, key=lambda r: r["union_ppl"])
+    recipe = (best_token["router"], best_token["calibration"], best_token["top_k"])
+    for weight in (0.25, 0.5):
+        score_moe(moe, f"{best_variant}: {recipe[0]}, {recipe[1]}, top-{recipe[2]}, anchor always on (w={weight})",
+                  "anchor_shared", *recipe, anchor_weight=weight)
+    del moe
+
+    # Budget splits and the random-partition control, with the best expert set and token recipe.
+    budget = {}
+    for label, fraction in BUDGET_SPLITS.items():
+        run = experts_for(fraction, best_variant)
+        moe = MoEUnderTest(run)
+        budget[label] = {"token": score_moe(moe, f"split {label}: {best_variant}, best token recipe", "budget", *recipe),
+                         **score_forced(moe, f"split {label}:", "budget")}
+        del moe
+    random_base = _random_partition_base(ws, base)
+    moe = MoEUnderTest(experts_for(main_split, best_variant, data_from=random_base, tag="-random"))
+    score_moe(moe, f"random partitions: {best_variant}, best token recipe", "random", *recipe)
+    score_forced(moe, "random partitions:", "random")
+    del moe
+
+    # The best recipe through the real assembly: the exported folder must score the same.
+    exported = _assemble_best(ws, main_split, best_variant, recipe, base)
+    model, _ = load_assembled(exported.model_dir)
+    record("exported folder (modularforge assemble, best recipe)", "exported",
+           scorer.plain(model.eval(), dev, route_stats=True), scorer.plain(model, extra) if extra else None)
+
+    wall = time.perf_counter() - started
+    result = summarize(rows, per_variant, best_variant, recipe, budget, purity, base_cfg, args, wall)
+    write_json(args.out, result)
+    plot(rows, args.plot)
+    print_table(rows, result)
+
+
+def _link_data(run: Run, base: Run) -> None:
+    for folder in ("data", "tokenizer"):
+        link = run.dir / folder
+        if not link.exists():
+            run.dir.mkdir(parents=True, exist_ok=True)
+            os.symlink((base.dir / folder).resolve(), link)
+
+
+def _link_prepared(ws: Workspace, run: Run, base: Run) -> None:
+    _link_data(run, base)
+    if not run.is_done("prepare"):
+        ws.adopt(run, "prepare", base, "data")
+
+
+def _random_partition_base(ws: Workspace, base: Run) -> Run:
+    """The same tokenizer and shards as `base`, with random partitions (the shared phase does not read
+    partitions, so it is reused)."""
+    cfg = ws.config(partition={"method": "random"})
+    run = ws.run("base-random", cfg)
+    if run.is_done("prepare"):
+        return run
+    data = run.data_dir
+    data.mkdir(parents=True, exist_ok=True)
+    for item in base.data_dir.iterdir():
+        if item.name.startswith(("tokens-", "documents", "shards")) and not (data / item.name).exists():
+            os.symlink(item.resolve(), data / item.name)
+    tokenizer = run.dir / "tokenizer"
+    if not tokenizer.exists():
+        os.symlink(base.tokenizer_dir.resolve(), tokenizer)
+    partition_documents(TokenStore.open(data), load_tokenizer(tokenizer), cfg.partition, cfg.model.num_experts, cfg.run.seed)
+    manifest = run.manifest()
+    manifest["stages"]["prepare"] = {"status": "done", "fingerprint": run.fingerprint("prepare")}
+    write_json(run.manifest_path, manifest)
+    run.save_config()
+    return run
+
+
+def _assemble_best(ws: Workspace, fraction: float, variant: str, recipe: tuple, base: Run) -> Run:
+    router, calibration, top_k = recipe
+    source = ws.work / f"experts-{fraction:.3f}-{variant}"
+    cfg = ws.config(
+        budget={"total_tokens": ws.base.budget.total_tokens, "shared_fraction": fraction},
+        experts=EXPERT_VARIANTS[variant], model={"top_k": top_k}, assemble={"router": router},
+        calibrate={"temperature": calibration.startswith("temperature"),
+                   "per_layer": calibration == "temperature_per_layer", "norm": calibration.endswith("norm"),
+                   "calib_tokens": 2048 * ws.base.model.num_experts},
+    )
+    run = ws.run("exported", cfg)
+    if run.dir.exists():
+        shutil.rmtree(run.dir)
+    run.dir.mkdir(parents=True)
+    src = Run(cfg, source)
+    for folder in ("data", "tokenizer", "shared", "experts"):
+        os.symlink((source / folder).resolve(), run.dir / folder)
+    manifest = {"stages": {s: {**src.manifest()["stages"][s], "fingerprint": run.fingerprint(s)}
+                           for s in ("prepare", "train-shared", "train-experts")}}
+    write_json(run.manifest_path, manifest)
+    assert run.fingerprint("train-experts") == src.fingerprint("train-experts")  # the experts' done.json agree
+    assemble(run)
+    calibrate(run)
+    return run
+
+
+def summarize(rows, per_variant, best_variant, recipe, budget, purity, cfg, args, wall) -> dict:
+    by_row = {r["row"]: r for r in rows}
+    anchor = by_row["anchor (shared phase alone)"]["union_ppl"]
+    dense = by_row["dense (same total tokens)"]["union_ppl"]
+    best = per_variant[best_variant]
+    oracle = best["oracle"]["union_ppl"]
+    exported = by_row["exported folder (modularforge assemble, best recipe)"]
+    token = exported["union_ppl"]
+    gain = (anchor - token) / (anchor - oracle) if anchor != oracle else float("nan")
+    modular_best = min(
+        (r for r in rows if r["group"] in ("budget", "experts", "routers", "anchor_shared")),
+        key=lambda r: r["union_ppl"],
+    )
+    targets = {
+        "token_share_of_oracle_gain": {"value": round(gain, 4), "target": ">= 0.75"},
+        "sequence_vs_oracle": {"value": round(best["sequence"]["union_ppl"] / oracle - 1, 4), "target": "<= 0.02"},
+        "best_modular_vs_dense": {"value": round(modular_best["union_ppl"] / dense, 4), "target": "<= 1.00",
+                                  "row": modular_best["row"]},
+        "routing_top1_accuracy_min_layer": {"value": min(exported.get("routing_top1_accuracy", [0])), "target": ">= 0.90"},
+        "routing_topk_hit_min_layer": {"value": min(exported.get("routing_topk_hit", [0])), "target": ">= 0.90"},
+        "cluster_purity": {"value": round(purity, 4), "target": ">= 0.80"},
+    }
+    return {
+        "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
+        "config": cfg.model_dump(mode="json"),
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "torch": torch.__version__, "python": platform.python_version()},
+        "wall_seconds": round(wall, 1),
+        "best_expert_set": best_variant,
+        "best_token_recipe": {"router": recipe[0], "calibration": recipe[1], "top_k": recipe[2]},
+        "targets": targets,
+        "rows": rows,
+    }
+
+
+def print_table(rows: list[dict], result: dict) -> None:
+    corpora = list(rows[0]["per_corpus"])
+    short = [c.split("_")[0][:6] + c.split("_")[-1][:3] for c in corpora]
+    print(f"\n{'row':<74} {'union':>7} {'bpb':>6} " + " ".join(f"{s:>9}" for s in short) + "  extra")
+    for r in rows:
+        cells = " ".join(f"{r['per_corpus'][c]:>9.2f}" for c in corpora)
+        print(f"{r['row'][:74]:<74} {r['union_ppl']:>7.2f} {r['bits_per_byte']:>6.3f} {cells}  {r.get('extra_ppl', '')}")
+    print("\ntargets:")
+    for name, t in result["targets"].items():
+        print(f"  {name}: {t['value']} (target {t['target']})")
+    print(f"wall time: {result['wall_seconds'] / 60:.1f} min")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["group"] != "routers" or r["calibration"] in ("none", "temperature")]
+    fig, ax = plt.subplots(figsize=(9, 0.28 * len(shown) + 1))
+    colors = {"baseline": "black", "seed": "tab:red", "experts": "tab:blue", "routers": "tab:cyan",
+              "anchor_shared": "tab:purple", "budget": "tab:green", "random": "tab:orange", "exported": "tab:olive"}
+    ax.barh(range(len(shown)), [r["union_ppl"] for r in shown], color=[colors[r["group"]] for r in shown])
+    ax.set_yticks(range(len(shown)), [r["row"][:70] for r in shown], fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("union dev perplexity (lower is better)")
+    low = min(r["union_ppl"] for r in shown)
+    ax.set_xlim(low * 0.9, max(r["union_ppl"] for r in shown) * 1.02)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
