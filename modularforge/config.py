@@ -162,6 +162,11 @@ class ExpertsConfig(Section):
         description="mode=alone: chance that a training step runs the frozen anchor FFN instead of the expert in "
         "a layer, so the expert learns to work on inputs other FFNs produced.",
     )
+    frozen_bf16: bool = Field(
+        True,
+        description="Keep the frozen attention and LM-head matrices in bf16 when training runs under bf16 autocast "
+        "(exact: autocast casts them to bf16 anyway); embeddings and norms stay fp32.",
+    )
     executor: Literal["local", "ray"] = Field("local", description="Run experts in this process or as Ray tasks.")
     ray_address: str | None = Field(None, description="Ray cluster address; None starts a local Ray instance.")
     ray_cpus_per_task: float = Field(1.0, gt=0, description="CPUs reserved per expert task.")
@@ -284,16 +289,17 @@ class Config(Section):
     def seq_len(self, train: TrainConfig) -> int:
         return train.seq_len or self.model.max_seq_len
 
+    def tokens_per_step(self, train: TrainConfig) -> int:
+        return train.batch_size * self.seq_len(train)
+
     @property
     def shared_steps(self) -> int:
-        tokens_per_step = self.train.batch_size * self.seq_len(self.train)
-        return round(self.budget.total_tokens * self.budget.shared_fraction / tokens_per_step)
+        return round(self.budget.total_tokens * self.budget.shared_fraction / self.tokens_per_step(self.train))
 
     @property
     def expert_steps(self) -> int:
-        tokens_per_step = self.experts.train.batch_size * self.seq_len(self.experts.train)
         expert_tokens = self.budget.total_tokens * (1 - self.budget.shared_fraction) / self.model.num_experts
-        return round(expert_tokens / tokens_per_step)
+        return round(expert_tokens / self.tokens_per_step(self.experts.train))
 
     def fingerprint(self, *sections: str) -> str:
         """Stable hash of the named sections (all when none are named)."""

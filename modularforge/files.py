@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from modularforge.errors import DataError
+from modularforge.safetensors_stream import from_tensor, write_streaming
 
 
 @contextlib.contextmanager
@@ -85,11 +85,14 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> str:
-    """Save tensors as safetensors (atomically) with string metadata; return the file's sha256."""
-    meta = {"format": "pt"} | {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
+    """Save tensors as safetensors (atomically) with string metadata; return the file's sha256.
+
+    The same tensors and metadata always give the same bytes (safetensors' own writer orders metadata
+    keys randomly), so a file's checksum identifies its content."""
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in sorted((metadata or {}).items())}
+    ordered = sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
     with atomic_path(path) as tmp:
-        save_file(contiguous, str(tmp), metadata=meta)
+        write_streaming(tmp, [from_tensor(k, v) for k, v in ordered], meta)
     return sha256_file(path)
 
 

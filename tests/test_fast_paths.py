@@ -39,3 +39,17 @@ def test_compiled_loss_and_gradients_match_eager():
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_frozen_matrices_give_the_same_loss_under_autocast():
+    from modularforge.train.experts import frozen_linears_to_bf16
+
+    model = _model()
+    batch = torch.randint(0, 300, (2, 33), generator=torch.Generator().manual_seed(3))
+    loss = model_loss(model, compile=False)
+    with torch.no_grad(), autocast(torch.bfloat16):
+        before = loss(batch)
+        frozen_linears_to_bf16(model)
+        after = loss(batch)
+    assert model.lm_head.weight.dtype == torch.bfloat16 and model.model.embed_tokens.weight.dtype == torch.float32
+    assert torch.equal(before, after)

@@ -1,7 +1,7 @@
 """Byte-level BPE tokenizer trained with `tokenizers`, saved so that `AutoTokenizer` loads it.
 
-Pre-tokenisation is GPT-2's byte-level regex, which llama.cpp knows under the name `gpt2`; the
-GGUF export declares that name. One special token, `<|endoftext|>`, is BOS, EOS and padding; it
+Pre-tokenisation is GPT-2's byte-level regex, which llama.cpp knows under the name `gpt-2` (it rejects
+`gpt2`); the GGUF export declares that name. One special token, `<|endoftext|>`, is BOS, EOS and padding; it
 separates documents in the token shards. Nothing is added automatically when encoding, so our
 ids equal what `AutoTokenizer(text)` returns.
 """
@@ -19,7 +19,7 @@ from modularforge.errors import DataError
 from modularforge.files import atomic_dir, write_json
 
 EOS = "<|endoftext|>"
-PRE_TOKENIZER_NAME = "gpt2"  # the llama.cpp name of this pre-tokenizer
+PRE_TOKENIZER_NAME = "gpt-2"  # the llama.cpp name of this pre-tokenizer
 
 
 def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, max_seq_len: int, out_dir: Path) -> Tokenizer:

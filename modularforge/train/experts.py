@@ -108,8 +108,9 @@ def train_expert(run: Run, k: int, stop_after: int | None = None) -> dict:
     )
     stats = router_statistics(model, data.windows(CALIB, k), cfg.experts.stats_tokens, seq_len, micro,
                               autocast_dtype(tcfg.precision))
+    tokens = result.steps * cfg.tokens_per_step(tcfg)
     provenance = {"stage": "train-experts", "expert": k, "fingerprint": run.fingerprint("train-experts"),
-                  "tokens": result.tokens}
+                  "tokens": tokens}
     files = expert_files(run, k)
     save_tensors(files["expert"], expert_tensors(model, k), provenance)
     save_tensors(files["stats"], stats, provenance)
@@ -117,7 +118,7 @@ def train_expert(run: Run, k: int, stop_after: int | None = None) -> dict:
         "expert": k,
         "fingerprint": run.fingerprint("train-experts"),
         "steps": result.steps,
-        "tokens": result.tokens,
+        "tokens": tokens,
         "train_loss": result.train_loss,
         "val_loss": result.val_loss,
         "seconds": round(result.seconds, 1),
@@ -131,23 +132,37 @@ def train_expert(run: Run, k: int, stop_after: int | None = None) -> dict:
 def expert_model(cfg: Config, vocab: int, run: Run, k: int) -> CausalLM:
     """Frozen shared part + this expert's trainable FFN (beside the frozen anchor in with_anchor mode)."""
     shared = load_tensors(run.shared_dir / "shared.safetensors")
-    anchor = load_tensors(run.shared_dir / "anchor.safetensors")
-    if cfg.experts.init == "anchor":
-        ffn = {name: t.clone() for name, t in anchor.items()}
+    keeps_anchor = cfg.experts.mode == "with_anchor" or cfg.experts.anchor_swap > 0
+    needs_anchor = keeps_anchor or cfg.experts.init == "anchor"
+    anchor = load_tensors(run.shared_dir / "anchor.safetensors") if needs_anchor else {}
+    if cfg.experts.init == "anchor":  # the loaded tensors are ours: copy them only if the anchor stays too
+        ffn = {name: t.clone() for name, t in anchor.items()} if keeps_anchor else anchor
     else:
         ffn = scratch_ffn(cfg, k)
     model = build_model(cfg.model, vocab, moe=False, tensors=shared | ffn)
+    del shared
     model.requires_grad_(False)
+    if cfg.experts.frozen_bf16 and autocast_dtype(cfg.experts.train.precision) == torch.bfloat16:
+        frozen_linears_to_bf16(model)
     model.activation_checkpointing = cfg.experts.train.activation_checkpointing
     for layer in model.model.layers:
         layer.mlp.requires_grad_(True)
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(model.model.layers if keeps_anchor else []):
         frozen = {w: anchor[ffn_key(i, w)] for w in FFN_WEIGHTS}
         if cfg.experts.mode == "with_anchor":
             layer.mlp = anchored_pair(layer.mlp, frozen, cfg.model.hidden_size)
-        elif cfg.experts.anchor_swap > 0:
+        else:
             layer.mlp = AnchorSwap(layer.mlp, ffn_from_weights(frozen))
     return model
+
+
+def frozen_linears_to_bf16(model: CausalLM) -> None:
+    """Store the frozen attention projections and LM head in bf16. Under bf16 autocast a Linear casts its
+    weight to bf16 before the product, so the results are unchanged and the fp32 copies are not needed."""
+    linears = [layer.self_attn for layer in model.model.layers]
+    heads = [] if model.cfg.tie_embeddings else [model.lm_head]
+    for module in [m for attn in linears for m in attn.children()] + heads:
+        module.weight.data = module.weight.data.to(torch.bfloat16)
 
 
 class AnchorSwap(nn.Module):

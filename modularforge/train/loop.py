@@ -78,7 +78,6 @@ class LoopResult:
     steps: int
     train_loss: float
     val_loss: float | None
-    tokens: int
     seconds: float
 
 
@@ -119,7 +118,7 @@ def train_loop(
 
     val_loss = None
     interval_tokens, interval_start, last_loss = 0, time.perf_counter(), float("nan")
-    tokens_total, loop_start = 0, time.perf_counter()
+    loop_start = time.perf_counter()
     bar = tqdm(total=steps, initial=start, desc=label, unit="step", disable=None, leave=False)
     with logging_redirect_tqdm():
         for step in range(start, steps):
@@ -143,7 +142,6 @@ def train_loop(
             done = step + 1
             tokens = batch.shape[0] * (batch.shape[1] - 1)
             interval_tokens += tokens
-            tokens_total += tokens
             bar.update(1)
             record = None
             if done % cfg.eval_interval == 0 or done == steps:
@@ -169,7 +167,7 @@ def train_loop(
                 bar.close()
                 raise Interrupted(f"{label}: stopped after step {done}")
     bar.close()
-    return LoopResult(steps, last_loss, val_loss, tokens_total, time.perf_counter() - loop_start)
+    return LoopResult(steps, last_loss, val_loss, time.perf_counter() - loop_start)
 
 
 @torch.no_grad()

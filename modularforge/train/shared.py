@@ -54,8 +54,9 @@ def train_shared(run: Run, stop_after: int | None = None) -> None:
         if cfg.model.tie_embeddings:
             state.pop("lm_head.weight")
         shared, anchor = split_shared(state)
-        provenance = {"stage": "train-shared", "fingerprint": run.fingerprint("train-shared"), "tokens": result.tokens}
+        tokens = result.steps * cfg.tokens_per_step(cfg.train)
+        provenance = {"stage": "train-shared", "fingerprint": run.fingerprint("train-shared"), "tokens": tokens}
         facts["shared_sha256"] = save_tensors(run.shared_dir / "shared.safetensors", shared, provenance)
         facts["anchor_sha256"] = save_tensors(run.shared_dir / "anchor.safetensors", anchor, provenance)
         facts.update(steps=result.steps, train_loss=result.train_loss, val_loss=result.val_loss,
-                     tokens=result.tokens, train_seconds=round(result.seconds, 1))
+                     tokens=tokens, train_seconds=round(result.seconds, 1))

@@ -1,0 +1,322 @@
+"""Memory benchmark (issue 4): every stage's peak RSS, measured in a child process, against its floor.
+
+Each stage runs as `python -m modularforge <stage> --run-dir DIR` in a child process; its peak resident
+set size comes from `os.wait4`. The baseline is an idle interpreter with torch imported. Per stage the
+table shows the peak above the baseline beside the floor computed from the config:
+
+- training: frozen weights + trainable weights, gradients and AdamW state + the activations autograd keeps
+  for one micro-batch (counted with saved-tensor hooks on one real forward pass of that micro-batch) +
+  the gradient of the loss with respect to the logits;
+- assemble: the largest tensor copied (assembly streams bytes in fixed chunks);
+- calibrate / evaluate / generate: the resident weights (all of them, or the expert cache) + the KV
+  cache or the logits of one micro-batch.
+
+Configurations: `poc-50m` (the seed's 50M model) with a few steps per phase; assembly of 4 and of 64
+experts of the same size (experts beyond the trained ones are copies of a trained expert under new names,
+with valid checksums); and `1b` (1.24B parameters), which trains each expert two steps, assembles, and
+generates with an LRU cache of 4 expert FFNs, compared token for token with the fully loaded model.
+
+    python benchmarks/memory.py [--only poc-50m,scaling,1b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from modularforge.config import Config, load_config, preset_path  # noqa: E402
+from modularforge.files import load_tensors, read_json, save_tensors, sha256_file, write_json  # noqa: E402
+from modularforge.model.transformer import CausalLM  # noqa: E402
+from modularforge.runs import Run  # noqa: E402
+from modularforge.train.loop import autocast, autocast_dtype, model_loss  # noqa: E402
+
+MB = 2**20
+
+
+def child_peak_mb(command: list[str], log_path: Path | None = None) -> tuple[float, float, str]:
+    """(peak RSS in MiB, wall seconds, stdout) of a child process."""
+    start = time.perf_counter()
+    out = open(log_path, "w") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=out, text=True, cwd=ROOT)
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(command)} failed with exit code {proc.returncode} (log: {log_path})")
+    return usage.ru_maxrss / 1024, time.perf_counter() - start, stdout
+
+
+def baseline_mb() -> float:
+    peaks = [child_peak_mb([sys.executable, "-c", "import torch"])[0] for _ in range(3)]
+    return min(peaks)
+
+
+# -------------------------------------------------------------------------------------------- floors
+
+
+def params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def dense_meta(cfg: Config, vocab: int) -> CausalLM:
+    with torch.device("meta"):
+        return CausalLM(cfg.model, vocab, moe=False)
+
+
+def saved_activation_bytes(cfg: Config, vocab: int, phase: str) -> int:
+    """Bytes autograd keeps for backward on one micro-batch, counted on a real forward pass (weights random)."""
+    model = CausalLM(cfg.model, vocab, moe=False)
+    train = cfg.train if phase == "shared" else cfg.experts.train
+    if phase == "experts":
+        model.requires_grad_(False)
+        for layer in model.model.layers:
+            layer.mlp.requires_grad_(True)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    batch = torch.randint(0, vocab, (train.micro_batch, cfg.seq_len(train) + 1))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(autocast_dtype(train.precision)):
+        model_loss(model, compile=False)(batch)
+    return sum(storages.values())
+
+
+def training_floor(cfg: Config, vocab: int, phase: str) -> dict:
+    model = dense_meta(cfg, vocab)
+    ffn = sum(params(layer.mlp) for layer in model.model.layers)
+    total = params(model)
+    train = cfg.train if phase == "shared" else cfg.experts.train
+    logits_grad = train.micro_batch * cfg.seq_len(train) * vocab * 4
+    activations = saved_activation_bytes(cfg, vocab, phase)
+    if phase == "shared":
+        weights = 16 * total  # fp32 weight + gradient + two AdamW moments
+    else:
+        frozen = total - ffn
+        bf16 = 0
+        if cfg.experts.frozen_bf16 and autocast_dtype(train.precision) == torch.bfloat16:
+            bf16 = sum(params(layer.self_attn) for layer in model.model.layers)
+            bf16 += 0 if cfg.model.tie_embeddings else model.lm_head.weight.numel()
+        weights = 4 * (frozen - bf16) + 2 * bf16 + 16 * ffn
+    return {"weights_and_optimizer_mb": weights / MB, "activations_mb": activations / MB,
+            "logits_grad_mb": logits_grad / MB, "floor_mb": (weights + activations + logits_grad) / MB}
+
+
+def inference_floor(cfg: Config, vocab: int, experts_resident: int, tokens: int, kv: bool) -> dict:
+    model = dense_meta(cfg, vocab)
+    shared = params(model) - sum(params(layer.mlp) for layer in model.model.layers)
+    one_ffn = params(model.model.layers[0].mlp)
+    weights = 4 * (shared + experts_resident * one_ffn + cfg.model.num_layers * cfg.model.num_experts * cfg.model.hidden_size)
+    m = cfg.model
+    extra = (2 * m.num_layers * m.kv_heads * m.head_dim * tokens * 4) if kv else tokens * vocab * 6
+    return {"weights_mb": weights / MB, "kv_or_logits_mb": extra / MB, "floor_mb": (weights + extra) / MB}
+
+
+def largest_tensor_mb(cfg: Config, vocab: int) -> float:
+    model = dense_meta(cfg, vocab)
+    return max(p.numel() for p in model.parameters()) * 4 / MB
+
+
+# ----------------------------------------------------------------------------------------- stage runs
+
+
+def stage(run_dir: Path, name: str, *extra: str, logs: Path) -> tuple[float, float, str]:
+    command = [sys.executable, "-m", "modularforge", name, "--run-dir", str(run_dir), *extra]
+    return child_peak_mb(command, logs / f"{run_dir.name}-{name}.log")
+
+
+def new_run(config: Path, run_dir: Path, overrides: list[str]) -> Run:
+    cfg = load_config(config, overrides)
+    run = Run(cfg, run_dir)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    run.save_config()
+    return run
+
+
+def row(table: list, config: str, stage_name: str, peak: float, wall: float, baseline: float, floor: dict | None,
+        **extra) -> None:
+    above = peak - baseline
+    entry = {"config": config, "stage": stage_name, "peak_rss_mb": round(peak, 1), "above_baseline_mb": round(above, 1),
+             "wall_seconds": round(wall, 1), **extra}
+    if floor:
+        entry["floor_mb"] = round(floor["floor_mb"], 1)
+        entry["floor_parts_mb"] = {k: round(v, 1) for k, v in floor.items() if k != "floor_mb"}
+        entry["ratio_to_floor"] = round(above / floor["floor_mb"], 3) if floor["floor_mb"] else None
+    table.append(entry)
+    ratio = f"{entry.get('ratio_to_floor', '')}"
+    print(f"{config:<10} {stage_name:<22} peak {peak:8.0f} MiB  above base {above:8.0f}  floor "
+          f"{entry.get('floor_mb', float('nan')):8.1f}  ratio {ratio:<6} {wall:6.1f}s", flush=True)
+
+
+def bench_poc(work: Path, baseline: float, table: list, logs: Path) -> Run:
+    overrides = ["budget.total_tokens=106496", "budget.shared_fraction=0.2308", "train.micro_batch_size=4",
+                 "experts.train.micro_batch_size=4", "train.eval_interval=1000", "experts.train.eval_interval=1000",
+                 "train.eval_batches=1", "experts.train.eval_batches=1", "experts.stats_tokens=4096",
+                 "calibrate.calib_tokens=5120", "evaluate.eval_tokens=2048", "generate.max_new_tokens=64"]
+    run = new_run(preset_path("poc-50m"), work / "poc-50m", overrides)  # 3 shared steps, 2 steps per expert
+    cfg = run.cfg
+    peak, wall, _ = stage(run.dir, "prepare", logs=logs)
+    row(table, "poc-50m", "prepare", peak, wall, baseline, None)
+    vocab = read_json(run.data_dir / "shards.json")["vocab_size"]
+    for name, phase in (("train-shared", "shared"), ("train-experts", "experts")):
+        peak, wall, _ = stage(run.dir, name, logs=logs)
+        row(table, "poc-50m", name, peak, wall, baseline, training_floor(cfg, vocab, phase))
+    peak, wall, _ = stage(run.dir, "assemble", logs=logs)
+    row(table, "poc-50m", "assemble", peak, wall, baseline, {"floor_mb": largest_tensor_mb(cfg, vocab)})
+    micro = cfg.experts.train.micro_batch * cfg.model.max_seq_len
+    full = cfg.model.num_layers * cfg.model.num_experts
+    peak, wall, _ = stage(run.dir, "calibrate", logs=logs)
+    row(table, "poc-50m", "calibrate", peak, wall, baseline, inference_floor(cfg, vocab, full, micro, kv=False))
+    peak, wall, _ = stage(run.dir, "generate", "--prompt", "The", "--seed", "1", logs=logs)
+    row(table, "poc-50m", "generate", peak, wall, baseline,
+        inference_floor(cfg, vocab, full, cfg.model.max_seq_len, kv=True))
+    return run
+
+
+def clone_experts(source: Run, target_dir: Path, count: int) -> Run:
+    """A run with `count` experts of `source`'s size: trained ones first, then renamed copies of expert 0."""
+    cfg = source.cfg.model_copy(deep=True)
+    cfg.model.num_experts = count
+    cfg.model.top_k = min(cfg.model.top_k, count)
+    run = Run(cfg, target_dir)
+    if target_dir.exists():
+        shutil.rmtree(target_dir)
+    target_dir.mkdir(parents=True)
+    for folder in ("tokenizer", "data", "shared"):
+        os.symlink(source.dir.resolve() / folder, target_dir / folder)
+    run.save_config()
+    manifest = {"stages": {s: {**source.manifest()["stages"][s], "fingerprint": run.fingerprint(s)}
+                           for s in ("prepare", "train-shared", "train-experts")}}
+    write_json(run.manifest_path, manifest)
+    fingerprint = run.fingerprint("train-experts")
+    for k in range(count):
+        src = source.expert_dir(k % source.cfg.model.num_experts)
+        dst = run.expert_dir(k)
+        dst.mkdir(parents=True)
+        tensors = load_tensors(src / "expert.safetensors")
+        renamed = {n.replace(f".experts.{k % source.cfg.model.num_experts}.", f".experts.{k}."): t
+                   for n, t in tensors.items()}
+        save_tensors(dst / "expert.safetensors", renamed)
+        del tensors, renamed
+        shutil.copy2(src / "router_stats.safetensors", dst / "router_stats.safetensors")
+        write_json(dst / "done.json", {"expert": k, "fingerprint": fingerprint, "sha256": {
+            "expert": sha256_file(dst / "expert.safetensors"), "stats": sha256_file(dst / "router_stats.safetensors")}})
+    return run
+
+
+def bench_scaling(poc: Run, work: Path, baseline: float, table: list, logs: Path) -> dict:
+    out = {}
+    vocab = read_json(poc.data_dir / "shards.json")["vocab_size"]
+    for count in (4, 64):
+        run = clone_experts(poc, work / f"assemble-{count}", count)
+        peak, wall, _ = stage(run.dir, "assemble", logs=logs)
+        expert_mb = (run.expert_dir(0) / "expert.safetensors").stat().st_size / MB
+        row(table, f"{count} experts", "assemble", peak, wall, baseline,
+            {"floor_mb": largest_tensor_mb(run.cfg, vocab)}, expert_mb=round(expert_mb, 1))
+        out[count] = {"above_baseline_mb": peak - baseline, "expert_mb": expert_mb}
+        shutil.rmtree(run.dir)
+    return out
+
+
+def bench_1b(work: Path, baseline: float, table: list, logs: Path) -> dict:
+    run = new_run(preset_path("1b"), work / "1b", [])
+    cfg = run.cfg
+    peaks = {}
+    for name in ("prepare", "train-shared", "train-experts", "assemble", "calibrate"):
+        peak, wall, _ = stage(run.dir, name, logs=logs)
+        vocab = read_json(run.data_dir / "shards.json")["vocab_size"]
+        floor = None
+        if name in ("train-shared", "train-experts"):
+            floor = training_floor(cfg, vocab, "shared" if name == "train-shared" else "experts")
+        elif name == "assemble":
+            floor = {"floor_mb": largest_tensor_mb(cfg, vocab)}
+        elif name == "calibrate":
+            floor = inference_floor(cfg, vocab, cfg.calibrate.expert_cache, cfg.model.max_seq_len, kv=False)
+        row(table, "1b", name, peak, wall, baseline, floor)
+        peaks[name] = peak
+    prompt = ["--prompt", "The Congress", "--seed", "3", "--max-new-tokens", "24"]
+    peak, wall, cached_text = stage(run.dir, "generate", *prompt, "--expert-cache", "4", logs=logs)
+    row(table, "1b", "generate (cache 4)", peak, wall, baseline,
+        inference_floor(cfg, vocab, 4, cfg.model.max_seq_len, kv=True))
+    peaks["generate (cache 4)"] = peak
+    full_peak, full_wall, full_text = child_peak_mb(
+        [sys.executable, "-m", "modularforge", "generate", "--run-dir", str(run.dir), *prompt,
+         "--set", "generate.expert_cache=null"], logs / "1b-generate-full.log")
+    full_floor = inference_floor(cfg, vocab, cfg.model.num_layers * cfg.model.num_experts, cfg.model.max_seq_len, kv=True)
+    row(table, "1b", "generate (fully loaded)", full_peak, full_wall, baseline, full_floor)
+    model_bytes = sum(f.stat().st_size for f in run.model_dir.glob("*.safetensors"))
+    return {"peaks_mb": peaks, "model_file_gb": round(model_bytes / 1e9, 3),
+            "fully_loaded_fp32_gb": round(full_floor["weights_mb"] * MB / 1e9, 3),
+            "generated_text_cached": cached_text, "generated_text_full": full_text,
+            "identical_tokens": cached_text == full_text}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "memory")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "memory.json")
+    parser.add_argument("--only", default="poc-50m,scaling,1b")
+    args = parser.parse_args()
+    parts = set(args.only.split(","))
+    args.work.mkdir(parents=True, exist_ok=True)
+    logs = args.work / "logs"
+    logs.mkdir(exist_ok=True)
+    started = time.perf_counter()
+    baseline = baseline_mb()
+    print(f"baseline (python + torch): {baseline:.0f} MiB")
+    table: list[dict] = []
+    result: dict = {"command": " ".join(["python", *sys.argv]), "baseline_mb": round(baseline, 1),
+                    "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                                "torch": torch.__version__}}
+    poc = None
+    if parts & {"poc-50m", "scaling"}:
+        poc = bench_poc(args.work, baseline, table, logs)
+    targets = {}
+    if poc is not None:
+        poc_rows = [r for r in table if r["config"] == "poc-50m" and r.get("ratio_to_floor") is not None]
+        targets["poc_50m_max_ratio_to_floor"] = {"value": max(r["ratio_to_floor"] for r in poc_rows),
+                                                  "target": "<= 1.25"}
+    if "scaling" in parts and poc is not None:
+        scaling = bench_scaling(poc, args.work, baseline, table, logs)
+        result["assembly_scaling"] = scaling
+        growth = scaling[64]["above_baseline_mb"] / max(scaling[4]["above_baseline_mb"], 1e-9) - 1
+        targets["assembly_64_vs_4_experts"] = {"value": round(growth, 4), "target": "<= 0.10"}
+        targets["assembly_64_above_baseline_vs_one_expert_plus_64mb"] = {
+            "value": round(scaling[64]["above_baseline_mb"], 1),
+            "target": f"<= {scaling[64]['expert_mb'] + 64:.1f} MiB"}
+    if "1b" in parts:
+        one_b = bench_1b(args.work, baseline, table, logs)
+        result["1b"] = one_b
+        targets["1b_max_stage_peak_mb"] = {"value": round(max(one_b["peaks_mb"].values()), 1), "target": "< 2048"}
+        targets["1b_generate_cache_4_peak_mb"] = {"value": round(one_b["peaks_mb"]["generate (cache 4)"], 1),
+                                                   "target": "< 1536"}
+        targets["1b_fully_loaded_fp32_gb"] = {"value": one_b["fully_loaded_fp32_gb"], "target": "> 4"}
+        targets["1b_identical_tokens"] = {"value": one_b["identical_tokens"], "target": "true"}
+    result.update(rows=table, targets=targets, wall_seconds=round(time.perf_counter() - started, 1))
+    write_json(args.out, result)
+    print("\ntargets:")
+    for name, t in targets.items():
+        print(f"  {name}: {t['value']} (target {t['target']})")
+    print(json.dumps({"wall_seconds": result["wall_seconds"]}))
+
+
+if __name__ == "__main__":
+    main()

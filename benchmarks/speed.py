@@ -1,0 +1,259 @@
+"""Speed benchmark (issue 5): ModularForge against Hugging Face transformers, same shapes, same machine, one run.
+
+- Training steps: ModularForge's shared phase (dense model, everything trainable) and expert phase (frozen
+  shared part, one trainable FFN stack), against transformers' MixtralForCausalLM (4 experts, top-2) and
+  LlamaForCausalLM of the same shape, in fp32 and with bf16 autocast; tokens/s and model FLOP utilisation
+  against a matrix-product peak measured here.
+- Generation at batch 1 (16-token prompt, 128 new tokens, greedy, KV cache): ModularForge and
+  transformers loading the same exported folder; the tokens must be identical.
+- Tokenisation and partitioning of ../shared/data (the `prepare` stage).
+
+Medians over repeated timings. Prints a table, writes docs/results/speed.json.
+
+    python benchmarks/speed.py [--data ../shared/data] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from modularforge.config import ModelConfig, TrainConfig  # noqa: E402
+from modularforge.files import write_json  # noqa: E402
+from modularforge.generate import Sampling, generate_ids  # noqa: E402
+from modularforge.model.hf import load_assembled, mixtral_config  # noqa: E402
+from modularforge.model.transformer import CausalLM  # noqa: E402
+from modularforge.train.loop import autocast, autocast_dtype, model_loss  # noqa: E402
+
+SHAPE = dict(hidden=256, intermediate=1024, layers=4, heads=4, vocab=8192, seq=256, batch=8, experts=4, top_k=2)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 8) -> float:
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    for _ in range(2):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def median_rate(step, tokens: int, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return tokens / statistics.median(times)
+
+
+def step_flops(s: dict, trainable: str) -> float:
+    """Matrix-product FLOPs of one training step (forward, input gradients, weight gradients of what trains)."""
+    tokens = s["batch"] * s["seq"]
+    attn_proj = 4 * s["hidden"] ** 2
+    ffn = 3 * s["hidden"] * s["intermediate"] * (s["top_k"] if trainable == "mixtral" else 1)
+    head = s["hidden"] * s["vocab"]
+    attn_scores = 2 * s["seq"] * s["hidden"]  # QK^T and AV per token per layer (causal half not subtracted)
+    forward = 2 * tokens * (s["layers"] * (attn_proj + ffn + attn_scores) + head)
+    if trainable == "experts":  # input gradients everywhere above the embedding, weight gradients only for FFNs
+        weight_grads = 2 * tokens * s["layers"] * ffn
+        return forward + forward + weight_grads
+    return 3 * forward
+
+
+def our_step(cfg: ModelConfig, s: dict, phase: str, dtype, compile: bool):
+    model = CausalLM(cfg, s["vocab"], moe=False)
+    model.init_weights(torch.Generator().manual_seed(0))
+    if phase == "experts":
+        model.requires_grad_(False)
+        for layer in model.model.layers:
+            layer.mlp.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    loss_fn = model_loss(model, compile)
+    batch = torch.randint(0, s["vocab"], (s["batch"], s["seq"] + 1))
+
+    def step():
+        with autocast(dtype):
+            loss = loss_fn(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def hf_step(kind: str, s: dict, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    common = dict(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+                  num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
+                  max_position_embeddings=s["seq"])
+    if kind == "mixtral":
+        model = MixtralForCausalLM(MixtralConfig(**common, num_local_experts=s["experts"], num_experts_per_tok=s["top_k"]))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    batch = torch.randint(0, s["vocab"], (s["batch"], s["seq"] + 1))
+
+    def step():
+        with autocast(dtype):
+            logits = model(batch[:, :-1]).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def exported_folder(cfg: ModelConfig, s: dict, out: Path) -> Path:
+    """A randomly initialised MoE with non-trivial routers, written as a Mixtral folder."""
+    from safetensors.torch import save_file
+
+    model = CausalLM(cfg, s["vocab"], moe=True)
+    model.init_weights(torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    for block in model.moe_blocks():
+        torch.nn.init.normal_(block.gate.weight, std=0.5, generator=g)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(mixtral_config(cfg, s["vocab"], eos_id=0)))
+    return out
+
+
+def generation(folder: Path, s: dict, repeats: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    ours, _ = load_assembled(folder)
+    ours.eval()
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompt = torch.randint(1, s["vocab"], (16,), generator=torch.Generator().manual_seed(2)).tolist()
+    new = 128
+    sampling = Sampling(temperature=0, max_new_tokens=new)
+
+    def run_ours():
+        return list(generate_ids(ours, prompt, sampling))
+
+    def run_theirs():
+        with torch.inference_mode():
+            out = theirs.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                  pad_token_id=0, eos_token_id=None)
+        return out[0, len(prompt):].tolist()
+
+    same = run_ours() == run_theirs()
+    return {"identical_greedy_tokens": same,
+            "modularforge_tokens_per_s": median_rate(run_ours, new, repeats, warmup=1),
+            "transformers_tokens_per_s": median_rate(run_theirs, new, repeats, warmup=1)}
+
+
+def prepare_time(data: Path) -> dict | None:
+    if not data.is_dir():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, "-m", "modularforge", "prepare", "--preset", "quality",
+                   "--set", f"data.sources=[{data}/*/train-*.jsonl]", "--set", f"run.root={tmp}"]
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        seconds = time.perf_counter() - start
+        shards = json.loads((Path(tmp) / "quality" / "data" / "shards.json").read_text())
+    return {"seconds": round(seconds, 1), "documents": shards["num_documents"], "tokens": shards["num_tokens"],
+            "bytes_of_text": sum(f.stat().st_size for f in data.glob("*/train-*.jsonl"))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "speed.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    s = SHAPE
+    cfg = ModelConfig(hidden_size=s["hidden"], intermediate_size=s["intermediate"], num_layers=s["layers"],
+                      num_heads=s["heads"], max_seq_len=s["seq"], num_experts=s["experts"], top_k=s["top_k"])
+    started = time.perf_counter()
+    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    default_dtype = autocast_dtype(TrainConfig().precision)
+    precisions = {"fp32": None, "bf16": torch.bfloat16}
+    tokens = s["batch"] * s["seq"]
+    rows = []
+
+    def add(system: str, precision: str, rate: float, flops_kind: str) -> None:
+        flops = step_flops(s, flops_kind) * rate / tokens
+        rows.append({"system": system, "precision": precision, "tokens_per_s": round(rate, 1),
+                     "mfu": round(flops / peak[precision.split("+")[0]], 4)})
+        print(f"{system:<34} {precision:<14} {rate:>9.0f} tok/s  MFU {rows[-1]['mfu']:.3f}", flush=True)
+
+    for phase in ("shared", "experts"):
+        for name, dtype in precisions.items():
+            for compile in (False, True):
+                rate = median_rate(our_step(cfg, s, phase, dtype, compile), tokens, args.repeats)
+                add(f"modularforge {phase} phase", name + ("+compile" if compile else ""), rate,
+                    "experts" if phase == "experts" else "dense")
+    for kind in ("llama", "mixtral"):
+        for name, dtype in precisions.items():
+            add(f"transformers {kind}", name, median_rate(hf_step(kind, s, dtype), tokens, args.repeats),
+                kind if kind == "mixtral" else "dense")
+
+    def best(prefix: str) -> dict:
+        return max((r for r in rows if r["system"] == prefix), key=lambda r: r["tokens_per_s"])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        gen = generation(exported_folder(cfg, s, Path(tmp) / "model"), s, args.repeats)
+    prep = prepare_time(args.data)
+    shared, experts = best("modularforge shared phase"), best("modularforge experts phase")
+    llama, mixtral = best("transformers llama"), best("transformers mixtral")
+    ratios = {
+        "experts_vs_transformers_mixtral": {"value": round(experts["tokens_per_s"] / mixtral["tokens_per_s"], 3), "target": ">= 2.0"},
+        "experts_vs_transformers_llama": {"value": round(experts["tokens_per_s"] / llama["tokens_per_s"], 3), "target": ">= 1.3"},
+        "shared_vs_transformers_llama": {"value": round(shared["tokens_per_s"] / llama["tokens_per_s"], 3), "target": ">= 1.0"},
+        "generation_vs_transformers": {"value": round(gen["modularforge_tokens_per_s"] / gen["transformers_tokens_per_s"], 3),
+                                       "target": ">= 2.0", "identical_greedy_tokens": gen["identical_greedy_tokens"]},
+    }
+    if prep:
+        ratios["prepare_77mb_seconds"] = {"value": prep["seconds"], "target": "< 180"}
+    result = {
+        "command": " ".join(["python", *sys.argv]),
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "shape": s,
+        "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peak.items()},
+        "default_autocast": str(default_dtype),
+        "comparison": "each system at its fastest measured precision (and compile setting for ModularForge)",
+        "rows": rows,
+        "best": {"shared": shared, "experts": experts, "llama": llama, "mixtral": mixtral},
+        "generation": gen,
+        "prepare": prep,
+        "ratios": ratios,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json(args.out, result)
+    print(f"\nmatmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
+    print(f"generation: ours {gen['modularforge_tokens_per_s']:.0f} tok/s, transformers "
+          f"{gen['transformers_tokens_per_s']:.0f} tok/s, identical greedy tokens: {gen['identical_greedy_tokens']}")
+    if prep:
+        print(f"prepare on {prep['bytes_of_text'] / 1e6:.0f} MB: {prep['seconds']} s ({prep['tokens']} tokens)")
+    for name, r in ratios.items():
+        print(f"{name}: {r['value']} (target {r['target']})")
+
+
+if __name__ == "__main__":
+    main()

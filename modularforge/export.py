@@ -1,0 +1,343 @@
+"""Export an assembled model to GGUF, the file format llama.cpp runs.
+
+Follows the conventions of llama.cpp's own converter (`convert_hf_to_gguf.py`, class `LlamaModel`,
+which also converts Mixtral) and the key and tensor names of its `gguf` Python package:
+
+- architecture `llama` with `expert_count` / `expert_used_count`; the experts of each layer are
+  stacked into `blk.N.ffn_{gate,up,down}_exps.weight` ([E, I, H], [E, I, H], [E, H, I] in numpy
+  order), the router is `blk.N.ffn_gate_inp.weight` and stays f32;
+- q_proj / k_proj rows are permuted per head from the Hugging Face `rotate_half` layout to the
+  interleaved pairs that llama.cpp's `llama` RoPE rotates;
+- 1-D tensors (norms) stay f32; q8_0 falls back to f16 for a matrix whose rows are not a multiple
+  of the 32-value block;
+- the tokenizer is a `gpt2` (byte-level BPE) vocabulary with its merges, token types, BOS/EOS/PAD
+  and no automatic BOS, under the pre-tokenizer name llama.cpp maps to GPT-2's regex.
+
+Memory stays bounded: headers are read first to plan every tensor, the GGUF header is written, and
+then tensor data is streamed in file order, one tensor (one layer's experts for a stacked tensor)
+at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from modularforge.errors import ConfigError, DataError, ModularForgeError
+from modularforge.data.tokenizer import PRE_TOKENIZER_NAME
+from modularforge.files import atomic_path, read_json
+from modularforge.model.hf import model_config_from_hf, weight_map
+from modularforge.model.weights import expert_key, gate_key
+from modularforge.safetensors_stream import read_header
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("gguf",)
+DTYPES = ("f32", "f16", "q8_0")
+
+
+# Hugging Face Mixtral name (per layer, after `model.layers.{i}.`) -> gguf tensor kind.
+LAYER_TENSORS = {
+    "input_layernorm.weight": "ATTN_NORM",
+    "self_attn.q_proj.weight": "ATTN_Q",
+    "self_attn.k_proj.weight": "ATTN_K",
+    "self_attn.v_proj.weight": "ATTN_V",
+    "self_attn.o_proj.weight": "ATTN_OUT",
+    "post_attention_layernorm.weight": "FFN_NORM",
+    "block_sparse_moe.gate.weight": "FFN_GATE_INP",
+}
+EXPERT_TENSORS = {"w1": "FFN_GATE_EXP", "w3": "FFN_UP_EXP", "w2": "FFN_DOWN_EXP"}
+GLOBAL_TENSORS = {"model.embed_tokens.weight": "TOKEN_EMBD", "model.norm.weight": "OUTPUT_NORM", "lm_head.weight": "OUTPUT"}
+
+
+@dataclass
+class Assembled:
+    """An assembled folder, read as far as its headers: config, tensor shapes and files, tokenizer."""
+
+    dir: Path
+    config: dict
+    files: dict[str, str]  # tensor name -> shard file
+    shapes: dict[str, tuple[int, ...]]
+    tokenizer: dict
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor as float32; the shard is mapped only while it is read."""
+        path = self.dir / self.files[name]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(name).float()
+        except Exception as e:  # safetensors raises several types for a damaged header or body
+            raise DataError(f"cannot read {name} from {path}: {e}") from None
+
+
+@dataclass
+class Planned:
+    """One GGUF tensor: its name, numpy-order shape, storage type and a function producing its float32 data."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: object  # gguf.GGMLQuantizationType
+    load: Callable[[], np.ndarray]
+
+
+def export(model_dir: Path, fmt: str, out: Path | None, dtype: str) -> Path:
+    """Write `model_dir` (an assembled Mixtral folder) as GGUF; returns the written file.
+
+    Default output: `<model_dir>/../model.<dtype>.gguf`.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format '{fmt}'; supported: {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown GGUF dtype '{dtype}'; supported: {', '.join(DTYPES)}")
+    gguf = _import_gguf()
+    model_dir = Path(model_dir)
+    model = open_assembled(model_dir)
+    out = Path(out) if out is not None else model_dir.resolve().parent / f"model.{dtype}.gguf"
+    plan = tensor_plan(model, dtype, gguf)
+    with atomic_path(out) as tmp:
+        write_gguf(tmp, model, plan, dtype, gguf)
+    log.info("wrote %s (%d tensors, %s)", out, len(plan), dtype)
+    return out
+
+
+def _import_gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ModularForgeError("GGUF export needs the `gguf` package: pip install 'modularforge[gguf]'") from None
+    return gguf
+
+
+def open_assembled(model_dir: Path) -> Assembled:
+    """Read config, shard headers and tokenizer of an assembled folder; a folder that is not one is a DataError."""
+    if not model_dir.is_dir():
+        raise DataError(f"{model_dir} is not a folder; give an assembled model folder (runs/<name>/model)")
+    if not (model_dir / "config.json").is_file():
+        raise DataError(f"{model_dir} has no config.json; is it an assembled model folder (runs/<name>/model)?")
+    config = _read_config(model_dir / "config.json")
+    files = weight_map(model_dir)
+    shapes = {}
+    for file in sorted(set(files.values())):
+        table, _ = read_header(model_dir / file)
+        shapes |= {name: info.shape for name, info in table.items()}
+    tokenizer_path = model_dir / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise DataError(f"{model_dir} has no tokenizer.json; is it an assembled model folder?")
+    model = Assembled(model_dir, config, files, shapes, read_json(tokenizer_path))
+    _check_tensors(model)
+    _check_tokenizer(model)
+    return model
+
+
+def _read_config(path: Path) -> dict:
+    config = read_json(path)
+    try:
+        model_config_from_hf(config)
+        missing = [key for key in ("vocab_size", "eos_token_id") if key not in config]
+        if missing:
+            raise KeyError(missing[0])
+    except (KeyError, ValueError) as e:  # a missing key, or a value our model config rejects
+        raise DataError(f"{path} is not a ModularForge Mixtral config ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0]})") from None
+    return config
+
+
+def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor an assembled Mixtral folder must hold, with its shape."""
+    cfg = model_config_from_hf(config)
+    H, I, E, V, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, config["vocab_size"], cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (V, H)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+            p + "self_attn.q_proj.weight": (cfg.num_heads * D, H), p + "self_attn.k_proj.weight": (cfg.kv_heads * D, H),
+            p + "self_attn.v_proj.weight": (cfg.kv_heads * D, H), p + "self_attn.o_proj.weight": (H, cfg.num_heads * D),
+            gate_key(i): (E, H),
+        }
+        for e in range(E):
+            shapes |= {expert_key(i, e, "w1"): (I, H), expert_key(i, e, "w3"): (I, H), expert_key(i, e, "w2"): (H, I)}
+    return shapes
+
+
+def _check_tensors(model: Assembled) -> None:
+    expected = expected_shapes(model.config)
+    for name, shape in expected.items():
+        if name not in model.files:
+            raise DataError(f"{model.dir} lacks tensor {name}; is it a complete assembled model folder?")
+        if name not in model.shapes:
+            raise DataError(f"{model.dir / model.files[name]} does not hold {name} although the index says it does")
+        if model.shapes[name] != shape:
+            raise DataError(f"{model.dir}: {name} has shape {list(model.shapes[name])}, config.json implies {list(shape)}")
+    unmapped = sorted(set(model.files) - set(expected))
+    if unmapped:  # dropping a tensor would give llama.cpp a different model
+        raise DataError(f"{model.dir} holds tensors the GGUF llama layout has no place for: {', '.join(unmapped[:3])}")
+
+
+def _check_tokenizer(model: Assembled) -> None:
+    """The pre-tokenizer name we declare must describe the tokenizer: byte-level BPE with GPT-2's regex."""
+    tok = model.tokenizer
+    pre = tok.get("pre_tokenizer") or {}
+    if tok.get("model", {}).get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
+        raise DataError(
+            f"{model.dir / 'tokenizer.json'} is not a byte-level BPE tokenizer with GPT-2's regex; "
+            "GGUF export supports only the tokenizers ModularForge trains"
+        )
+
+
+def permute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of a q/k projection (heads * head_dim, H) from HF's rotate_half order (dimension j pairs with
+    j + head_dim/2) to the interleaved order (2j pairs with 2j + 1) that llama.cpp's `llama` RoPE uses."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def unpermute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Inverse of `permute_rotary`."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def storage_type(gguf, kind: str, shape: tuple[int, ...], dtype: str):
+    """GGML type of one tensor: f32 for vectors and the router, else the requested type (q8_0 needs whole blocks)."""
+    Q = gguf.GGMLQuantizationType
+    if len(shape) == 1 or kind == "FFN_GATE_INP" or dtype == "f32":
+        return Q.F32
+    if dtype == "q8_0" and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0] == 0:
+        return Q.Q8_0
+    return Q.F16
+
+
+def tensor_plan(model: Assembled, dtype: str, gguf) -> list[Planned]:
+    """Every GGUF tensor in file order, planned from headers alone (no tensor data is read here)."""
+    cfg = model_config_from_hf(model.config)
+
+    def planned(kind: str, shape: tuple[int, ...], load: Callable[[], torch.Tensor], bid: int | None = None) -> Planned:
+        name = gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, kind)].format(bid=bid) + ".weight"
+        return Planned(name, shape, storage_type(gguf, kind, shape, dtype), lambda: load().numpy())
+
+    def whole(hf_name: str) -> Planned:
+        return planned(GLOBAL_TENSORS[hf_name], model.shapes[hf_name], lambda: model.read(hf_name))
+
+    plan = [whole("model.embed_tokens.weight")]
+    for i in range(cfg.num_layers):
+        for suffix, kind in LAYER_TENSORS.items():
+            hf_name = f"model.layers.{i}.{suffix}"
+            load = _loader(model, hf_name, _rotary_heads(suffix, cfg))
+            plan.append(planned(kind, model.shapes[hf_name], load, i))
+        for w, kind in EXPERT_TENSORS.items():
+            names = [expert_key(i, e, w) for e in range(cfg.num_experts)]
+            shape = (cfg.num_experts, *model.shapes[names[0]])
+            plan.append(planned(kind, shape, lambda names=names: torch.stack([model.read(n) for n in names]), i))
+    plan.append(whole("model.norm.weight"))
+    if not cfg.tie_embeddings:  # llama.cpp reuses token_embd when `output` is absent
+        plan.append(whole("lm_head.weight"))
+    return plan
+
+
+def _rotary_heads(suffix: str, cfg) -> int | None:
+    return {"self_attn.q_proj.weight": cfg.num_heads, "self_attn.k_proj.weight": cfg.kv_heads}.get(suffix)
+
+
+def _loader(model: Assembled, name: str, rotary_heads: int | None) -> Callable[[], torch.Tensor]:
+    if rotary_heads is None:
+        return lambda: model.read(name)
+    return lambda: permute_rotary(model.read(name), rotary_heads)
+
+
+def encode(data: np.ndarray, qtype, gguf) -> np.ndarray:
+    """float32 data -> the bytes (as an array) GGUF stores for `qtype`."""
+    return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
+
+
+def stored_nbytes(shape: tuple[int, ...], qtype, gguf) -> int:
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * type_size
+
+
+def write_gguf(path: Path, model: Assembled, plan: list[Planned], dtype: str, gguf) -> None:
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    add_hyperparameters(writer, model, dtype, gguf)
+    add_tokenizer(writer, model, gguf)
+    for t in plan:
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), stored_nbytes(t.shape, t.qtype, gguf), raw_dtype=t.qtype)
+    writer.write_header_to_file(path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    try:
+        for t in plan:
+            data = t.load()
+            assert data.shape == t.shape, (t.name, data.shape, t.shape)
+            writer.write_tensor_data(encode(data, t.qtype, gguf))
+            del data
+    finally:
+        writer.close()
+
+
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}
+
+
+def add_hyperparameters(writer, model: Assembled, dtype: str, gguf) -> None:
+    cfg = model_config_from_hf(model.config)
+    writer.add_name(model.dir.resolve().parent.name or "modularforge")
+    writer.add_vocab_size(model.config["vocab_size"])
+    writer.add_block_count(cfg.num_layers)
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_heads)
+    writer.add_head_count_kv(cfg.kv_heads)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_expert_count(cfg.num_experts)
+    writer.add_expert_used_count(cfg.top_k)
+    writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[dtype]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def vocabulary(tokenizer: dict, vocab_size: int, gguf) -> tuple[list[str], list[int]]:
+    """Tokens by id and their types: special added tokens CONTROL, other added tokens USER_DEFINED;
+    ids the tokenizer does not use (when the embedding is larger) are UNUSED placeholders, as llama.cpp's
+    converter writes them."""
+    T = gguf.TokenType
+    by_id: dict[int, tuple[str, int]] = {i: (tok, T.NORMAL) for tok, i in tokenizer["model"]["vocab"].items()}
+    for added in tokenizer.get("added_tokens", []):
+        by_id[added["id"]] = (added["content"], T.CONTROL if added.get("special") else T.USER_DEFINED)
+    if by_id and max(by_id) >= vocab_size:
+        raise DataError(f"tokenizer.json has token id {max(by_id)} but config.json says vocab_size {vocab_size}")
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token, kind = by_id.get(i, (f"[PAD{i}]", T.UNUSED))
+        tokens.append(token)
+        types.append(int(kind))
+    return tokens, types
+
+
+def merges(tokenizer: dict) -> list[str]:
+    """BPE merges as 'left right' strings (tokenizer.json stores pairs, or such strings in older files)."""
+    return [m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"].get("merges", [])]
+
+
+def add_tokenizer(writer, model: Assembled, gguf) -> None:
+    tokens, types = vocabulary(model.tokenizer, model.config["vocab_size"], gguf)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(PRE_TOKENIZER_NAME)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges(model.tokenizer))
+    eos = model.config["eos_token_id"]
+    writer.add_bos_token_id(model.config.get("bos_token_id", eos))
+    writer.add_eos_token_id(eos)
+    writer.add_pad_token_id(model.config.get("pad_token_id", eos))
+    # our tokenizer adds nothing when encoding, so llama.cpp must not add BOS either
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)

@@ -1,0 +1,194 @@
+"""Ray executor of the expert stage (DESIGN.md section 7): one Ray task per expert.
+
+Each task rebuilds the Run from the run directory (a path every node sees) and the config, sets its
+torch threads, and calls the same `train_expert` as the local executor, which reads the shared
+checkpoint and the expert's partition from that directory and writes the expert's files there. A task
+returns only the expert's small summary, so the driver never holds expert weights. Resources per task
+come from `experts.ray_*`; a task whose worker dies is retried up to `experts.ray_max_retries` times
+and resumes from the expert's last checkpoint, because `train_expert` always does.
+
+Progress: the driver shows a bar of finished experts and, every few seconds, one line with each
+running expert's last step and loss, read from the `metrics.jsonl` files the tasks append to.
+No service beyond Ray itself is involved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from modularforge.config import Config, ExpertsConfig
+from modularforge.errors import ModularForgeError, TrainingError
+from modularforge.runs import Run
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 1.0
+LOG_SECONDS = 10.0
+
+
+def train_experts_on_ray(run: Run) -> list[dict]:
+    """Train every unfinished expert of `run` as a Ray task; returns the summaries in expert order.
+
+    Connects to the cluster at `experts.ray_address` (and disconnects at the end, leaving it running), or
+    starts a local instance with `experts.ray_local_cpus` CPUs (and stops it at the end). If this process
+    is already connected to Ray, that connection is used as it is.
+    """
+    ray = _import_ray()
+    from modularforge.train.experts import finished_expert
+
+    cfg = run.cfg
+    summaries = {k: s for k in range(cfg.model.num_experts) if (s := finished_expert(run, k)) is not None}
+    for k in summaries:
+        log.info("expert %d/%d already trained; skipping", k + 1, cfg.model.num_experts)
+    pending = [k for k in range(cfg.model.num_experts) if k not in summaries]
+    if pending:
+        started = _connect(ray, cfg.experts)
+        try:
+            task = ray.remote(**task_options(cfg.experts))(train_expert_task)
+            config, run_dir = cfg.model_dump(mode="json"), str(Path(run.dir).resolve())
+            refs = {task.remote(run_dir, config, k): k for k in pending}
+            summaries |= _wait_for(ray, run, refs, len(summaries))
+        finally:
+            if started:
+                ray.shutdown()
+    return [summaries[k] for k in range(cfg.model.num_experts)]
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ModularForgeError(
+            "experts.executor=ray needs Ray: pip install 'modularforge[cluster]' (or set experts.executor=local)"
+        ) from None
+    return ray
+
+
+def _connect(ray, x: ExpertsConfig) -> bool:
+    """Attach to Ray; True when this call connected, so `ray.shutdown()` should follow."""
+    if ray.is_initialized():
+        return False
+    try:
+        if x.ray_address is None:
+            ray.init(num_cpus=x.ray_local_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        else:
+            ray.init(address=x.ray_address, logging_level=logging.WARNING)
+    except ConnectionError as e:
+        raise ModularForgeError(f"cannot connect to the Ray cluster at {x.ray_address}: {e}") from None
+    return True
+
+
+def task_options(x: ExpertsConfig) -> dict[str, Any]:
+    """Ray options of one expert task. Worker deaths (crash, OOM kill, lost node) are retried; so are
+    I/O errors, which a shared filesystem can raise transiently. A ModularForgeError is not: it
+    would fail the same way again."""
+    options: dict[str, Any] = {
+        "num_cpus": x.ray_cpus_per_task,
+        "max_retries": x.ray_max_retries,
+        "retry_exceptions": [OSError],
+    }
+    if x.ray_memory_gb_per_task is not None:
+        options["memory"] = int(x.ray_memory_gb_per_task * 2**30)
+    return options
+
+
+def task_threads(cfg: Config) -> int:
+    """torch intra-op threads of a task: run.threads, else the CPUs reserved for it (at least one)."""
+    return cfg.run.threads or max(1, int(cfg.experts.ray_cpus_per_task))
+
+
+def train_expert_task(run_dir: str, config: dict, k: int) -> dict:
+    """Body of one Ray task (its name is the worker's process title): train expert k, return its summary."""
+    import torch
+
+    from modularforge.config import config_from_dict
+    from modularforge.train.experts import train_expert
+
+    cfg = config_from_dict(config)
+    torch.set_num_threads(task_threads(cfg))
+    return train_expert(Run(cfg, run_dir), k)
+
+
+def _wait_for(ray, run: Run, refs: dict, already_done: int) -> dict[int, dict]:
+    """Collect task results as they finish, showing progress; a failed task fails the stage."""
+    total = run.cfg.model.num_experts
+    summaries: dict[int, dict] = {}
+    pending = list(refs)
+    started, last_log = time.time(), time.monotonic()
+    bar = tqdm(total=total, initial=already_done, desc="experts (ray)", unit="expert", disable=None)
+    with logging_redirect_tqdm():
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=POLL_SECONDS)
+            for ref in ready:
+                k = refs[ref]
+                summaries[k] = _result(ray, ref, k, total, pending)
+                bar.update(1)
+                log.info("expert %d/%d done | train loss %.3f", k + 1, total, summaries[k]["train_loss"])
+            if pending and time.monotonic() - last_log >= LOG_SECONDS:
+                log.info("%s", progress_line(run, [refs[r] for r in pending], already_done + len(summaries), started))
+                last_log = time.monotonic()
+    bar.close()
+    return summaries
+
+
+def _result(ray, ref, k: int, total: int, pending: list) -> dict:
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        _cancel(ray, pending)
+        raise _in_expert(e.cause, f"expert {k + 1}/{total}") from None
+    except ray.exceptions.RayError as e:
+        _cancel(ray, pending)
+        raise TrainingError(
+            f"expert {k + 1}/{total}: its Ray task was lost after all retries ({type(e).__name__}); "
+            "rerun the stage to resume from its checkpoint"
+        ) from None
+
+
+def _in_expert(cause: BaseException, where: str) -> ModularForgeError:
+    """The task's error for the driver: a user-fixable error keeps its type and one-line message."""
+    if isinstance(cause, ModularForgeError):
+        try:
+            return type(cause)(f"{where}: {cause}")
+        except TypeError:  # a subclass with its own constructor
+            return ModularForgeError(f"{where}: {cause}")
+    return TrainingError(f"{where} failed on Ray: {type(cause).__name__}: {cause}")
+
+
+def _cancel(ray, pending: list) -> None:
+    for ref in pending:
+        ray.cancel(ref, force=True)
+
+
+def progress_line(run: Run, running: list[int], done: int, since: float = 0.0) -> str:
+    """`experts 1/4 done | expert 2: step 40/80 loss 3.214 | expert 3: no step yet` (queued or starting).
+
+    Metrics files last written before `since` (a time.time()) are left from an earlier run and ignored."""
+    steps = run.cfg.expert_steps
+    parts = [f"experts {done}/{run.cfg.model.num_experts} done"]
+    for k in sorted(running):
+        last = last_metrics(run.expert_dir(k) / "metrics.jsonl", since)
+        if last:
+            parts.append(f"expert {k + 1}: step {last['step']}/{steps} loss {last['loss']:.3f}")
+        else:
+            parts.append(f"expert {k + 1}: no step yet")
+    return " | ".join(parts)
+
+
+def last_metrics(path: Path, since: float = 0.0) -> dict | None:
+    """The last complete record of a metrics file another process may be appending to, if written since `since`."""
+    if not path.exists() or path.stat().st_mtime < since:
+        return None
+    for line in reversed(path.read_text().splitlines()):
+        try:
+            return json.loads(line)
+        except ValueError:  # a line still being written
+            continue
+    return None
