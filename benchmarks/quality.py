@@ -323,7 +323,8 @@ def main() -> None:
     base_cfg = config_from_dict(raw)
     ws = Workspace(base_cfg, args.work)
     T = base_cfg.budget.total_tokens
-    main_split = base_cfg.budget.shared_fraction
+    # the config's split, snapped to the budget-split row it stands for (one run directory per split)
+    main_split = min(BUDGET_SPLITS.values(), key=lambda f: abs(f - base_cfg.budget.shared_fraction))
 
     base = ws.run("base", base_cfg)
     ensure(base, "prepare", prepare)
@@ -415,6 +416,8 @@ def main() -> None:
                     continue
                 if router == "uniform" and calibration != "none":
                     continue  # a temperature does not change all-zero logits
+                if calibration == "temperature_per_layer" and router in ("kaiming", "data_stats"):
+                    continue  # the per-layer search is costly; kept for the discriminative routers
                 score_moe(moe, f"{best_variant}: {router}, {calibration}, top-{top_k}", "routers",
                           router, calibration, top_k)
     token_rows = [r for r in rows if r["group"] in ("experts", "routers") and r["row"].startswith(best_variant)
@@ -504,7 +507,7 @@ def _assemble_best(ws: Workspace, fraction: float, variant: str, recipe: tuple, 
     if run.dir.exists():
         shutil.rmtree(run.dir)
     run.dir.mkdir(parents=True)
-    src = Run(cfg, source)
+    src = Run(Config.model_validate(yaml.safe_load((source / "config.yaml").read_text())), source)
     for folder in ("data", "tokenizer", "shared", "experts"):
         os.symlink((source / folder).resolve(), run.dir / folder)
     manifest = {"stages": {s: {**src.manifest()["stages"][s], "fingerprint": run.fingerprint(s)}

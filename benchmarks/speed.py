@@ -8,7 +8,7 @@
   transformers loading the same exported folder; the tokens must be identical.
 - Tokenisation and partitioning of ../shared/data (the `prepare` stage).
 
-Medians over repeated timings. Prints a table, writes docs/results/speed.json.
+Medians over repeated timings, the systems interleaved round by round. Prints a table, writes docs/results/speed.json.
 
     python benchmarks/speed.py [--data ../shared/data] [--repeats 5]
 """
@@ -202,16 +202,27 @@ def main() -> None:
                      "mfu": round(flops / peak[precision.split("+")[0]], 4)})
         print(f"{system:<34} {precision:<14} {rate:>9.0f} tok/s  MFU {rows[-1]['mfu']:.3f}", flush=True)
 
+    systems = []  # (system, precision, step, flops kind); timed in interleaved rounds so drift hits all alike
     for phase in ("shared", "experts"):
         for name, dtype in precisions.items():
             for compile in (False, True):
-                rate = median_rate(our_step(cfg, s, phase, dtype, compile), tokens, args.repeats)
-                add(f"modularforge {phase} phase", name + ("+compile" if compile else ""), rate,
-                    "experts" if phase == "experts" else "dense")
+                systems.append((f"modularforge {phase} phase", name + ("+compile" if compile else ""),
+                                our_step(cfg, s, phase, dtype, compile), "experts" if phase == "experts" else "dense"))
     for kind in ("llama", "mixtral"):
         for name, dtype in precisions.items():
-            add(f"transformers {kind}", name, median_rate(hf_step(kind, s, dtype), tokens, args.repeats),
-                kind if kind == "mixtral" else "dense")
+            systems.append((f"transformers {kind}", name, hf_step(kind, s, dtype), kind if kind == "mixtral" else "dense"))
+    for _, _, step, _ in systems:  # warm-up, including compilation
+        for _ in range(2):
+            step()
+    times: dict[int, list[float]] = {i: [] for i in range(len(systems))}
+    for _ in range(args.repeats):
+        for i, (_, _, step, _) in enumerate(systems):
+            start = time.perf_counter()
+            step()
+            times[i].append(time.perf_counter() - start)
+    for i, (system, precision, _, kind) in enumerate(systems):
+        add(system, precision, tokens / statistics.median(times[i]), kind)
+    del systems
 
     def best(prefix: str) -> dict:
         return max((r for r in rows if r["system"] == prefix), key=lambda r: r["tokens_per_s"])
