@@ -60,9 +60,15 @@ def _apply_threads(run: Run) -> None:
         torch.set_num_threads(run.cfg.run.threads)
 
 
+def _dataset_override(args) -> None:
+    if getattr(args, "dataset", None):
+        args.set.append(f"data.dataset={args.dataset}")
+
+
 def cmd_prepare(args) -> None:
     from modularforge.prepare import prepare
 
+    _dataset_override(args)
     prepare(resolve(args))
 
 
@@ -143,6 +149,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_run(args) -> None:
+    _dataset_override(args)
     run = resolve(args)
     run.dir.mkdir(parents=True, exist_ok=True)
     run.save_config()
@@ -213,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("prepare", cmd_prepare, "load text, train the BPE tokenizer, write token shards and partitions")
+    p = add("prepare", cmd_prepare, "load text, train the BPE tokenizer, write token shards and partitions")
+    p.add_argument("--dataset", help="Hugging Face dataset name or alias, e.g. wikitext-103 (data.dataset)")
     add("train-shared", cmd_train_shared, "train embeddings, attention, norms, LM head and the anchor FFN")
     p = add("train-experts", cmd_train_experts, "train one expert FFN per partition beside the frozen shared part")
     p.add_argument("--executor", choices=["local", "ray"], help="where experts train (experts.executor)")
@@ -238,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-window", type=int, help="sliding context window in tokens")
     p.add_argument("--routing", choices=["token", "sequence"], help="per-token routing or one expert per sequence")
     p.add_argument("--expert-cache", type=int, help="keep at most N expert FFNs in memory (LRU)")
-    add("run", cmd_run, "run every stage in order, skipping the ones already finished")
+    p = add("run", cmd_run, "run every stage in order, skipping the ones already finished")
+    p.add_argument("--dataset", help="Hugging Face dataset name or alias, e.g. wikitext-103 (data.dataset)")
     p = add("export", cmd_export, "export the assembled model (gguf for llama.cpp)")
     p.add_argument("--format", choices=["gguf"], default="gguf")
     p.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16")

@@ -61,3 +61,17 @@ def test_generate_streams_text_to_stdout(trained_run, capsys):
     assert main(["generate", "--run-dir", str(trained_run.dir), "--prompt", "The", "--max-new-tokens", "5",
                  "--expert-cache", "2"]) == 0
     assert capsys.readouterr().out.startswith("The")
+
+
+def test_hub_dataset_offline_is_one_line_with_the_local_alternative(tmp_path, monkeypatch, capsys):
+    from modularforge.data import sources
+
+    monkeypatch.setattr(sources, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "0")
+    code = main(["prepare", "--dataset", "wikitext-103", "--set", f"run.root={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: cannot reach the Hugging Face hub")
+    assert "data.sources" in err[-1]
