@@ -20,7 +20,6 @@ Prints a table and writes docs/results/quality.json and docs/results/quality.png
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os

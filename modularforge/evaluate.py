@@ -32,7 +32,6 @@ from modularforge.data.partition import load_report
 from modularforge.data.shards import VAL
 from modularforge.data.tokenizer import load_tokenizer, token_byte_lengths
 from modularforge.errors import DataError
-from modularforge.files import write_json
 from modularforge.generate import Sampling, choose_expert, generate_text
 from modularforge.model.hf import load_assembled
 from modularforge.model.transformer import CausalLM

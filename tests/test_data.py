@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from modularforge.config import DataConfig, PartitionConfig, TokenizerConfig
+from modularforge.config import DataConfig, TokenizerConfig
 from modularforge.data import sources
 from modularforge.data.batches import PreparedData, batch_rng
 from modularforge.data.partition import balanced_kmeans, capacity_assign, cluster_purity, load_partition
