@@ -40,7 +40,7 @@ from modularforge.assemble import assemble  # noqa: E402
 from modularforge.calibrate import (  # noqa: E402
     calibrate, calibration_batches, mean_loss, recalibrate_norms, search_temperature,
 )
-from modularforge.config import Config, config_from_dict, preset_path  # noqa: E402
+from modularforge.config import Config, apply_override, config_from_dict, preset_path  # noqa: E402
 from modularforge.data.partition import Partitioner, partition_documents  # noqa: E402
 from modularforge.data.shards import TokenStore  # noqa: E402
 from modularforge.data.sources import iter_documents  # noqa: E402
@@ -304,6 +304,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, help="override budget.total_tokens")
     parser.add_argument("--dev-windows", type=int, default=40, help="dev windows per corpus")
     parser.add_argument("--quick", action="store_true", help="tiny budget, to check the benchmark itself")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override the base config (finished stages whose inputs did not change are reused)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("modularforge").setLevel(logging.WARNING)
@@ -312,6 +314,8 @@ def main() -> None:
         sys.exit(f"error: data folder not found: {args.data} (pass --data)")
 
     raw = yaml.safe_load(args.config.read_text())
+    for item in args.set:
+        apply_override(raw, item)
     raw.setdefault("data", {})["sources"] = [str(args.data / "*" / "train-*.jsonl")]
     raw.setdefault("run", {})["root"] = str(args.work)
     if args.tokens or args.quick:

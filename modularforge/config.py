@@ -336,7 +336,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, not {type(raw).__name__}")
     for item in overrides or []:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     return config_from_dict(raw)
 
 
@@ -347,7 +347,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         raise ConfigError(_one_line(e)) from None
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
+def apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set expects section.key=value, got '{item}'")
