@@ -36,27 +36,39 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from modularforge.assemble import assemble  # noqa: E402
-from modularforge.calibrate import (  # noqa: E402
-    calibrate, calibration_batches, mean_loss, recalibrate_norms, search_temperature,
+import yaml
+
+from modularforge.assemble import assemble
+from modularforge.calibrate import (
+    calibrate,
+    calibration_batches,
+    mean_loss,
+    recalibrate_norms,
+    search_temperature,
 )
-from modularforge.config import Config, apply_override, config_from_dict, preset_path  # noqa: E402
-from modularforge.data.partition import Partitioner, partition_documents  # noqa: E402
-from modularforge.data.shards import TokenStore  # noqa: E402
-from modularforge.data.sources import iter_documents  # noqa: E402
-from modularforge.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths  # noqa: E402
-from modularforge.evaluate import window_nll  # noqa: E402
-from modularforge.files import load_tensors, read_json, write_json  # noqa: E402
-from modularforge.model.hf import load_assembled  # noqa: E402
-from modularforge.model.transformer import CausalLM  # noqa: E402
-from modularforge.model.weights import FFN_WEIGHTS, build_model, ffn_from_weights, ffn_key, gate_key, load_dense  # noqa: E402
-from modularforge.prepare import prepare  # noqa: E402
-from modularforge.routers import LayerStats, router_from_stats  # noqa: E402
-from modularforge.runs import Run  # noqa: E402
-from modularforge.train.experts import expert_files, train_experts  # noqa: E402
-from modularforge.train.loop import autocast  # noqa: E402
-from modularforge.train.shared import train_shared, vocab_size  # noqa: E402
-import yaml  # noqa: E402
+from modularforge.config import Config, apply_override, config_from_dict, preset_path
+from modularforge.data.partition import Partitioner, partition_documents
+from modularforge.data.shards import TokenStore
+from modularforge.data.sources import iter_documents
+from modularforge.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths
+from modularforge.evaluate import window_nll
+from modularforge.files import load_tensors, read_json, write_json
+from modularforge.model.hf import load_assembled
+from modularforge.model.transformer import CausalLM
+from modularforge.model.weights import (
+    FFN_WEIGHTS,
+    build_model,
+    ffn_from_weights,
+    ffn_key,
+    gate_key,
+    load_dense,
+)
+from modularforge.prepare import prepare
+from modularforge.routers import LayerStats, router_from_stats
+from modularforge.runs import Run
+from modularforge.train.experts import expert_files, train_experts
+from modularforge.train.loop import autocast
+from modularforge.train.shared import train_shared, vocab_size
 
 log = logging.getLogger("quality")
 
@@ -65,7 +77,6 @@ CALIBRATIONS = ["none", "temperature", "temperature_per_layer", "temperature+nor
 EXPERT_VARIANTS = {
     "scratch-alone": {"init": "scratch", "mode": "alone"},
     "anchor-alone": {"init": "anchor", "mode": "alone"},
-    "scratch-with_anchor": {"init": "scratch", "mode": "with_anchor"},
     "anchor-with_anchor": {"init": "anchor", "mode": "with_anchor"},
     "anchor-alone-swap": {"init": "anchor", "mode": "alone", "anchor_swap": 0.25},
 }
@@ -203,9 +214,9 @@ class Scorer:
         for corpus, batch, labels in self._batches(dev):
             with autocast(DTYPE):
                 nll = window_nll(moe, None, batch, labels, self.prefix, {"oracle", "sequence", "ensemble"})
-            for m in out:
-                self._add(out[m], corpus, nll[m], batch)
-        return {m: s for m, s in out.items()}
+            for m, scores in out.items():
+                self._add(scores, corpus, nll[m], batch)
+        return out
 
     @torch.no_grad()
     def plain(self, model: CausalLM, dev: DevSet, route_stats: bool = False) -> Scores:
@@ -302,7 +313,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "quality.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "results" / "quality.png")
     parser.add_argument("--tokens", type=int, help="override budget.total_tokens")
-    parser.add_argument("--dev-windows", type=int, default=40, help="dev windows per corpus")
+    parser.add_argument("--dev-windows", type=int, default=32, help="dev windows per corpus")
     parser.add_argument("--quick", action="store_true", help="tiny budget, to check the benchmark itself")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override the base config (finished stages whose inputs did not change are reused)")
@@ -395,7 +406,8 @@ def main() -> None:
     main_shared = shared_for(main_split)
     score_dense(load_dense(base_cfg.model, vocab, main_shared.shared_dir), "anchor (shared phase alone)", "baseline")
 
-    # Every expert set, with the default token recipe and with forced routing.
+    # Every expert set, with the default token recipe and with forced routing. Experts trained beside the
+    # anchor (with_anchor) are scored with it: alone they are only the residual of the pair they trained in.
     default = ("ridge", "temperature", 2)
     per_variant = {}
     for variant in EXPERT_VARIANTS:
@@ -403,7 +415,9 @@ def main() -> None:
         if variant == "scratch-alone":
             score_moe(moe, "seed recipe (scratch, alone, data_stats, no calibration, top-2)", "seed",
                       "data_stats", "none", 2)
-        token = score_moe(moe, f"{variant}: token, ridge + temperature, top-2", "experts", *default)
+        paired = EXPERT_VARIANTS[variant]["mode"] == "with_anchor"
+        token = score_moe(moe, f"{variant}: token, ridge + temperature, top-2{', anchor on (w=0.5)' if paired else ''}",
+                          "experts", *default, anchor_weight=0.5 if paired else 0.0)
         forced = score_forced(moe, f"{variant}:", "experts")
         per_variant[variant] = {"token": token, **forced}
         del moe
@@ -412,17 +426,20 @@ def main() -> None:
 
     # Router x calibration x top-k on the best expert set, and the anchor kept on as a shared expert.
     moe = MoEUnderTest(experts_for(main_split, best_variant))
+    best_anchor = 0.5 if EXPERT_VARIANTS[best_variant]["mode"] == "with_anchor" else 0.0
     for router in ROUTERS:
         for calibration in CALIBRATIONS:
             for top_k in (1, 2):
                 if (router, calibration, top_k) == default:
                     continue
+                if calibration == "temperature_per_layer" and top_k == 1:
+                    continue  # the per-layer search is costly; top-1 is covered by the other calibrations
                 if router == "uniform" and calibration != "none":
                     continue  # a temperature does not change all-zero logits
                 if calibration == "temperature_per_layer" and router in ("kaiming", "data_stats"):
                     continue  # the per-layer search is costly; kept for the discriminative routers
                 score_moe(moe, f"{best_variant}: {router}, {calibration}, top-{top_k}", "routers",
-                          router, calibration, top_k)
+                          router, calibration, top_k, best_anchor)
     token_rows = [r for r in rows if r["group"] in ("experts", "routers") and r["row"].startswith(best_variant)
                   and "router" in r]
     best_token = min(token_rows, key=lambda r: r["union_ppl"])
@@ -435,14 +452,17 @@ def main() -> None:
     # Budget splits and the random-partition control, with the best expert set and token recipe.
     budget = {}
     for label, fraction in BUDGET_SPLITS.items():
-        run = experts_for(fraction, best_variant)
-        moe = MoEUnderTest(run)
-        budget[label] = {"token": score_moe(moe, f"split {label}: {best_variant}, best token recipe", "budget", *recipe),
+        if fraction == main_split:  # the rows above already score this split
+            budget[label] = {"token": best_token, **{m: per_variant[best_variant][m] for m in ("oracle", "sequence", "ensemble")}}
+            continue
+        moe = MoEUnderTest(experts_for(fraction, best_variant))
+        budget[label] = {"token": score_moe(moe, f"split {label}: {best_variant}, best token recipe", "budget",
+                                            *recipe, best_anchor),
                          **score_forced(moe, f"split {label}:", "budget")}
         del moe
     random_base = _random_partition_base(ws, base)
     moe = MoEUnderTest(experts_for(main_split, best_variant, data_from=random_base, tag="-random"))
-    score_moe(moe, f"random partitions: {best_variant}, best token recipe", "random", *recipe)
+    score_moe(moe, f"random partitions: {best_variant}, best token recipe", "random", *recipe, best_anchor)
     score_forced(moe, "random partitions:", "random")
     del moe
 
@@ -531,8 +551,9 @@ def summarize(rows, per_variant, best_variant, recipe, budget, purity, cfg, args
     exported = by_row["exported folder (modularforge assemble, best recipe)"]
     token = exported["union_ppl"]
     gain = (anchor - token) / (anchor - oracle) if anchor != oracle else float("nan")
-    modular_best = min(
-        (r for r in rows if r["group"] in ("budget", "experts", "routers", "anchor_shared")),
+    modular_best = min(  # every inference mode ModularForge offers; oracle rows need the labels, so not those
+        (r for r in rows if r["group"] in ("budget", "experts", "routers", "anchor_shared", "exported")
+         and not r["row"].endswith("oracle")),
         key=lambda r: r["union_ppl"],
     )
     targets = {
