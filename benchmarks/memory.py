@@ -94,7 +94,7 @@ def saved_activation_bytes(cfg: Config, vocab: int, phase: str) -> int:
 
     batch = torch.randint(0, vocab, (train.micro_batch, cfg.seq_len(train) + 1))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(autocast_dtype(train.precision)):
-        model_loss(model, compile=False)(batch)
+        model_loss(model, compile=False, loss_chunks=train.loss_chunks)(batch)
     return sum(storages.values())
 
 
@@ -103,7 +103,7 @@ def training_floor(cfg: Config, vocab: int, phase: str) -> dict:
     ffn = sum(params(layer.mlp) for layer in model.model.layers)
     total = params(model)
     train = cfg.train if phase == "shared" else cfg.experts.train
-    logits_grad = train.micro_batch * cfg.seq_len(train) * vocab * 4
+    logits_grad = train.micro_batch * -(-cfg.seq_len(train) // train.loss_chunks) * vocab * 4  # one slice's
     activations = saved_activation_bytes(cfg, vocab, phase)
     if phase == "shared":
         weights = 16 * total  # fp32 weight + gradient + two AdamW moments
@@ -168,7 +168,7 @@ def row(table: list, config: str, stage_name: str, peak: float, wall: float, bas
 
 def bench_poc(work: Path, baseline: float, table: list, logs: Path) -> Run:
     overrides = ["budget.total_tokens=106496", "budget.shared_fraction=0.2308", "train.micro_batch_size=4",
-                 "experts.train.micro_batch_size=4", "train.eval_interval=1000", "experts.train.eval_interval=1000",
+                 "experts.train.micro_batch_size=4", "train.loss_chunks=4", "experts.train.loss_chunks=4", "train.eval_interval=1000", "experts.train.eval_interval=1000",
                  "train.eval_batches=1", "experts.train.eval_batches=1", "experts.stats_tokens=4096",
                  "calibrate.calib_tokens=5120", "evaluate.eval_tokens=2048", "generate.max_new_tokens=64"]
     run = new_run(preset_path("poc-50m"), work / "poc-50m", overrides)  # 3 shared steps, 2 steps per expert

@@ -7,7 +7,7 @@ import pytest
 
 from modularforge.config import DataConfig, TokenizerConfig
 from modularforge.data import sources
-from modularforge.data.batches import PreparedData, batch_rng
+from modularforge.data.batches import PreparedData, batch_rng, fixed_batches
 from modularforge.data.partition import balanced_kmeans, capacity_assign, cluster_purity, load_partition
 from modularforge.data.shards import CALIB, TRAIN, VAL, TokenStore
 from modularforge.data.sources import iter_documents, split_paragraphs
@@ -146,6 +146,9 @@ def test_windows_gather_across_document_boundaries(make_config):
     a = w.sample(batch_rng(0, 1, 7), 4, 16)
     b = w.sample(batch_rng(0, 1, 7), 4, 16)
     assert a.shape == (4, 17) and bool((a == b).all())
+    # a held-out set shorter than one window validates on shorter windows instead of failing
+    short = fixed_batches(w, 4, w.total + 100, 2)
+    assert {tuple(b.shape[1:]) for b in short} == {(w.total,)}
 
 
 def test_sentence_embedding_clustering_with_the_locally_installed_model(make_config):

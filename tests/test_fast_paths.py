@@ -53,3 +53,17 @@ def test_bf16_frozen_matrices_give_the_same_loss_under_autocast():
         after = loss(batch)
     assert model.lm_head.weight.dtype == torch.bfloat16 and model.model.embed_tokens.weight.dtype == torch.float32
     assert torch.equal(before, after)
+
+
+def test_chunked_loss_and_gradients_match_the_whole_sequence_loss():
+    model = _model()
+    batch = torch.randint(0, 300, (3, 33), generator=torch.Generator().manual_seed(4))
+    whole = model_loss(model, compile=False)(batch)
+    whole.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    chunked = model_loss(model, compile=False, loss_chunks=3)(batch)  # 32 positions: slices of 11, 11, 10
+    chunked.backward()
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4)

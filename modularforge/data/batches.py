@@ -96,7 +96,9 @@ class PreparedData:
 
 
 def fixed_batches(windows: Windows, count: int, seq_len: int, micro_batch: int) -> list[torch.Tensor]:
-    """`count` windows spread evenly over the stream, in micro-batches: the same ones at every validation."""
-    windows._require(seq_len + 1)
+    """`count` windows spread evenly over the stream, in micro-batches: the same ones at every validation.
+    A held-out set shorter than one window (a small partition of a small corpus) gives shorter windows."""
+    windows._require(2)
+    seq_len = min(seq_len, windows.total - 1)
     offsets = np.unique(np.linspace(0, windows.total - seq_len - 1, count).astype(np.int64))
     return list(windows.batches(offsets, seq_len, micro_batch))

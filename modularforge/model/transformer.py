@@ -82,8 +82,10 @@ class CausalLM(nn.Module):
         cache: KVCache | None = None,
         start: int = 0,
         expert_ids: torch.Tensor | None = None,
+        head: bool = True,
     ) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V). `start` is the position of input_ids[:, 0] in the cache."""
+        """input_ids (B, T) -> logits (B, T, V), or with head=False the final-norm hidden states (B, T, H).
+        `start` is the position of input_ids[:, 0] in the cache."""
         T = input_ids.shape[1]
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"positions up to {start + T} exceed max_seq_len {self.cfg.max_seq_len}")
@@ -95,7 +97,8 @@ class CausalLM(nn.Module):
                 x = checkpoint(layer, x, cos, sin, layer_cache, start, expert_ids, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, layer_cache, start, expert_ids)
-        return self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)
+        return self.lm_head(x) if head else x
 
     def loss(self, batch: torch.Tensor, expert_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy of a (B, T + 1) window batch, in fp32."""

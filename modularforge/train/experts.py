@@ -95,7 +95,7 @@ def train_expert(run: Run, k: int, stop_after: int | None = None) -> dict:
 
     result = train_loop(
         trainable,
-        model_loss(model, tcfg.compile),
+        model_loss(model, tcfg.compile, tcfg.loss_chunks),
         sample_batch,
         val_batches,
         tcfg,
@@ -245,6 +245,7 @@ def router_statistics(
     was_training = model.training
     model.eval()
     try:
+        seq_len = min(seq_len, windows.total - 1)
         offsets = windows.sequential(seq_len, max_tokens=max(tokens, seq_len + 1))
         for batch in windows.batches(offsets, seq_len, micro):
             with autocast(dtype):

@@ -21,6 +21,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -52,14 +53,26 @@ def autocast(dtype: torch.dtype | None):
     return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
 
 
-def model_loss(model: nn.Module, compile: bool) -> LossFn:
+def model_loss(model: nn.Module, compile: bool, loss_chunks: int = 1) -> LossFn:
     """Mean next-token cross-entropy (fp32) of the model on a (B, T + 1) window batch; with `compile`
-    the forward pass goes through torch.compile (fused norms, rotary and SwiGLU elementwise work)."""
+    the forward pass goes through torch.compile (fused norms, rotary and SwiGLU elementwise work).
+    With loss_chunks > 1 the LM head and the loss run on that many slices of the sequence, each recomputed
+    in backward, so the logits of only one slice exist at a time (they dominate memory at large vocabularies)."""
     forward = torch.compile(model, dynamic=False) if compile else model
 
+    def summed_nll(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = model.lm_head(hidden)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+
     def loss(batch: torch.Tensor) -> torch.Tensor:
-        logits = forward(batch[:, :-1])
-        return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        if loss_chunks == 1:
+            logits = forward(inputs)
+            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        hidden = forward(inputs, head=False)
+        total = sum(checkpoint(summed_nll, h, t, use_reentrant=False)
+                    for h, t in zip(hidden.chunk(loss_chunks, dim=1), targets.chunk(loss_chunks, dim=1)))
+        return total / targets.numel()
 
     return loss
 

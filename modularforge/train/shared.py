@@ -40,7 +40,7 @@ def train_shared(run: Run, stop_after: int | None = None) -> None:
         )
         result = train_loop(
             dict(model.named_parameters()),
-            model_loss(model, cfg.train.compile),
+            model_loss(model, cfg.train.compile, cfg.train.loss_chunks),
             lambda step: train_windows.sample(batch_rng(cfg.run.seed, SHARED_STREAM, step), cfg.train.batch_size, seq_len),
             val_batches,
             cfg.train,
