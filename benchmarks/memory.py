@@ -28,6 +28,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,17 +46,33 @@ from modularforge.train.loop import autocast, autocast_dtype, model_loss  # noqa
 MB = 2**20
 
 
+# The child reports its own high-water mark (VmHWM) at exit. The rusage of a child (`wait4`) will not do: Linux
+# carries the RSS of the forked copy of this process (which holds models for the floors) into it across exec.
+PEAK_REPORTER = """
+import atexit, runpy, sys
+peak_path = sys.argv.pop(1)
+def report():
+    with open("/proc/self/status") as f:
+        kb = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+    with open(peak_path, "w") as f:
+        f.write(kb)
+atexit.register(report)
+"""
+
+
 def child_peak_mb(command: list[str], log_path: Path | None = None) -> tuple[float, float, str]:
-    """(peak RSS in MiB, wall seconds, stdout) of a child process."""
-    start = time.perf_counter()
-    out = open(log_path, "w") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=out, text=True, cwd=ROOT)
-    stdout = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(command)} failed with exit code {proc.returncode} (log: {log_path})")
-    return usage.ru_maxrss / 1024, time.perf_counter() - start, stdout
+    """(peak RSS in MiB, wall seconds, stdout) of a child process running `python -m MODULE ...` or `-c CODE`."""
+    assert command[0] == sys.executable and command[1] in ("-m", "-c")
+    with tempfile.NamedTemporaryFile("r", suffix=".peak") as peak_file:
+        runner = "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)" if command[1] == "-m" \
+            else "exec(sys.argv.pop(1))"
+        wrapped = [sys.executable, "-c", PEAK_REPORTER + runner, peak_file.name, *command[2:]]
+        start = time.perf_counter()
+        with open(log_path or os.devnull, "w") as err:
+            proc = subprocess.run(wrapped, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT, check=False)
+        if proc.returncode:
+            raise SystemExit(f"{' '.join(command)} failed with exit code {proc.returncode} (log: {log_path})")
+        return int(peak_file.read()) / 1024, time.perf_counter() - start, proc.stdout
 
 
 def baseline_mb() -> float:
@@ -195,6 +212,7 @@ def clone_experts(source: Run, target_dir: Path, count: int) -> Run:
     """A run with `count` experts of `source`'s size: trained ones first, then renamed copies of expert 0."""
     cfg = source.cfg.model_copy(deep=True)
     cfg.model.num_experts = count
+    cfg.budget.total_tokens *= count  # keeps one step per expert valid; nothing is trained here
     cfg.model.top_k = min(cfg.model.top_k, count)
     run = Run(cfg, target_dir)
     if target_dir.exists():

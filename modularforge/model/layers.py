@@ -27,9 +27,10 @@ class RMSNorm(nn.Module):
 
 
 def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (max_len, head_dim), in fp32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    freqs = torch.arange(max_len, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    """cos and sin tables of shape (max_len, head_dim), in fp32, on the CPU even under a meta-device context:
+    the first computation on meta tensors imports torch's meta kernels, about 70 MB of resident memory."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    freqs = torch.arange(max_len, dtype=torch.int64, device="cpu").float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 

@@ -39,7 +39,9 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, moe: bool):
         super().__init__()
-        self.embed_tokens = nn.Embedding(vocab_size, cfg.hidden_size)
+        # given storage skips nn.Embedding's own init (init_weights sets every weight), which on the meta
+        # device would import torch's meta kernels (about 70 MB resident) for nothing
+        self.embed_tokens = nn.Embedding(vocab_size, cfg.hidden_size, _weight=torch.empty(vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg, moe) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
