@@ -185,7 +185,7 @@ def row(table: list, config: str, stage_name: str, peak: float, wall: float, bas
 
 def bench_poc(work: Path, baseline: float, table: list, logs: Path) -> Run:
     overrides = ["budget.total_tokens=106496", "budget.shared_fraction=0.2308", "train.micro_batch_size=4",
-                 "experts.train.micro_batch_size=4", "train.loss_chunks=4", "experts.train.loss_chunks=4", "train.eval_interval=1000", "experts.train.eval_interval=1000",
+                 "experts.train.micro_batch_size=4", "train.loss_chunks=4", "experts.train.loss_chunks=4", "run.malloc_mmap_threshold_kb=256", "train.eval_interval=1000", "experts.train.eval_interval=1000",
                  "train.eval_batches=1", "experts.train.eval_batches=1", "experts.stats_tokens=4096",
                  "calibrate.calib_tokens=5120", "evaluate.eval_tokens=2048", "generate.max_new_tokens=64"]
     run = new_run(preset_path("poc-50m"), work / "poc-50m", overrides)  # 3 shared steps, 2 steps per expert

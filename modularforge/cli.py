@@ -54,10 +54,27 @@ def resolve(args: argparse.Namespace) -> Run:
 
 
 def _apply_threads(run: Run) -> None:
+    """Process-wide runtime settings of the run: torch threads and the allocator's mmap threshold."""
     if run.cfg.run.threads:
         import torch
 
         torch.set_num_threads(run.cfg.run.threads)
+    if run.cfg.run.malloc_mmap_threshold_kb:
+        set_mmap_threshold(run.cfg.run.malloc_mmap_threshold_kb << 10)
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """mallopt(M_MMAP_THRESHOLD): also turns off glibc's dynamic threshold, which otherwise climbs to 32 MB and
+    leaves freed activations in a fragmented heap. Returns False where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, nbytes))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        log.warning("run.malloc_mmap_threshold_kb needs glibc; ignored")
+        return False
 
 
 def _dataset_override(args) -> None:

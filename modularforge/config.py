@@ -30,6 +30,12 @@ class RunConfig(Section):
     root: str = Field("runs", description="Folder that holds run directories.")
     seed: int = Field(0, description="Seed for data splits, initialisation and batch sampling.")
     threads: int | None = Field(None, description="torch intra-op threads (None: torch's default).")
+    malloc_mmap_threshold_kb: int | None = Field(
+        None, ge=64,
+        description="glibc only: give every allocation above this size its own mapping, returned to the system "
+        "when freed. Cuts training peak RSS by about a fifth (heap fragmentation) and costs about 30% "
+        "throughput (page faults); for runs bound by memory, not time. None keeps glibc's default.",
+    )
 
 
 class DataConfig(Section):

@@ -40,7 +40,7 @@ class LayerStats:
     def add(self, count: torch.Tensor, total: torch.Tensor, xtx: torch.Tensor) -> None:
         n = float(count)
         self.counts.append(n)
-        self.sums.append(total)
+        self.sums.append(total.clone())  # a loaded tensor can keep its whole file mapped (and resident)
         self.second += xtx
         self.within += xtx - torch.outer(total, total) / n
         self.diag.append(torch.diagonal(xtx) / n)

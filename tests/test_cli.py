@@ -75,3 +75,13 @@ def test_hub_dataset_offline_is_one_line_with_the_local_alternative(tmp_path, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: cannot reach the Hugging Face hub")
     assert "data.sources" in err[-1]
+
+
+def test_malloc_mmap_threshold_setting_reaches_glibc():
+    import platform
+
+    from modularforge.cli import set_mmap_threshold
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    assert set_mmap_threshold(256 << 10)

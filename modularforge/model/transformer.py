@@ -52,6 +52,9 @@ class KVCache:
         self.layers = [LayerKV(batch, cfg.kv_heads, capacity, cfg.head_dim, dtype) for _ in range(cfg.num_layers)]
 
 
+NLL_SLICE_BYTES = 32 << 20
+
+
 class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, moe: bool):
         super().__init__()
@@ -108,9 +111,17 @@ class CausalLM(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
 
     def token_nll(self, batch: torch.Tensor, expert_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-token negative log-likelihood (B, T) of a (B, T + 1) window batch."""
-        logits = self(batch[:, :-1], expert_ids=expert_ids)
-        return F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none")
+        """Per-token negative log-likelihood (B, T) of a (B, T + 1) window batch. The LM head runs on slices
+        of positions, so the fp32 logits in memory stay near NLL_SLICE_BYTES whatever the vocabulary."""
+        hidden = self(batch[:, :-1], expert_ids=expert_ids, head=False)
+        targets = batch[:, 1:]
+        B, T = targets.shape
+        step = max(1, NLL_SLICE_BYTES // (4 * B * self.vocab_size))
+        out = []
+        for start in range(0, T, step):
+            logits = self.lm_head(hidden[:, start : start + step]).float()
+            out.append(F.cross_entropy(logits.flatten(0, 1), targets[:, start : start + step].flatten(), reduction="none"))
+        return torch.cat([o.view(B, -1) for o in out], dim=1)
 
     def moe_blocks(self) -> list[SparseMoE]:
         return [layer.block_sparse_moe for layer in self.model.layers if hasattr(layer, "block_sparse_moe")]

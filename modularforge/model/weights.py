@@ -81,6 +81,8 @@ def build_model(
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rope_cos, model.rope_sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    # frozen until a trainer says otherwise: autocast caches a bf16 copy of every weight that requires grad
+    model.requires_grad_(False)
     return model
 
 
