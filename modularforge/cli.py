@@ -154,7 +154,7 @@ def cmd_generate(args) -> None:
     _apply_threads(run)
     g = run.cfg.generate
     s = Sampling.from_config(g)
-    for name in ("temperature", "top_k", "top_p", "max_new_tokens", "seed", "context_window"):
+    for name in ("temperature", "top_k", "top_p", "max_new_tokens", "min_new_tokens", "seed", "context_window"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
     model_dir = args.model or run.model_dir
@@ -259,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--min-new-tokens", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--context-window", type=int, help="sliding context window in tokens")
     p.add_argument("--routing", choices=["token", "sequence"], help="per-token routing or one expert per sequence")

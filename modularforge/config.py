@@ -237,6 +237,7 @@ class GenerateConfig(Section):
     top_k: int | None = Field(50, ge=1, description="Keep the k most likely tokens (None = off).")
     top_p: float | None = Field(0.95, gt=0, le=1, description="Nucleus sampling mass (None = off).")
     max_new_tokens: int = Field(200, ge=1, description="Tokens to generate.")
+    min_new_tokens: int = Field(0, ge=0, description="End-of-text is not sampled before this many new tokens.")
     seed: int = Field(0, description="Sampling seed.")
     context_window: int | None = Field(
         None, ge=2, description="Sliding context window in tokens; None = model.max_seq_len."

@@ -31,10 +31,12 @@ class Sampling:
     max_new_tokens: int = 200
     seed: int = 0
     context_window: int | None = None
+    min_new_tokens: int = 0
 
     @classmethod
     def from_config(cls, cfg: GenerateConfig) -> Sampling:
-        return cls(cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_new_tokens, cfg.seed, cfg.context_window)
+        return cls(cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_new_tokens, cfg.seed, cfg.context_window,
+                   cfg.min_new_tokens)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -103,7 +105,10 @@ def generate_ids(
 
     context = tokens[-(window - 1) :] if len(tokens) >= window else tokens
     logits, position = prefill(context), len(context)
-    for _ in range(s.max_new_tokens):
+    for step in range(s.max_new_tokens):
+        if step < s.min_new_tokens and eos_id is not None:
+            logits = logits.clone()
+            logits[eos_id] = float("-inf")
         token = sample_token(logits, s, generator)
         yield token
         if token == eos_id:

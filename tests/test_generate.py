@@ -72,3 +72,13 @@ def test_streamed_pieces_make_up_the_returned_text(trained_run):
     assert "".join(pieces) == text.rstrip("\ufffd") and len(pieces) >= 1
     sequence = generate_text(model, tokenizer, "The Congress", Sampling(max_new_tokens=5), routing="sequence")
     assert isinstance(sequence, str)
+
+
+def test_min_new_tokens_keeps_end_of_text_from_being_sampled_early():
+    model = _model()
+    prompt = [1, 5, 7, 2]
+    first = next(generate_ids(model, prompt, Sampling(temperature=0, max_new_tokens=1)))
+    stopped = list(generate_ids(model, prompt, Sampling(temperature=0, max_new_tokens=8), eos_id=first))
+    assert stopped == [first]  # the greedy first token, taken as end-of-text, ends generation at once
+    held = list(generate_ids(model, prompt, Sampling(temperature=0, max_new_tokens=8, min_new_tokens=5), eos_id=first))
+    assert len(held) >= 5 and first not in held[:5]
