@@ -43,7 +43,7 @@ def calibration_batches(run: Run, tokens_per_partition: int) -> list[torch.Tenso
     batches = []
     for p in range(cfg.model.num_experts):
         w = data.windows(CALIB, p)
-        batches += fixed_batches(w, windows, min(seq_len, w.total - 1), micro)
+        batches += fixed_batches(w, windows, seq_len, micro)
     return batches
 
 

@@ -53,7 +53,7 @@ def resolve(args: argparse.Namespace) -> Run:
     return Run(cfg, args.run_dir)
 
 
-def _apply_threads(run: Run) -> None:
+def _apply_runtime(run: Run) -> None:
     """Process-wide runtime settings of the run: torch threads and the allocator's mmap threshold."""
     if run.cfg.run.threads:
         import torch
@@ -93,7 +93,7 @@ def cmd_train_shared(args) -> None:
     from modularforge.train.shared import train_shared
 
     run = resolve(args)
-    _apply_threads(run)
+    _apply_runtime(run)
     train_shared(run)
 
 
@@ -105,7 +105,7 @@ def cmd_train_experts(args) -> None:
     if args.ray_address:
         args.set.append(f"experts.ray_address={args.ray_address}")
     run = resolve(args)
-    _apply_threads(run)
+    _apply_runtime(run)
     train_experts(run)
 
 
@@ -113,7 +113,7 @@ def cmd_assemble(args) -> None:
     from modularforge.assemble import assemble
 
     run = resolve(args)
-    _apply_threads(run)
+    _apply_runtime(run)
     assemble(run)
 
 
@@ -121,7 +121,7 @@ def cmd_calibrate(args) -> None:
     from modularforge.calibrate import calibrate
 
     run = resolve(args)
-    _apply_threads(run)
+    _apply_runtime(run)
     calibrate(run)
 
 
@@ -129,7 +129,7 @@ def cmd_evaluate(args) -> None:
     import json
 
     run = resolve(args)
-    _apply_threads(run)
+    _apply_runtime(run)
     if args.data:
         from modularforge.evaluate import evaluate_file
 
@@ -151,7 +151,7 @@ def cmd_generate(args) -> None:
     from modularforge.inference import open_model
 
     run = resolve(args)
-    _apply_threads(run)
+    _apply_runtime(run)
     g = run.cfg.generate
     s = Sampling.from_config(g)
     for name in ("temperature", "top_k", "top_p", "max_new_tokens", "min_new_tokens", "seed", "context_window"):

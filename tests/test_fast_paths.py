@@ -27,18 +27,22 @@ def test_bf16_autocast_loss_is_close_to_fp32():
     assert abs(bf16 - fp32) / fp32 < 5e-3
 
 
+def _assert_same_loss_and_gradients(model, batch, reference, candidate):
+    expected = reference(batch)
+    expected.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    got = candidate(batch)
+    got.backward()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4)
+
+
 def test_compiled_loss_and_gradients_match_eager():
     model = _model()
     batch = torch.randint(0, 300, (4, 33), generator=torch.Generator().manual_seed(2))
-    eager = model_loss(model, compile=False)(batch)
-    eager.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    compiled = model_loss(model, compile=True)(batch)
-    compiled.backward()
-    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4)
+    _assert_same_loss_and_gradients(model, batch, model_loss(model, compile=False), model_loss(model, compile=True))
 
 
 def test_bf16_frozen_matrices_give_the_same_loss_under_autocast():
@@ -58,12 +62,5 @@ def test_bf16_frozen_matrices_give_the_same_loss_under_autocast():
 def test_chunked_loss_and_gradients_match_the_whole_sequence_loss():
     model = _model()
     batch = torch.randint(0, 300, (3, 33), generator=torch.Generator().manual_seed(4))
-    whole = model_loss(model, compile=False)(batch)
-    whole.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    chunked = model_loss(model, compile=False, loss_chunks=3)(batch)  # 32 positions: slices of 11, 11, 10
-    chunked.backward()
-    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4)
+    chunked = model_loss(model, compile=False, loss_chunks=3)  # 32 positions: slices of 11, 11, 10
+    _assert_same_loss_and_gradients(model, batch, model_loss(model, compile=False), chunked)

@@ -141,7 +141,6 @@ def expert_model(cfg: Config, vocab: int, run: Run, k: int) -> CausalLM:
         ffn = scratch_ffn(cfg, k)
     model = build_model(cfg.model, vocab, moe=False, tensors=shared | ffn)
     del shared
-    model.requires_grad_(False)
     if cfg.experts.frozen_bf16 and autocast_dtype(cfg.experts.train.precision) == torch.bfloat16:
         frozen_linears_to_bf16(model)
     model.activation_checkpointing = cfg.experts.train.activation_checkpointing
