@@ -158,7 +158,7 @@ def cmd_generate(args) -> None:
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
     model_dir = args.model or run.model_dir
-    model = open_model(model_dir, expert_cache=args.expert_cache or g.expert_cache)
+    model = open_model(model_dir, expert_cache=args.expert_cache or g.expert_cache, decode_dtype=args.dtype or g.dtype)
     tokenizer = load_tokenizer(model_dir)
     sys.stdout.write(args.prompt)
     generate_text(model, tokenizer, args.prompt, s, routing=args.routing or g.routing, on_text=stream_to_stdout)
@@ -264,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-window", type=int, help="sliding context window in tokens")
     p.add_argument("--routing", choices=["token", "sequence"], help="per-token routing or one expert per sequence")
     p.add_argument("--expert-cache", type=int, help="keep at most N expert FFNs in memory (LRU)")
+    p.add_argument("--dtype", choices=["float32", "float16"], help="weight precision for generation")
     p = add("run", cmd_run, "run every stage in order, skipping the ones already finished")
     p.add_argument("--dataset", help="Hugging Face dataset name or alias, e.g. wikitext-103 (data.dataset)")
     p = add("export", cmd_export, "export the assembled model (gguf for llama.cpp)")

@@ -12,6 +12,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from safetensors import safe_open
+from torch import nn
 
 from modularforge.errors import DataError
 from modularforge.files import read_json
@@ -24,8 +25,9 @@ from modularforge.model.weights import FFN_WEIGHTS, build_model, expert_key, ffn
 class ExpertCache:
     """LRU cache of expert FFNs read on demand from an assembled folder."""
 
-    def __init__(self, model_dir: Path, capacity: int, files: dict[str, str]):
+    def __init__(self, model_dir: Path, capacity: int, files: dict[str, str], decode_dtype: str | None = None):
         self.model_dir, self.capacity, self.files = Path(model_dir), capacity, files
+        self.decode_dtype = decode_dtype
         self.cache: OrderedDict[tuple[int, int], SwiGLU] = OrderedDict()
         self.hits = self.misses = 0
 
@@ -44,6 +46,8 @@ class ExpertCache:
         except Exception as e:
             raise DataError(f"cannot read expert {expert} of layer {layer} from {path}: {e}") from None
         ffn = ffn_from_weights(weights)
+        if self.decode_dtype is not None:
+            ffn = for_decoding(ffn, self.decode_dtype)
         self.cache[key] = ffn
         while len(self.cache) > self.capacity:
             self.cache.popitem(last=False)
@@ -63,10 +67,29 @@ class LazyExperts:
         return self.count
 
 
-def open_model(model_dir: Path, expert_cache: int | None = None) -> CausalLM:
-    """The assembled model, fully loaded, or with at most `expert_cache` expert FFNs in memory."""
+def for_decoding(module: nn.Module, dtype: str) -> nn.Module:
+    """Lay the weights out for token-by-token generation, where each step is matrix-vector products.
+
+    float32: each linear weight is stored transposed in memory, still seen as (out, in), so the product
+    reads a contiguous (in, out) matrix, which CPU BLAS does about 1.4x faster than the (out, in) one
+    (benchmarks/speed.py); logits agree to float rounding. Weights tied to an embedding keep their layout,
+    since the embedding reads rows. float16: every weight in half precision, left (out, in), the layout
+    its kernels are fast on; another ~1.5x, with logits within ~1e-3 of float32."""
+    if dtype == "float16":
+        return module.half()
+    tied = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    for m in module.modules():
+        if isinstance(m, nn.Linear) and id(m.weight) not in tied and m.weight.is_contiguous():
+            m.weight = nn.Parameter(m.weight.detach().t().contiguous().t(), requires_grad=False)
+    return module
+
+
+def open_model(model_dir: Path, expert_cache: int | None = None, decode_dtype: str | None = None) -> CausalLM:
+    """The assembled model, fully loaded, or with at most `expert_cache` expert FFNs in memory.
+    `decode_dtype` (float32 or float16) lays it out for generation (`for_decoding`)."""
     if expert_cache is None:
-        return load_assembled(model_dir)[0]
+        model = load_assembled(model_dir)[0]
+        return model if decode_dtype is None else for_decoding(model, decode_dtype)
     model_dir = Path(model_dir)
     config = read_json(model_dir / "config.json")
     cfg = model_config_from_hf(config)
@@ -80,7 +103,7 @@ def open_model(model_dir: Path, expert_cache: int | None = None) -> CausalLM:
     for file, names in by_file.items():
         with safe_open(str(model_dir / file), framework="pt") as f:
             tensors |= {n: f.get_tensor(n) for n in names}
-    cache = ExpertCache(model_dir, expert_cache, files)
+    cache = ExpertCache(model_dir, expert_cache, files, decode_dtype)
 
     def lazy(model: CausalLM) -> None:
         for i, block in enumerate(model.moe_blocks()):
@@ -89,4 +112,4 @@ def open_model(model_dir: Path, expert_cache: int | None = None) -> CausalLM:
 
     model = build_model(cfg, config["vocab_size"], moe=True, tensors=tensors, customize=lazy)
     model.expert_cache = cache
-    return model.eval()
+    return (model if decode_dtype is None else for_decoding(model, decode_dtype)).eval()

@@ -61,6 +61,9 @@ def test_generate_streams_text_to_stdout(trained_run, capsys):
     assert main(["generate", "--run-dir", str(trained_run.dir), "--prompt", "The", "--max-new-tokens", "5",
                  "--expert-cache", "2"]) == 0
     assert capsys.readouterr().out.startswith("The")
+    assert main(["generate", "--run-dir", str(trained_run.dir), "--prompt", "The", "--max-new-tokens", "5",
+                 "--temperature", "0", "--dtype", "float16"]) == 0
+    assert capsys.readouterr().out.startswith("The")
 
 
 def test_hub_dataset_offline_is_one_line_with_the_local_alternative(tmp_path, monkeypatch, capsys):

@@ -82,3 +82,21 @@ def test_min_new_tokens_keeps_end_of_text_from_being_sampled_early():
     assert stopped == [first]  # the greedy first token, taken as end-of-text, ends generation at once
     held = list(generate_ids(model, prompt, Sampling(temperature=0, max_new_tokens=8, min_new_tokens=5), eos_id=first))
     assert len(held) >= 5 and first not in held[:5]
+
+
+def test_decoding_layouts_keep_the_logits_and_the_expert_cache_uses_them(trained_run):
+    full, _ = load_assembled(trained_run.model_dir)
+    ids = torch.randint(0, 500, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = full.eval()(ids)
+        fp32 = open_model(trained_run.model_dir, decode_dtype="float32")
+        assert not fp32.model.layers[0].self_attn.q_proj.weight.is_contiguous()  # stored (in, out)
+        torch.testing.assert_close(fp32(ids), reference, rtol=1e-5, atol=1e-5)
+        fp16 = open_model(trained_run.model_dir, decode_dtype="float16")
+        assert fp16.lm_head.weight.dtype == torch.float16
+        torch.testing.assert_close(fp16(ids).float(), reference, rtol=0, atol=0.05 * reference.abs().max().item())
+        cached = open_model(trained_run.model_dir, expert_cache=2, decode_dtype="float32")
+        torch.testing.assert_close(cached(ids), reference, rtol=1e-5, atol=1e-5)
+        assert not cached.moe_blocks()[0].experts[0].w1.weight.is_contiguous()
+    s = Sampling(temperature=0, max_new_tokens=10)
+    assert list(generate_ids(fp32, [5, 6, 7], s)) == list(generate_ids(full, [5, 6, 7], s))
