@@ -81,6 +81,25 @@ EXPERT_VARIANTS = {
     "anchor-alone-swap": {"init": "anchor", "mode": "alone", "anchor_swap": 0.25},
 }
 BUDGET_SPLITS = {"1/3": 1 / 3, "2/3": 2 / 3, "5/6": 5 / 6}
+DISCRIMINATIVE = ("ridge", "lda")
+
+
+def router_grid() -> list[tuple[str, str, int]]:
+    """(router, calibration, top_k) rows: every router with and without a temperature at top-1 and top-2;
+    the costlier calibrations (per-layer temperatures, norm recalibration) only for the discriminative
+    routers at top-2, where the previous full grid showed they can matter; uniform routers only uncalibrated,
+    since a temperature does not change all-zero logits."""
+    grid = []
+    for router in ROUTERS:
+        for calibration in CALIBRATIONS:
+            for top_k in (1, 2):
+                extra = calibration in ("temperature_per_layer", "temperature+norm")
+                if router == "uniform" and calibration != "none":
+                    continue
+                if extra and (router not in DISCRIMINATIVE or top_k == 1):
+                    continue
+                grid.append((router, calibration, top_k))
+    return grid
 DTYPE = torch.bfloat16
 
 
@@ -313,7 +332,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "quality.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "results" / "quality.png")
     parser.add_argument("--tokens", type=int, help="override budget.total_tokens")
-    parser.add_argument("--dev-windows", type=int, default=32, help="dev windows per corpus")
+    parser.add_argument("--dev-windows", type=int, default=24, help="dev windows per corpus")
     parser.add_argument("--quick", action="store_true", help="tiny budget, to check the benchmark itself")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override the base config (finished stages whose inputs did not change are reused)")
@@ -427,19 +446,10 @@ def main() -> None:
     # Router x calibration x top-k on the best expert set, and the anchor kept on as a shared expert.
     moe = MoEUnderTest(experts_for(main_split, best_variant))
     best_anchor = 0.5 if EXPERT_VARIANTS[best_variant]["mode"] == "with_anchor" else 0.0
-    for router in ROUTERS:
-        for calibration in CALIBRATIONS:
-            for top_k in (1, 2):
-                if (router, calibration, top_k) == default:
-                    continue
-                if calibration == "temperature_per_layer" and top_k == 1:
-                    continue  # the per-layer search is costly; top-1 is covered by the other calibrations
-                if router == "uniform" and calibration != "none":
-                    continue  # a temperature does not change all-zero logits
-                if calibration == "temperature_per_layer" and router in ("kaiming", "data_stats"):
-                    continue  # the per-layer search is costly; kept for the discriminative routers
-                score_moe(moe, f"{best_variant}: {router}, {calibration}, top-{top_k}", "routers",
-                          router, calibration, top_k, best_anchor)
+    for router, calibration, top_k in router_grid():
+        if (router, calibration, top_k) != default:
+            score_moe(moe, f"{best_variant}: {router}, {calibration}, top-{top_k}", "routers",
+                      router, calibration, top_k, best_anchor)
     token_rows = [r for r in rows if r["group"] in ("experts", "routers") and r["row"].startswith(best_variant)
                   and "router" in r]
     best_token = min(token_rows, key=lambda r: r["union_ppl"])

@@ -17,16 +17,19 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
-from tokenizers import Tokenizer
 
 from modularforge.config import PartitionConfig
 from modularforge.data.shards import CALIB, SPLIT_NAMES, TRAIN, VAL, TokenStore
 from modularforge.errors import DataError
 from modularforge.files import atomic_path, read_json, write_json
+
+if TYPE_CHECKING:  # scipy and tokenizers load only where partitioning runs, not with the corpus reader
+    import scipy.sparse as sp
+    from tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +121,8 @@ class Partitioner:
         self.components = svd.components_
 
     def _weighted(self, counts: sp.csr_matrix) -> sp.csr_matrix:
+        import scipy.sparse as sp
+
         x = counts.astype(np.float64).tocsr(copy=True)
         x.data = 1 + np.log(x.data)  # sublinear tf
         x = x.multiply(self.idf[None, :]).tocsr()
@@ -177,6 +182,8 @@ class Partitioner:
 
 
 def _counts_of(documents: list[np.ndarray], vocab_size: int) -> sp.csr_matrix:
+    import scipy.sparse as sp
+
     rows, cols, vals = [], [], []
     for i, doc in enumerate(documents):
         ids, counts = np.unique(doc, return_counts=True)
