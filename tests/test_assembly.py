@@ -6,9 +6,11 @@ from safetensors import safe_open
 
 import modularforge.safetensors_stream as stream
 from modularforge.assemble import assemble
+from modularforge.config import ModelConfig
 from modularforge.errors import AssemblyError
 from modularforge.files import load_tensors, read_json
-from modularforge.model.weights import expert_key
+from modularforge.model.transformer import CausalLM
+from modularforge.model.weights import dense_shapes, expert_key
 
 
 def _all_output_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -138,3 +140,13 @@ def test_calibration_reruns_from_the_uncalibrated_routers(run_copy):
     calibrate(run_copy)  # a second calibration must not divide by the temperature twice
     after = load_tensors(shard)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_dense_shapes_from_the_config_match_the_built_model():
+    for tie, kv in ((False, None), (True, 2)):
+        cfg = ModelConfig(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=kv,
+                          max_seq_len=16, tie_embeddings=tie)
+        with torch.device("meta"):
+            model = CausalLM(cfg, vocab_size=50, moe=False)
+        built = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tie and k == "lm_head.weight")}
+        assert dense_shapes(cfg, 50) == built

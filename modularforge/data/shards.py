@@ -15,15 +15,19 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from modularforge.config import DataConfig
-from modularforge.data.sources import Document
 from modularforge.errors import DataError
 from modularforge.files import atomic_path, read_json, sha256_file, write_json
+
+if TYPE_CHECKING:  # the writer's types; readers of the shards (every later stage) need neither library
+    from tokenizers import Tokenizer
+
+    from modularforge.data.sources import Document
 
 TRAIN, CALIB, VAL = 0, 1, 2
 SPLIT_NAMES = {TRAIN: "train", CALIB: "calib", VAL: "val"}
