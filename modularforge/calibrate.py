@@ -66,7 +66,7 @@ def calibrate(run: Run) -> dict:
         reset_uncalibrated(model, run, stats_paths)
         result = {"temperature": None, "norm": cfg.calibrate.norm}
         if cfg.calibrate.temperature or cfg.calibrate.norm:
-            dtype = autocast_dtype(cfg.experts.train.precision)
+            dtype = autocast_dtype(cfg.calibrate.precision)
             batches = calibration_batches(run, max(1, cfg.calibrate.calib_tokens // cfg.model.num_experts))
             result["calib_loss_before"] = mean_loss(model, batches, dtype)
             if cfg.calibrate.norm:

@@ -213,6 +213,11 @@ class CalibrateConfig(Section):
         False, description="Rescale post-attention norm gains so expert inputs match their training statistics."
     )
     calib_tokens: int = Field(16_384, ge=256, description="Calibration-split tokens scored per candidate.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "fp32", description="Compute precision of the calibration passes. bf16 autocast is faster, but each "
+        "routing-dependent expert batch shape gets its own cached oneDNN kernel and weight casts: on poc-50m "
+        "the stage's memory above the interpreter doubled (benchmarks/memory.py).",
+    )
     expert_cache: int | None = Field(
         None, ge=1, description="Run calibration with at most this many expert FFNs in memory (None = all)."
     )
