@@ -39,6 +39,9 @@ def speed(result: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         lines.append(f"| {r['system']} | {r['precision']} | {r['tokens_per_s']:.0f} | {r['mfu']:.2f} |")
+    lines += ["", "| generation (batch 1, greedy) | weights | tokens/s | tokens equal to float32 |", "|---|---|---|---|"]
+    for r in result["generation"]["rows"]:
+        lines.append(f"| {r['system']} | {r['dtype']} | {r['tokens_per_s']:.0f} | {r['greedy_tokens_equal_float32']} |")
     ratios = "\n".join(f"- {name}: **{t['value']}** (target {t['target']})" for name, t in result["ratios"].items())
     return "\n".join(lines) + "\n\n" + ratios
 
