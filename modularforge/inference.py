@@ -2,8 +2,8 @@
 
 With `expert_cache=N`, everything but the experts is loaded, and each MoE block gets a lazy list of
 experts backed by one LRU cache of at most N expert FFNs (one FFN = one expert in one layer). A miss
-opens the expert's shard, reads that FFN's three matrices and closes the file, so no mapping of the
-shard stays resident. Logits are the same as with the model fully loaded.
+reads that FFN's three matrices from the expert's shard into their own memory (no mapping of the shard
+stays behind). Logits are the same as with the model fully loaded.
 """
 
 from __future__ import annotations
@@ -11,15 +11,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
-from safetensors import safe_open
 from torch import nn
 
-from modularforge.errors import DataError
 from modularforge.files import read_json
-from modularforge.model.hf import load_assembled, model_config_from_hf, weight_map
+from modularforge.model.hf import load_assembled, model_config_from_hf, read_weights, weight_map
 from modularforge.model.layers import SwiGLU
 from modularforge.model.transformer import CausalLM
 from modularforge.model.weights import FFN_WEIGHTS, build_model, expert_key, ffn_from_weights
+from modularforge.safetensors_stream import read_tensors
 
 
 class ExpertCache:
@@ -39,13 +38,8 @@ class ExpertCache:
             return self.cache[key]
         self.misses += 1
         names = {w: expert_key(layer, expert, w) for w in FFN_WEIGHTS}
-        path = self.model_dir / self.files[names["w1"]]
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                weights = {w: f.get_tensor(n) for w, n in names.items()}
-        except Exception as e:
-            raise DataError(f"cannot read expert {expert} of layer {layer} from {path}: {e}") from None
-        ffn = ffn_from_weights(weights)
+        tensors = read_tensors(self.model_dir / self.files[names["w1"]], names.values())
+        ffn = ffn_from_weights({w: tensors[n] for w, n in names.items()})
         if self.decode_dtype is not None:
             ffn = for_decoding(ffn, self.decode_dtype)
         self.cache[key] = ffn
@@ -88,21 +82,14 @@ def open_model(model_dir: Path, expert_cache: int | None = None, decode_dtype: s
     """The assembled model, fully loaded, or with at most `expert_cache` expert FFNs in memory.
     `decode_dtype` (float32 or float16) lays it out for generation (`for_decoding`)."""
     if expert_cache is None:
-        model = load_assembled(model_dir)[0]
+        model = load_assembled(model_dir, mapped=decode_dtype is None)[0]
         return model if decode_dtype is None else for_decoding(model, decode_dtype)
     model_dir = Path(model_dir)
     config = read_json(model_dir / "config.json")
     cfg = model_config_from_hf(config)
     files = weight_map(model_dir)
     is_expert = {expert_key(i, e, w) for i in range(cfg.num_layers) for e in range(cfg.num_experts) for w in FFN_WEIGHTS}
-    by_file: dict[str, list[str]] = {}
-    for name, file in files.items():
-        if name not in is_expert:
-            by_file.setdefault(file, []).append(name)
-    tensors = {}
-    for file, names in by_file.items():
-        with safe_open(str(model_dir / file), framework="pt") as f:
-            tensors |= {n: f.get_tensor(n) for n in names}
+    tensors = read_weights(model_dir, [n for n in files if n not in is_expert], mapped=decode_dtype is None)
     cache = ExpertCache(model_dir, expert_cache, files, decode_dtype)
 
     def lazy(model: CausalLM) -> None:

@@ -76,6 +76,25 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     return table, metadata
 
 
+def read_tensors(path: str | Path, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Named tensors of a file, each read into fresh memory. Tensors from `safe_open` are views of one
+    mapping of the whole file, which stays mapped (its touched pages resident) while any of them lives;
+    these hold exactly their own bytes."""
+    table, _ = read_header(path)
+    out = {}
+    with open(path, "rb") as f:
+        for name in names:
+            if name not in table:
+                raise DataError(f"{path} has no tensor {name}")
+            info = table[name]
+            tensor = torch.empty(info.shape, dtype=DTYPES[info.dtype])
+            f.seek(info.begin)
+            if f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != info.nbytes:
+                raise DataError(f"{path} ended early while reading {name}")
+            out[name] = tensor
+    return out
+
+
 Source = tuple[TensorInfo, Callable[[BinaryIO], None]]  # what to write, and a function writing its bytes
 
 

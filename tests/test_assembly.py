@@ -7,7 +7,7 @@ from safetensors import safe_open
 import modularforge.safetensors_stream as stream
 from modularforge.assemble import assemble
 from modularforge.config import ModelConfig
-from modularforge.errors import AssemblyError
+from modularforge.errors import AssemblyError, DataError
 from modularforge.files import load_tensors, read_json
 from modularforge.model.transformer import CausalLM
 from modularforge.model.weights import dense_shapes, expert_key
@@ -150,3 +150,17 @@ def test_dense_shapes_from_the_config_match_the_built_model():
             model = CausalLM(cfg, vocab_size=50, moe=False)
         built = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tie and k == "lm_head.weight")}
         assert dense_shapes(cfg, 50) == built
+
+
+def test_read_tensors_gives_the_stored_tensors_in_their_own_memory(tmp_path):
+    from safetensors.torch import save_file
+
+    stored = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(4).bfloat16(),
+              "scalar": torch.tensor(2.5)}
+    save_file(stored, str(tmp_path / "t.safetensors"))
+    read = stream.read_tensors(tmp_path / "t.safetensors", ["c", "a", "scalar", "b"])
+    assert all(torch.equal(read[k], v) and read[k].dtype == v.dtype for k, v in stored.items())
+    read["a"].add_(1)  # own memory: writable, and the file is untouched
+    assert torch.equal(stream.read_tensors(tmp_path / "t.safetensors", ["a"])["a"], stored["a"])
+    with pytest.raises(DataError, match="no tensor z"):
+        stream.read_tensors(tmp_path / "t.safetensors", ["z"])

@@ -7,6 +7,7 @@ device and assigns the tensors.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from modularforge.errors import DataError
 from modularforge.files import read_json
 from modularforge.model.transformer import CausalLM
 from modularforge.model.weights import build_model
+from modularforge.safetensors_stream import read_tensors
 
 
 def mixtral_config(cfg: ModelConfig, vocab_size: int, eos_id: int) -> dict:
@@ -83,19 +85,30 @@ def weight_map(model_dir: Path) -> dict[str, str]:
         return {k: "model.safetensors" for k in f.keys()}
 
 
-def load_assembled(model_dir: Path) -> tuple[CausalLM, dict]:
-    """Load an assembled folder fully into memory; returns (model, config.json dict)."""
-    model_dir = Path(model_dir)
-    config = read_json(model_dir / "config.json")
-    cfg = model_config_from_hf(config)
+def read_weights(model_dir: Path, names: Iterable[str] | None = None, mapped: bool = True) -> dict[str, torch.Tensor]:
+    """The named tensors (default: all) of an assembled folder. `mapped` tensors are views of the
+    memory-mapped files (pages load as they are touched); otherwise each is read into its own memory, which
+    a caller that replaces the tensors (a new layout or dtype) needs, so that the old bytes do not stay
+    resident beside the new ones."""
+    files = weight_map(model_dir)
     by_file: dict[str, list[str]] = {}
-    for name, file in weight_map(model_dir).items():
-        by_file.setdefault(file, []).append(name)
+    for name in files if names is None else names:
+        by_file.setdefault(files[name], []).append(name)
     tensors: dict[str, torch.Tensor] = {}
-    for file, names in by_file.items():
+    for file, in_file in by_file.items():
+        if not mapped:
+            tensors |= read_tensors(Path(model_dir) / file, in_file)
+            continue
         try:
-            with safe_open(str(model_dir / file), framework="pt") as f:
-                tensors.update({n: f.get_tensor(n) for n in names})
+            with safe_open(str(Path(model_dir) / file), framework="pt") as f:
+                tensors |= {n: f.get_tensor(n) for n in in_file}
         except Exception as e:
-            raise DataError(f"cannot read {model_dir / file}: {e}") from None
-    return build_model(cfg, config["vocab_size"], moe=True, tensors=tensors), config
+            raise DataError(f"cannot read {Path(model_dir) / file}: {e}") from None
+    return tensors
+
+
+def load_assembled(model_dir: Path, mapped: bool = True) -> tuple[CausalLM, dict]:
+    """Load an assembled folder fully into memory (`read_weights`); returns (model, config.json dict)."""
+    config = read_json(Path(model_dir) / "config.json")
+    tensors = read_weights(model_dir, mapped=mapped)
+    return build_model(model_config_from_hf(config), config["vocab_size"], moe=True, tensors=tensors), config
