@@ -33,7 +33,7 @@ from modularforge.errors import ConfigError, DataError, ModularForgeError
 from modularforge.data.tokenizer import PRE_TOKENIZER_NAME
 from modularforge.files import atomic_path, read_json
 from modularforge.model.hf import model_config_from_hf, weight_map
-from modularforge.model.weights import expert_key, gate_key
+from modularforge.model.weights import dense_shapes, expert_key, ffn_to_expert, gate_key, is_ffn
 from modularforge.safetensors_stream import read_header
 
 log = logging.getLogger(__name__)
@@ -149,23 +149,16 @@ def _read_config(path: Path) -> dict:
 
 
 def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor an assembled Mixtral folder must hold, with its shape."""
+    """Every tensor an assembled Mixtral folder must hold, with its shape: the dense model's, each FFN
+    repeated for every expert, and a router per layer."""
     cfg = model_config_from_hf(config)
-    H, I, E, V, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, config["vocab_size"], cfg.head_dim
-    shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
-    if not cfg.tie_embeddings:
-        shapes["lm_head.weight"] = (V, H)
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
-            p + "self_attn.q_proj.weight": (cfg.num_heads * D, H), p + "self_attn.k_proj.weight": (cfg.kv_heads * D, H),
-            p + "self_attn.v_proj.weight": (cfg.kv_heads * D, H), p + "self_attn.o_proj.weight": (H, cfg.num_heads * D),
-            gate_key(i): (E, H),
-        }
-        for e in range(E):
-            shapes |= {expert_key(i, e, "w1"): (I, H), expert_key(i, e, "w3"): (I, H), expert_key(i, e, "w2"): (H, I)}
-    return shapes
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, shape in dense_shapes(cfg, config["vocab_size"]).items():
+        if is_ffn(name):
+            shapes |= {ffn_to_expert(name, e): shape for e in range(cfg.num_experts)}
+        else:
+            shapes[name] = shape
+    return shapes | {gate_key(i): (cfg.num_experts, cfg.hidden_size) for i in range(cfg.num_layers)}
 
 
 def _check_tensors(model: Assembled) -> None:
