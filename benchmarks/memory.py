@@ -41,7 +41,7 @@ from modularforge.config import Config, load_config, preset_path  # noqa: E402
 from modularforge.files import load_tensors, read_json, save_tensors, sha256_file, write_json  # noqa: E402
 from modularforge.model.transformer import CausalLM  # noqa: E402
 from modularforge.runs import Run  # noqa: E402
-from modularforge.train.loop import autocast, autocast_dtype, model_loss  # noqa: E402
+from modularforge.train.loop import autocast, autocast_dtype  # noqa: E402
 
 MB = 2**20
 
@@ -93,7 +93,8 @@ def dense_meta(cfg: Config, vocab: int) -> CausalLM:
 
 
 def saved_activation_bytes(cfg: Config, vocab: int, phase: str) -> int:
-    """Bytes autograd keeps for backward on one micro-batch, counted on a real forward pass (weights random)."""
+    """Bytes autograd keeps for backward on one micro-batch, counted on a real forward pass (weights random):
+    the model's body and the final hidden states the LM head reads. The loss itself is `logits_grad`."""
     model = CausalLM(cfg.model, vocab, moe=False)
     train = cfg.train if phase == "shared" else cfg.experts.train
     if phase == "experts":
@@ -109,10 +110,10 @@ def saved_activation_bytes(cfg: Config, vocab: int, phase: str) -> int:
             storages[storage.data_ptr()] = storage.nbytes()
         return t
 
-    batch = torch.randint(0, vocab, (train.micro_batch, cfg.seq_len(train) + 1))
+    inputs = torch.randint(0, vocab, (train.micro_batch, cfg.seq_len(train)))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(autocast_dtype(train.precision)):
-        model_loss(model, compile=False, loss_chunks=train.loss_chunks)(batch)
-    return sum(storages.values())
+        hidden = model(inputs, head=False)
+    return sum(storages.values()) + hidden.untyped_storage().nbytes()  # the LM head's input is kept too
 
 
 def training_floor(cfg: Config, vocab: int, phase: str) -> dict:

@@ -39,6 +39,7 @@ from modularforge.inference import open_model  # noqa: E402
 from modularforge.model.hf import mixtral_config  # noqa: E402
 from modularforge.model.transformer import CausalLM  # noqa: E402
 from modularforge.train.loop import autocast, autocast_dtype, model_loss  # noqa: E402
+from modularforge.train.optimizer import FusedAdamW  # noqa: E402
 
 SHAPE = dict(hidden=256, intermediate=1024, layers=4, heads=4, vocab=8192, seq=256, batch=8, experts=4, top_k=2)
 
@@ -86,7 +87,7 @@ def our_step(cfg: ModelConfig, s: dict, phase: str, dtype, compile: bool):
         for layer in model.model.layers:
             layer.mlp.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    optimizer = FusedAdamW([(params, 0.1)], betas=(0.9, 0.95))
     loss_fn = model_loss(model, compile)
     batch = torch.randint(0, s["vocab"], (s["batch"], s["seq"] + 1))
 
@@ -94,8 +95,8 @@ def our_step(cfg: ModelConfig, s: dict, phase: str, dtype, compile: bool):
         with autocast(dtype):
             loss = loss_fn(batch)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.step(1e-4)
+        optimizer.zero_grad()
 
     return step
 

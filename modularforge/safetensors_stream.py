@@ -76,14 +76,15 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     return table, metadata
 
 
-def read_tensors(path: str | Path, names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Named tensors of a file, each read into fresh memory. Tensors from `safe_open` are views of one
-    mapping of the whole file, which stays mapped (its touched pages resident) while any of them lives;
-    these hold exactly their own bytes."""
+def read_tensors(path: str | Path, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Named tensors (default: all) of a file, each read into fresh memory. Tensors from `safe_open` are views
+    of one mapping of the whole file, which stays mapped (its touched pages resident) while any of them lives,
+    and a view written to (a trained weight) gets private copies of its pages beside the file's; these hold
+    exactly their own bytes."""
     table, _ = read_header(path)
     out = {}
     with open(path, "rb") as f:
-        for name in names:
+        for name in table if names is None else names:
             if name not in table:
                 raise DataError(f"{path} has no tensor {name}")
             info = table[name]

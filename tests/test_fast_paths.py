@@ -64,3 +64,60 @@ def test_chunked_loss_and_gradients_match_the_whole_sequence_loss():
     batch = torch.randint(0, 300, (3, 33), generator=torch.Generator().manual_seed(4))
     chunked = model_loss(model, compile=False, loss_chunks=3)  # 32 positions: slices of 11, 11, 10
     _assert_same_loss_and_gradients(model, batch, model_loss(model, compile=False), chunked)
+
+
+def _plain_loss(model):
+    def loss(batch):
+        logits = model(batch[:, :-1])
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+    return loss
+
+
+def test_fused_head_and_loss_match_autograd_cross_entropy_in_fp32():
+    model = _model()
+    batch = torch.randint(0, 300, (3, 33), generator=torch.Generator().manual_seed(5))
+    _assert_same_loss_and_gradients(model, batch, _plain_loss(model), model_loss(model, compile=False, loss_chunks=2))
+
+
+def test_fused_head_and_loss_match_autograd_cross_entropy_under_bf16_autocast(monkeypatch):
+    import modularforge.train.cross_entropy as cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "BLOCK_BYTES", 4 * 300 * 5)  # 5-row blocks inside each slice
+    model = _model()
+    batch = torch.randint(0, 300, (3, 33), generator=torch.Generator().manual_seed(6))
+    with autocast(torch.bfloat16):
+        expected = _plain_loss(model)(batch)
+    expected.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with autocast(torch.bfloat16):
+        got = model_loss(model, compile=False, loss_chunks=3)(batch)
+    got.backward()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for n, p in model.named_parameters():  # bf16 products: the head's weight gradient is summed per slice
+        torch.testing.assert_close(p.grad, grads[n], atol=2e-3, rtol=2e-2, msg=n)
+
+
+def test_fused_adamw_takes_the_steps_of_torch_adamw():
+    from modularforge.train.optimizer import FusedAdamW
+
+    ours, theirs = _model(), _model()
+    decay = lambda m: [p for p in m.parameters() if p.dim() >= 2]  # noqa: E731
+    rest = lambda m: [p for p in m.parameters() if p.dim() < 2]  # noqa: E731
+    opt_ours = FusedAdamW([(decay(ours), 0.1), (rest(ours), 0.0)], betas=(0.9, 0.95))
+    opt_theirs = torch.optim.AdamW([{"params": decay(theirs), "weight_decay": 0.1},
+                                    {"params": rest(theirs), "weight_decay": 0.0}], betas=(0.9, 0.95), fused=True)
+    for step in range(3):
+        batch = torch.randint(0, 300, (2, 33), generator=torch.Generator().manual_seed(10 + step))
+        for model in (ours, theirs):
+            model_loss(model, compile=False)(batch).backward()
+        opt_ours.step(lr=1e-2 / (step + 1))
+        for group in opt_theirs.param_groups:
+            group["lr"] = 1e-2 / (step + 1)
+        opt_theirs.step()
+        opt_ours.zero_grad()
+        opt_theirs.zero_grad()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    assert not torch.equal(ours.lm_head.weight, _model().lm_head.weight)

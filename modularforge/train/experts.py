@@ -22,12 +22,13 @@ from torch import nn
 from modularforge.config import Config
 from modularforge.data.batches import PreparedData, Windows, batch_rng, fixed_batches
 from modularforge.data.shards import CALIB, TRAIN, VAL
-from modularforge.files import load_tensors, read_json, save_tensors, sha256_file, write_json
+from modularforge.files import read_json, save_tensors, sha256_file, write_json
 from modularforge.model.layers import SwiGLU
 from modularforge.model.moe import SparseMoE
 from modularforge.model.transformer import CausalLM
 from modularforge.model.weights import FFN_WEIGHTS, build_model, expert_key, ffn_from_weights, ffn_key
 from modularforge.runs import Run
+from modularforge.safetensors_stream import read_tensors
 from modularforge.train.loop import autocast, autocast_dtype, model_loss, train_loop
 from modularforge.train.shared import vocab_size
 
@@ -131,10 +132,10 @@ def train_expert(run: Run, k: int, stop_after: int | None = None) -> dict:
 
 def expert_model(cfg: Config, vocab: int, run: Run, k: int) -> CausalLM:
     """Frozen shared part + this expert's trainable FFN (beside the frozen anchor in with_anchor mode)."""
-    shared = load_tensors(run.shared_dir / "shared.safetensors")
+    shared = read_tensors(run.shared_dir / "shared.safetensors")
     keeps_anchor = cfg.experts.mode == "with_anchor" or cfg.experts.anchor_swap > 0
     needs_anchor = keeps_anchor or cfg.experts.init == "anchor"
-    anchor = load_tensors(run.shared_dir / "anchor.safetensors") if needs_anchor else {}
+    anchor = read_tensors(run.shared_dir / "anchor.safetensors") if needs_anchor else {}
     if cfg.experts.init == "anchor":  # the loaded tensors are ours: copy them only if the anchor stays too
         ffn = {name: t.clone() for name, t in anchor.items()} if keeps_anchor else anchor
     else:

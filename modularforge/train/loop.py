@@ -19,15 +19,15 @@ from pathlib import Path
 
 import psutil
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from modularforge.config import TrainConfig
 from modularforge.errors import TrainingError
 from modularforge.files import atomic_path, load_tensors, read_metadata, save_tensors
+from modularforge.train.cross_entropy import linear_cross_entropy
+from modularforge.train.optimizer import FusedAdamW
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +56,14 @@ def autocast(dtype: torch.dtype | None):
 def model_loss(model: nn.Module, compile: bool, loss_chunks: int = 1) -> LossFn:
     """Mean next-token cross-entropy (fp32) of the model on a (B, T + 1) window batch; with `compile`
     the forward pass goes through torch.compile (fused norms, rotary and SwiGLU elementwise work).
-    With loss_chunks > 1 the LM head and the loss run on that many slices of the sequence, each recomputed
-    in backward, so the logits of only one slice exist at a time (they dominate memory at large vocabularies)."""
+    The LM head and the loss run fused on `loss_chunks` slices of the positions, so the logits of only one
+    slice exist at a time (they dominate memory at large vocabularies); see `train.cross_entropy`."""
     forward = torch.compile(model, dynamic=False) if compile else model
-
-    def summed_nll(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = model.lm_head(hidden)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
 
     def loss(batch: torch.Tensor) -> torch.Tensor:
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        if loss_chunks == 1:
-            logits = forward(inputs)
-            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         hidden = forward(inputs, head=False)
-        total = sum(checkpoint(summed_nll, h, t, use_reentrant=False)
-                    for h, t in zip(hidden.chunk(loss_chunks, dim=1), targets.chunk(loss_chunks, dim=1)))
+        total = linear_cross_entropy(hidden.flatten(0, 1), model.lm_head, targets.flatten(), loss_chunks)
         return total / targets.numel()
 
     return loss
@@ -119,8 +111,7 @@ def train_loop(
     ckpt_path, metrics_path = out_dir / "ckpt.safetensors", out_dir / "metrics.jsonl"
     decay = [p for n, p in params.items() if p.dim() >= 2 and not no_decay(n)]
     rest = [p for n, p in params.items() if not (p.dim() >= 2 and not no_decay(n))]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    optimizer = FusedAdamW([(decay, cfg.weight_decay), (rest, 0.0)], betas=(cfg.beta1, cfg.beta2))
     start = _resume(ckpt_path, params, optimizer, fingerprint, steps)
     _trim_metrics(metrics_path, start)
     dtype = autocast_dtype(cfg.precision)
@@ -136,8 +127,6 @@ def train_loop(
     with logging_redirect_tqdm():
         for step in range(start, steps):
             lr = lr_at(step, steps, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             batch = sample_batch(step)
             loss_sum = 0.0
             for m in range(accum):
@@ -150,8 +139,8 @@ def train_loop(
                 raise TrainingError(f"{label}: non-finite loss ({last_loss}) at step {step + 1}; lower the learning rate")
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.step(lr)
+            optimizer.zero_grad()
             done = step + 1
             tokens = batch.shape[0] * (batch.shape[1] - 1)
             interval_tokens += tokens
@@ -193,7 +182,8 @@ def evaluate_loss(loss_fn: LossFn, batches: Sequence[torch.Tensor], dtype: torch
     return total / max(count, 1)
 
 
-def _save_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer, step: int, fingerprint: str) -> None:
+def _save_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer: FusedAdamW, step: int,
+                     fingerprint: str) -> None:
     tensors = {f"param.{n}": p.detach() for n, p in params.items()}
     for name, p in params.items():
         for key, value in optimizer.state.get(p, {}).items():
@@ -201,7 +191,7 @@ def _save_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer, ste
     save_tensors(path, tensors, {"step": str(step), "fingerprint": fingerprint})
 
 
-def _resume(path: Path, params: dict[str, nn.Parameter], optimizer, fingerprint: str, steps: int) -> int:
+def _resume(path: Path, params: dict[str, nn.Parameter], optimizer: FusedAdamW, fingerprint: str, steps: int) -> int:
     if not path.exists():
         return 0
     meta = read_metadata(path)
@@ -216,7 +206,7 @@ def _resume(path: Path, params: dict[str, nn.Parameter], optimizer, fingerprint:
             p.copy_(tensors[f"param.{name}"])
             state = {k.split(".", 1)[0]: v for k, v in tensors.items() if k.split(".", 1)[1] == name and not k.startswith("param.")}
             if state:
-                optimizer.state[p] = state
+                optimizer.load_state(p, state)
     step = int(meta["step"])
     log.info("resuming %s at step %d/%d", path.parent, step, steps)
     return step
