@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 
 from modularforge.config import GenerateConfig
 from modularforge.data.tokenizer import eos_id
+from modularforge.decode import RotaryRows, decode_step, supports_decode_step
 from modularforge.errors import ModularForgeError
 from modularforge.model.transformer import CausalLM, KVCache
 
@@ -98,6 +99,7 @@ def generate_ids(
     expert_ids = None if expert is None else torch.tensor([expert])
     dtype = next(model.parameters()).dtype
     cache = KVCache(model.cfg, 1, window, dtype)
+    rotary = RotaryRows(model, dtype) if supports_decode_step(model) else None
     tokens = list(prompt)
 
     def prefill(context: list[int]) -> torch.Tensor:
@@ -118,7 +120,10 @@ def generate_ids(
             context = tokens[-(window // 2) :]
             logits, position = prefill(context), len(context)
         else:
-            logits = model(torch.tensor([[token]]), cache=cache, start=position, expert_ids=expert_ids)[0, -1]
+            if rotary is not None:
+                logits = decode_step(model, rotary, token, cache, position, expert_ids)
+            else:
+                logits = model(torch.tensor([[token]]), cache=cache, start=position, expert_ids=expert_ids)[0, -1]
             position += 1
 
 

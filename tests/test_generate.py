@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from modularforge.config import ModelConfig
@@ -100,3 +101,42 @@ def test_decoding_layouts_keep_the_logits_and_the_expert_cache_uses_them(trained
         assert not cached.moe_blocks()[0].experts[0].w1.weight.is_contiguous()
     s = Sampling(temperature=0, max_new_tokens=10)
     assert list(generate_ids(fp32, [5, 6, 7], s)) == list(generate_ids(full, [5, 6, 7], s))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_lean_decode_step_gives_the_module_path_logits(dtype, monkeypatch):
+    import modularforge.decode as decode
+    from modularforge.inference import for_decoding
+    from modularforge.model.layers import SwiGLU
+    from modularforge.model.transformer import KVCache
+
+    monkeypatch.setattr(decode, "SPLIT_MIN_ELEMENTS", 0)  # every float32 product through the two-core split
+    model = _model()
+    block = model.moe_blocks()[1]
+    block.shared_expert, block.shared_weight = SwiGLU(CFG.hidden_size, CFG.intermediate_size), 0.25
+    for p in block.shared_expert.parameters():
+        torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(2))
+    model = for_decoding(model, dtype)
+    torch_dtype = getattr(torch, dtype)
+    rotary = decode.RotaryRows(model, torch_dtype)
+    with torch.no_grad():
+        for expert_ids in (None, torch.tensor([2])):  # routed per token; one expert for the sequence
+            caches = [KVCache(CFG, 1, CFG.max_seq_len, torch_dtype) for _ in range(2)]
+            prompt = torch.tensor([[1, 5, 7, 2]])
+            for cache in caches:
+                model(prompt, cache=cache, start=0, expert_ids=expert_ids)
+            token = 3
+            for position in range(4, CFG.max_seq_len):
+                expected = model(torch.tensor([[token]]), cache=caches[0], start=position, expert_ids=expert_ids)[0, -1]
+                got = decode.decode_step(model, rotary, token, caches[1], position, expert_ids)
+                assert torch.equal(got, expected), (expert_ids, position)
+                token = int(expected.argmax())
+
+
+def test_split_matrix_vector_product_is_bitwise_the_plain_one():
+    from modularforge.decode import SPLIT_MIN_ELEMENTS, matvec
+
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(2048, SPLIT_MIN_ELEMENTS // 2048 * 2, generator=g).t().contiguous().t()  # (out, in) input-major
+    x = torch.randn(1, weight.shape[1], generator=g)
+    assert torch.equal(matvec(x, weight), torch.nn.functional.linear(x, weight))
