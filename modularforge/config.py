@@ -137,8 +137,8 @@ class TrainConfig(Section):
     )
     activation_checkpointing: bool = Field(False, description="Recompute block activations in backward.")
     loss_chunks: int = Field(
-        1, ge=1, description="Run the LM head and loss on this many slices of the sequence, recomputed in backward, "
-        "so only one slice's logits are in memory (saves memory at large vocabularies; costs some compute).",
+        1, ge=1, description="Run the LM head and loss on this many slices of the sequence, each slice's gradients "
+        "computed at once, so only one slice's logits are in memory (matters at large vocabularies).",
     )
     compile: bool = Field(False, description="torch.compile the model (pays off only on long runs).")
     eval_interval: int = Field(100, ge=1, description="Validate every this many steps (and at the end).")
