@@ -94,3 +94,9 @@ def test_top_k_changes_assembly_but_retrains_nothing():
     assert a.fingerprint("assemble") != b.fingerprint("assemble")
     c = Run(config_from_dict({"model": {"hidden_size": 128}}))
     assert a.fingerprint("train-shared") != c.fingerprint("train-shared")
+
+
+def test_domain_probe_is_a_shared_phase_option():
+    assert config_from_dict({"train": {"domain_probe_weight": 0.3}}).train.domain_probe_weight == 0.3
+    with pytest.raises(ConfigError, match="applies to the shared phase only"):
+        config_from_dict({"experts": {"train": {"domain_probe_weight": 0.3}}})

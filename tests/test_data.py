@@ -4,6 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from modularforge.config import DataConfig, TokenizerConfig
 from modularforge.data import sources
@@ -173,3 +174,20 @@ def test_saved_partitioner_assigns_new_text_as_prepare_did(make_config, method):
     again = partitioner.assign([store.document(i)[:-1] for i in held_out], load_tokenizer(run.tokenizer_dir))
     moved = np.asarray(split)[held_out] != store.docs["split"][held_out]  # tiny corpora borrow training documents
     assert np.array_equal(again[~moved], assignment[held_out][~moved])
+
+
+def test_labelled_windows_carry_each_tokens_partition(make_config):
+    from modularforge.data.batches import split_labels
+
+    run = Run(make_config(model={"num_experts": 2, "top_k": 1}))
+    prepare(run)
+    data = PreparedData(run.data_dir)
+    w = data.windows(TRAIN)
+    plain = w.sample(batch_rng(0, 1, 3), 6, 40)
+    tokens, labels = split_labels(w.sample_labelled(batch_rng(0, 1, 3), 6, 40, data.partition))
+    assert torch.equal(tokens, plain)  # the same windows as the unlabelled draw
+    stream_labels = np.concatenate([np.full(data.store.docs["length"][d], data.partition[d]) for d in w.docs])
+    offsets = batch_rng(0, 1, 3).integers(0, w.total - 40, size=6)
+    expected = np.stack([stream_labels[o : o + 41] for o in offsets])
+    assert np.array_equal(labels.numpy(), expected) and len(np.unique(expected)) == 2
+    assert torch.equal(split_labels(plain)[0], plain) and not split_labels(plain)[1].any()

@@ -140,3 +140,30 @@ def test_with_anchor_keeps_the_anchor_and_its_router_row_frozen(trained_run, mak
     model.loss(torch.randint(0, 500, (2, 17))).backward()
     assert pair.gate.weight.grad[0].abs().sum() == 0 and pair.gate.weight.grad[1].abs().sum() > 0
     assert all(p.grad is None for p in pair.experts[0].parameters())
+
+
+def test_domain_probe_adds_its_loss_in_training_only_and_trains_the_trunk():
+    from modularforge.config import ModelConfig
+    from modularforge.data.batches import LABEL_SHIFT
+    from modularforge.model.transformer import CausalLM
+    from modularforge.train.loop import model_loss
+    from modularforge.train.shared import DomainProbe, probed_loss
+
+    model = CausalLM(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=16,
+                                 num_experts=2, top_k=1), vocab_size=50, moe=False)
+    model.init_weights(torch.Generator().manual_seed(0))
+    probe = DomainProbe(model, num_partitions=3)
+    lm_loss = model_loss(model, compile=False)
+    loss = probed_loss(lm_loss, probe, weight=0.5)
+    tokens = torch.randint(0, 50, (2, 17), generator=torch.Generator().manual_seed(1))
+    batch = tokens | (torch.tensor([[1], [2]]) << LABEL_SHIFT)
+    with torch.no_grad():
+        assert torch.equal(loss(batch), lm_loss(tokens)) and not probe.states
+    with torch.no_grad():
+        plain = lm_loss(tokens)
+    total = loss(batch)
+    assert total > plain
+    total.backward()
+    assert all(head.weight.grad.abs().sum() > 0 for head in probe.heads)
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert not probe.states

@@ -34,10 +34,14 @@ class Windows:
         if self.total < length:
             raise DataError(f"{self.name} hold {self.total} tokens, fewer than one window of {length}")
 
+    def _documents(self, offsets: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Stream positions [offset, offset + length) per offset, and the document index of each: (B, length)."""
+        positions = np.asarray(offsets)[:, None] + np.arange(length)
+        return positions, np.searchsorted(self.doc_end, positions, side="right")
+
     def gather(self, offsets: np.ndarray, length: int) -> np.ndarray:
         """Tokens [offset, offset + length) of the stream for each offset: (B, length) int64."""
-        positions = np.asarray(offsets)[:, None] + np.arange(length)
-        d = np.searchsorted(self.doc_end, positions, side="right")
+        positions, d = self._documents(offsets, length)
         docs = self.docs[d]
         local = self.store.docs["start"][docs] + positions - self.doc_begin[d]
         shards = self.store.docs["shard"][docs]
@@ -53,6 +57,13 @@ class Windows:
         offsets = rng.integers(0, self.total - seq_len, size=batch)
         return torch.from_numpy(self.gather(offsets, seq_len + 1))
 
+    def sample_labelled(self, rng: np.random.Generator, batch: int, seq_len: int, doc_labels: np.ndarray) -> torch.Tensor:
+        """`sample`, with each token's document label (e.g. its partition) in the high bits: see `split_labels`."""
+        self._require(seq_len + 1)
+        offsets = rng.integers(0, self.total - seq_len, size=batch)
+        labels = doc_labels[self.docs[self._documents(offsets, seq_len + 1)[1]]].astype(np.int64)
+        return torch.from_numpy(self.gather(offsets, seq_len + 1) | (labels << LABEL_SHIFT))
+
     def sequential(self, seq_len: int, max_tokens: int | None = None, stride: int | None = None) -> np.ndarray:
         """Offsets of deterministic windows of seq_len + 1 tokens, `stride` apart, covering at most max_tokens."""
         self._require(seq_len + 1)
@@ -65,6 +76,14 @@ class Windows:
     def batches(self, offsets: np.ndarray, seq_len: int, batch: int) -> Iterator[torch.Tensor]:
         for i in range(0, len(offsets), batch):
             yield torch.from_numpy(self.gather(offsets[i : i + batch], seq_len + 1))
+
+
+LABEL_SHIFT = 32  # token ids stay below 2**31; a label rides above them, so labelled batches are one tensor
+
+
+def split_labels(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, labels) of a batch from `sample_labelled`; an unlabelled batch gives labels of 0."""
+    return batch & ((1 << LABEL_SHIFT) - 1), batch >> LABEL_SHIFT
 
 
 def batch_rng(seed: int, stream: int, step: int) -> np.random.Generator:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
 BLOCK_BYTES = 4 << 20  # fp32 rows of logits handled at once inside a slice
 
 

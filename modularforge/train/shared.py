@@ -6,14 +6,16 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from modularforge.data.batches import PreparedData, batch_rng, fixed_batches
+from modularforge.data.batches import PreparedData, batch_rng, fixed_batches, split_labels
 from modularforge.data.shards import TRAIN, VAL
 from modularforge.files import read_json, save_tensors
 from modularforge.model.transformer import CausalLM, count_parameters
 from modularforge.model.weights import split_shared
 from modularforge.runs import Run
-from modularforge.train.loop import model_loss, train_loop
+from modularforge.train.loop import LossFn, model_loss, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +24,43 @@ SHARED_STREAM = 1_000_000  # batch stream id of the shared phase; experts use th
 
 def vocab_size(run: Run) -> int:
     return read_json(run.data_dir / "shards.json")["vocab_size"]
+
+
+class DomainProbe(nn.Module):
+    """Per layer, a linear classifier of each token's partition from the state that layer's router reads (the
+    post-attention norm's output), trained beside the shared phase when `train.domain_probe_weight` > 0 and
+    then dropped. Its gradient makes those states separable by partition, which is what a router that is
+    linear in one hidden state (Mixtral's) needs in order to send tokens to their partition's expert."""
+
+    def __init__(self, model: CausalLM, num_partitions: int):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(model.cfg.hidden_size, num_partitions) for _ in model.model.layers)
+        self.states: list[torch.Tensor] = []
+        for layer in model.model.layers:
+            layer.post_attention_layernorm.register_forward_hook(self._record)
+
+    def _record(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if torch.is_grad_enabled():  # training steps only; validation and other no-grad passes keep nothing
+            self.states.append(out)
+
+    def loss(self, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over layers and tokens of the states recorded since the last call."""
+        states, self.states = self.states, []
+        losses = [F.cross_entropy(head(h).float().flatten(0, 1), labels.flatten()) for head, h in zip(self.heads, states)]
+        return sum(losses) / len(losses)
+
+
+def probed_loss(lm_loss: LossFn, probe: DomainProbe, weight: float) -> LossFn:
+    """The language-model loss of a labelled batch, plus `weight` x the probe's loss while training."""
+
+    def loss(batch: torch.Tensor) -> torch.Tensor:
+        tokens, labels = split_labels(batch)
+        value = lm_loss(tokens)
+        if not torch.is_grad_enabled():  # validation: the language-model loss alone
+            return value
+        return value + weight * probe.loss(labels[:, :-1])
+
+    return loss
 
 
 def train_shared(run: Run, stop_after: int | None = None) -> None:
@@ -38,10 +77,22 @@ def train_shared(run: Run, stop_after: int | None = None) -> None:
             "shared phase: %.2fM parameters, %d steps of %d x %d tokens",
             count_parameters(model) / 1e6, cfg.shared_steps, cfg.train.batch_size, seq_len,
         )
+        params, loss = dict(model.named_parameters()), model_loss(model, cfg.train.compile, cfg.train.loss_chunks)
+        probe = DomainProbe(model, data.num_partitions) if cfg.train.domain_probe_weight > 0 else None
+        if probe is not None:
+            params |= {f"probe.{n}": p for n, p in probe.named_parameters()}
+            loss = probed_loss(loss, probe, cfg.train.domain_probe_weight)
+
+        def sample_batch(step: int) -> torch.Tensor:
+            rng = batch_rng(cfg.run.seed, SHARED_STREAM, step)
+            if probe is None:
+                return train_windows.sample(rng, cfg.train.batch_size, seq_len)
+            return train_windows.sample_labelled(rng, cfg.train.batch_size, seq_len, data.partition)
+
         result = train_loop(
-            dict(model.named_parameters()),
-            model_loss(model, cfg.train.compile, cfg.train.loss_chunks),
-            lambda step: train_windows.sample(batch_rng(cfg.run.seed, SHARED_STREAM, step), cfg.train.batch_size, seq_len),
+            params,
+            loss,
+            sample_batch,
             val_batches,
             cfg.train,
             cfg.shared_steps,
