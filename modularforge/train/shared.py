@@ -11,6 +11,7 @@ from torch import nn
 
 from modularforge.data.batches import PreparedData, batch_rng, fixed_batches, split_labels
 from modularforge.data.shards import TRAIN, VAL
+from modularforge.errors import TrainingError
 from modularforge.files import read_json, save_tensors
 from modularforge.model.transformer import CausalLM, count_parameters
 from modularforge.model.weights import split_shared
@@ -46,6 +47,8 @@ class DomainProbe(nn.Module):
     def loss(self, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over layers and tokens of the states recorded since the last call."""
         states, self.states = self.states, []
+        if len(states) != len(self.heads):
+            raise TrainingError(f"the domain probe saw {len(states)} hidden states for {len(self.heads)} layers")
         losses = [F.cross_entropy(head(h).float().flatten(0, 1), labels.flatten()) for head, h in zip(self.heads, states)]
         return sum(losses) / len(losses)
 
@@ -77,8 +80,11 @@ def train_shared(run: Run, stop_after: int | None = None) -> None:
             "shared phase: %.2fM parameters, %d steps of %d x %d tokens",
             count_parameters(model) / 1e6, cfg.shared_steps, cfg.train.batch_size, seq_len,
         )
-        params, loss = dict(model.named_parameters()), model_loss(model, cfg.train.compile, cfg.train.loss_chunks)
         probe = DomainProbe(model, data.num_partitions) if cfg.train.domain_probe_weight > 0 else None
+        # the probe reads states through forward hooks, which a graph compiled earlier in this process for a
+        # model of the same structure (dynamo reuses it across instances) would skip: run eagerly then
+        compile = cfg.train.compile and probe is None
+        params, loss = dict(model.named_parameters()), model_loss(model, compile, cfg.train.loss_chunks)
         if probe is not None:
             params |= {f"probe.{n}": p for n, p in probe.named_parameters()}
             loss = probed_loss(loss, probe, cfg.train.domain_probe_weight)

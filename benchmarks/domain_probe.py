@@ -1,0 +1,105 @@
+"""Domain-probe sweep (issue 3): the shared phase trained with `train.domain_probe_weight` = w, then the
+quality benchmark's best expert set (anchor-initialised, alone) and token recipes, against oracle and
+sequence routing, at the presets' 5/6 split. Reuses `benchmarks/quality.py`'s work folder, prepared data,
+dev windows and scoring, so its rows compare with quality.json's.
+
+    python benchmarks/domain_probe.py --data ../shared/data --weights 0,0.01,0.05,0.3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import quality as Q  # noqa: E402
+
+from modularforge.config import config_from_dict, preset_path  # noqa: E402
+from modularforge.data.tokenizer import load_tokenizer, token_byte_lengths  # noqa: E402
+from modularforge.files import write_json  # noqa: E402
+from modularforge.model.weights import load_dense  # noqa: E402
+from modularforge.prepare import prepare  # noqa: E402
+from modularforge.train.experts import train_experts  # noqa: E402
+from modularforge.train.shared import train_shared, vocab_size  # noqa: E402
+
+log = logging.getLogger("domain_probe")
+RECIPES = [("lda", "temperature", 2), ("ridge", "temperature", 2), ("lda", "temperature", 1)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--weights", default="0,0.01,0.05,0.3", help="comma-separated probe weights")
+    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "quality")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "domain_probe.json")
+    parser.add_argument("--dev-windows", type=int, default=24)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("modularforge").setLevel(logging.WARNING)
+    if not args.data.is_dir():
+        sys.exit(f"error: data folder not found: {args.data} (pass --data)")
+    started = time.perf_counter()
+    raw = yaml.safe_load(preset_path("quality").read_text())
+    raw.setdefault("data", {})["sources"] = [str(args.data / "*" / "train-*.jsonl")]
+    raw.setdefault("run", {})["root"] = str(args.work)
+    base_cfg = config_from_dict(raw)
+    ws = Q.Workspace(base_cfg, args.work)
+    total = base_cfg.budget.total_tokens
+    base = ws.run("base", base_cfg)
+    Q.ensure(base, "prepare", prepare)
+    dev = Q.DevSet.build(args.data, base, args.dev_windows, base_cfg.model.max_seq_len)
+    scorer = Q.Scorer(dev, None, token_byte_lengths(load_tokenizer(base.tokenizer_dir)),
+                      base_cfg.evaluate.prefix_len, base_cfg.experts.train.micro_batch)
+    budget = {"total_tokens": total, "shared_fraction": 5 / 6}
+    results = {}
+    for weight in (float(w) for w in args.weights.split(",")):
+        shared = ws.run(f"shared-0.833-probe{weight}", ws.config(budget=budget, train={"domain_probe_weight": weight}))
+        Q._link_prepared(ws, shared, base)
+        Q.ensure(shared, "train-shared", train_shared)
+        row = {"anchor": scorer.plain(load_dense(base_cfg.model, vocab_size(base), shared.shared_dir), dev).summary()}
+        cfg = ws.config(budget=budget, train={"domain_probe_weight": weight}, experts=Q.EXPERT_VARIANTS["anchor-alone"])
+        experts = ws.run(f"experts-0.833-anchor-alone-probe{weight}", cfg)
+        Q._link_prepared(ws, experts, base)
+        if not experts.is_done("train-shared"):
+            ws.adopt(experts, "train-shared", shared, "shared")
+        Q.ensure(experts, "train-experts", train_experts)
+        moe = Q.MoEUnderTest(experts)
+        for router, calibration, top_k in RECIPES:
+            info = moe.configure(router, calibration, top_k)
+            row[f"{router} + {calibration}, top-{top_k}"] = {**scorer.plain(moe.model, dev, route_stats=True).summary(), **info}
+        row |= {mode: s.summary() for mode, s in scorer.forced(moe.model, dev).items()}
+        ppl = {k: v["union_ppl"] for k, v in row.items()}
+        best = min(v for k, v in ppl.items() if "top-" in k)
+        token_rows = [row[k] for k in row if "top-" in k]
+        results[str(weight)] = {
+            "rows": row,
+            "anchor_ppl": ppl["anchor"], "best_token_ppl": best, "oracle_ppl": ppl["oracle"],
+            "sequence_ppl": ppl["sequence"], "ensemble_ppl": ppl["ensemble"],
+            "token_share_of_oracle_gain": round((ppl["anchor"] - best) / (ppl["anchor"] - ppl["oracle"]), 4),
+            "sequence_vs_oracle": round(ppl["sequence"] / ppl["oracle"] - 1, 4),
+            "best_token_top1_min_layer": min(min(r["routing_top1_accuracy"]) for r in token_rows if r["union_ppl"] == best),
+            "best_token_topk_hit_min_layer": min(min(r["routing_topk_hit"]) for r in token_rows if r["union_ppl"] == best),
+        }
+        log.info("w=%s: %s", weight, json.dumps({k: v for k, v in results[str(weight)].items() if k != "rows"}))
+    write_json(args.out, {"command": " ".join(["python", *sys.argv]), "config": "modularforge/configs/quality.yaml",
+                          "split": "5/6", "expert_set": "anchor-alone", "results": results,
+                          "wall_seconds": round(time.perf_counter() - started, 1)})
+    print(f"{'weight':>7} {'anchor':>8} {'token':>8} {'oracle':>8} {'sequence':>9} {'share':>6} {'seq gap':>8} "
+          f"{'top1 min':>9} {'top-k hit min':>14}")
+    for weight, r in results.items():
+        print(f"{weight:>7} {r['anchor_ppl']:8.2f} {r['best_token_ppl']:8.2f} {r['oracle_ppl']:8.2f} "
+              f"{r['sequence_ppl']:9.2f} {r['token_share_of_oracle_gain']:6.2f} {r['sequence_vs_oracle']:8.2%} "
+              f"{r['best_token_top1_min_layer']:9.2f} {r['best_token_topk_hit_min_layer']:14.2f}")
+
+
+if __name__ == "__main__":
+    main()
