@@ -1,6 +1,6 @@
 """Markdown tables from the benchmark JSON files, for docs/RESULTS.md.
 
-    python benchmarks/tables.py docs/results/quality.json docs/results/memory.json docs/results/speed.json
+    python benchmarks/tables.py docs/results/{quality,memory,speed,domain_probe}.json
 """
 
 from __future__ import annotations
@@ -46,6 +46,18 @@ def speed(result: dict) -> str:
     return "\n".join(lines) + "\n\n" + ratios
 
 
+def domain_probe(result: dict) -> str:
+    head = ["probe weight", "anchor", "best token (LDA + temp.)", "oracle", "sequence", "token share of oracle gain",
+            "sequence vs oracle", "top-1 acc. (worst layer)", "top-k hit (worst layer)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for weight, r in result["results"].items():
+        cells = [f"{float(weight):g}", f"{r['anchor_ppl']:.2f}", f"{r['best_token_ppl']:.2f}", f"{r['oracle_ppl']:.2f}",
+                 f"{r['sequence_ppl']:.2f}", f"{r['token_share_of_oracle_gain']:.2f}", f"{r['sequence_vs_oracle']:.2%}",
+                 f"{r['best_token_top1_min_layer']:.2f}", f"{r['best_token_topk_hit_min_layer']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def targets(result: dict) -> str:
     return "\n".join(f"- {name}: **{t['value']}** (target {t['target']})" for name, t in result["targets"].items())
 
@@ -53,7 +65,7 @@ def targets(result: dict) -> str:
 def main() -> None:
     for path in map(Path, sys.argv[1:]):
         result = json.loads(path.read_text())
-        render = {"quality": quality, "memory": memory, "speed": speed}[path.stem]
+        render = {"quality": quality, "memory": memory, "speed": speed, "domain_probe": domain_probe}[path.stem]
         print(f"## {path.name}\n\n{render(result)}\n")
 
 
