@@ -69,8 +69,7 @@ def main() -> None:
         cfg = ws.config(budget=budget, train={"domain_probe_weight": weight}, experts=Q.EXPERT_VARIANTS["anchor-alone"])
         experts = ws.run(f"experts-0.833-anchor-alone-probe{weight}", cfg)
         Q._link_prepared(ws, experts, base)
-        if not experts.is_done("train-shared"):
-            ws.adopt(experts, "train-shared", shared, "shared")
+        ws.adopt(experts, "train-shared", shared, "shared")
         Q.ensure(experts, "train-experts", train_experts)
         moe = Q.MoEUnderTest(experts)
         for router, calibration, top_k in RECIPES:

@@ -65,7 +65,7 @@ from modularforge.model.weights import (
 )
 from modularforge.prepare import prepare
 from modularforge.routers import LayerStats, router_from_stats
-from modularforge.runs import Run
+from modularforge.runs import STAGES, Run
 from modularforge.train.experts import expert_files, train_experts
 from modularforge.train.loop import autocast
 from modularforge.train.shared import train_shared, vocab_size
@@ -126,16 +126,21 @@ class Workspace:
         return Run(cfg, self.work / name)
 
     def adopt(self, run: Run, stage: str, source: Run, folder: str) -> None:
-        """Use `source`'s finished stage in `run`: link its folder and mark the stage done here."""
+        """Use `source`'s finished stage in `run`: link its folder and mark the stage done here. If `source`
+        has redone that stage since `run` adopted it (same config, new outputs: its manifest entry, with
+        their hashes, changed), `run`'s later stages are dropped, since they were built on the old outputs."""
         run.dir.mkdir(parents=True, exist_ok=True)
         link = run.dir / folder
-        if not link.exists():
+        if not (link.exists() or link.is_symlink()):
             os.symlink((source.dir / folder).resolve(), link)
         manifest = run.manifest()
         entry = dict(source.manifest()["stages"][stage])
         entry["fingerprint"] = run.fingerprint(stage)
-        manifest["stages"][stage] = entry
-        write_json(run.manifest_path, manifest)
+        if manifest["stages"].get(stage) != entry:
+            for later in STAGES[STAGES.index(stage) + 1 :]:
+                manifest["stages"].pop(later, None)
+            manifest["stages"][stage] = entry
+            write_json(run.manifest_path, manifest)
         run.save_config()
 
 
@@ -417,8 +422,7 @@ def main() -> None:
                         **({"partition": data_from.cfg.partition.model_dump()} if tag else {}))
         run = ws.run(f"experts-{fraction:.3f}-{variant}{tag}", cfg)
         _link_prepared(ws, run, data_from)
-        if not run.is_done("train-shared"):
-            ws.adopt(run, "train-shared", source, "shared")
+        ws.adopt(run, "train-shared", source, "shared")
         ensure(run, "train-experts", train_experts)
         return run
 
