@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "quality")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "domain_probe.json")
     parser.add_argument("--dev-windows", type=int, default=24)
+    parser.add_argument("--probe-from", type=int, default=0, help="train.domain_probe_from")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("modularforge").setLevel(logging.WARNING)
@@ -62,12 +63,14 @@ def main() -> None:
     budget = {"total_tokens": total, "shared_fraction": 5 / 6}
     results = {}
     for weight in (float(w) for w in args.weights.split(",")):
-        shared = ws.run(f"shared-0.833-probe{weight}", ws.config(budget=budget, train={"domain_probe_weight": weight}))
+        probe = {"domain_probe_weight": weight, "domain_probe_from": args.probe_from}
+        tag = f"probe{weight}" + (f"-from{args.probe_from}" if args.probe_from else "")
+        shared = ws.run(f"shared-0.833-{tag}", ws.config(budget=budget, train=probe))
         Q._link_prepared(ws, shared, base)
         Q.ensure(shared, "train-shared", train_shared)
         row = {"anchor": scorer.plain(load_dense(base_cfg.model, vocab_size(base), shared.shared_dir), dev).summary()}
-        cfg = ws.config(budget=budget, train={"domain_probe_weight": weight}, experts=Q.EXPERT_VARIANTS["anchor-alone"])
-        experts = ws.run(f"experts-0.833-anchor-alone-probe{weight}", cfg)
+        cfg = ws.config(budget=budget, train=probe, experts=Q.EXPERT_VARIANTS["anchor-alone"])
+        experts = ws.run(f"experts-0.833-anchor-alone-{tag}", cfg)
         Q._link_prepared(ws, experts, base)
         ws.adopt(experts, "train-shared", shared, "shared")
         Q.ensure(experts, "train-experts", train_experts)
@@ -90,7 +93,7 @@ def main() -> None:
         }
         log.info("w=%s: %s", weight, json.dumps({k: v for k, v in results[str(weight)].items() if k != "rows"}))
     write_json(args.out, {"command": " ".join(["python", *sys.argv]), "config": "modularforge/configs/quality.yaml",
-                          "split": "5/6", "expert_set": "anchor-alone", "results": results,
+                          "split": "5/6", "expert_set": "anchor-alone", "probe_from": args.probe_from, "results": results,
                           "wall_seconds": round(time.perf_counter() - started, 1)})
     print(f"{'weight':>7} {'anchor':>8} {'token':>8} {'oracle':>8} {'sequence':>9} {'share':>6} {'seq gap':>8} "
           f"{'top1 min':>9} {'top-k hit min':>14}")

@@ -145,6 +145,10 @@ class TrainConfig(Section):
         "classifier of the token's partition from the hidden state that layer's router will read (then dropped), "
         "so those states become separable by partition and closed-form routers route tokens to their experts.",
     )
+    domain_probe_from: int = Field(
+        0, ge=0, description="Shared phase only: first position of each window the domain probe is trained on "
+        "(earlier positions have little context to tell the domain from).",
+    )
     compile: bool = Field(False, description="torch.compile the model (pays off only on long runs).")
     eval_interval: int = Field(100, ge=1, description="Validate every this many steps (and at the end).")
     eval_batches: int = Field(4, ge=1, description="Micro-batches per validation.")
@@ -297,8 +301,8 @@ class Config(Section):
                 )
             if train.seq_len is not None and train.seq_len > m.max_seq_len:
                 raise ValueError(f"{name}.seq_len={train.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-        if self.experts.train.domain_probe_weight:
-            raise ValueError("experts.train.domain_probe_weight applies to the shared phase only; set train.domain_probe_weight")
+        if self.experts.train.domain_probe_weight or self.experts.train.domain_probe_from:
+            raise ValueError("experts.train.domain_probe_* applies to the shared phase only; set train.domain_probe_*")
         if self.data.val_fraction + self.data.calib_fraction >= 0.5:
             raise ValueError("data.val_fraction + data.calib_fraction must stay below 0.5")
         if self.generate.context_window is not None and self.generate.context_window > m.max_seq_len:

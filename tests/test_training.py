@@ -167,3 +167,22 @@ def test_domain_probe_adds_its_loss_in_training_only_and_trains_the_trunk():
     assert all(head.weight.grad.abs().sum() > 0 for head in probe.heads)
     assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     assert not probe.states
+
+
+def test_domain_probe_trains_only_on_positions_from_its_first():
+    import torch.nn.functional as F
+
+    from modularforge.config import ModelConfig
+    from modularforge.model.transformer import CausalLM
+    from modularforge.train.shared import DomainProbe
+
+    model = CausalLM(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=16,
+                                 num_experts=2, top_k=1), vocab_size=50, moe=False)
+    model.init_weights(torch.Generator().manual_seed(0))
+    probe = DomainProbe(model, num_partitions=3, first_position=10)
+    labels = torch.randint(0, 3, (2, 16), generator=torch.Generator().manual_seed(2))
+    model(torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1)))
+    states = list(probe.states)
+    expected = sum(F.cross_entropy(head(h[:, 10:]).flatten(0, 1), labels[:, 10:].flatten())
+                   for head, h in zip(probe.heads, states)) / 2
+    torch.testing.assert_close(probe.loss(labels), expected)

@@ -33,8 +33,9 @@ class DomainProbe(nn.Module):
     then dropped. Its gradient makes those states separable by partition, which is what a router that is
     linear in one hidden state (Mixtral's) needs in order to send tokens to their partition's expert."""
 
-    def __init__(self, model: CausalLM, num_partitions: int):
+    def __init__(self, model: CausalLM, num_partitions: int, first_position: int = 0):
         super().__init__()
+        self.first_position = first_position
         self.heads = nn.ModuleList(nn.Linear(model.cfg.hidden_size, num_partitions) for _ in model.model.layers)
         self.states: list[torch.Tensor] = []
         for layer in model.model.layers:
@@ -49,7 +50,9 @@ class DomainProbe(nn.Module):
         states, self.states = self.states, []
         if len(states) != len(self.heads):
             raise TrainingError(f"the domain probe saw {len(states)} hidden states for {len(self.heads)} layers")
-        losses = [F.cross_entropy(head(h).float().flatten(0, 1), labels.flatten()) for head, h in zip(self.heads, states)]
+        first, labels = self.first_position, labels[:, self.first_position :]
+        losses = [F.cross_entropy(head(h[:, first:]).float().flatten(0, 1), labels.flatten())
+                  for head, h in zip(self.heads, states)]
         return sum(losses) / len(losses)
 
 
@@ -80,7 +83,9 @@ def train_shared(run: Run, stop_after: int | None = None) -> None:
             "shared phase: %.2fM parameters, %d steps of %d x %d tokens",
             count_parameters(model) / 1e6, cfg.shared_steps, cfg.train.batch_size, seq_len,
         )
-        probe = DomainProbe(model, data.num_partitions) if cfg.train.domain_probe_weight > 0 else None
+        probe = None
+        if cfg.train.domain_probe_weight > 0:
+            probe = DomainProbe(model, data.num_partitions, min(cfg.train.domain_probe_from, seq_len - 1))
         # the probe reads states through forward hooks, which a graph compiled earlier in this process for a
         # model of the same structure (dynamo reuses it across instances) would skip: run eagerly then
         compile = cfg.train.compile and probe is None
