@@ -3,9 +3,9 @@
 At batch 1 a step is about 45 matrix-vector products; through the modules it was also about 300 small tensor
 operations and module calls, whose fixed costs took as long as the products on this project's 2-core machine
 (benchmarks/speed.py). This is the same arithmetic in the same order with a third of the operations: one
-product for q|k|v and one for each expert's gate|up (fused weights), large float32 products split over both cores (`matvec`), rotary embedding as two products and a
-sum on tables built once, the key/value cache written in place, and no module calls. Its logits equal the
-module path's (tests/test_generate.py).
+product for q|k|v and one for each expert's gate|up (fused weights), large float32 products split over both
+cores (`matvec`), rotary embedding as two products and a sum on tables built once, the key/value cache
+written in place, and no module calls. Its logits equal the module path's (tests/test_generate.py).
 """
 
 from __future__ import annotations

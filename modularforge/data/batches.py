@@ -51,16 +51,17 @@ class Windows:
             out[mask] = self.store.shard(int(shard))[local[mask]]
         return out
 
+    def _random_offsets(self, rng: np.random.Generator, batch: int, seq_len: int) -> np.ndarray:
+        self._require(seq_len + 1)
+        return rng.integers(0, self.total - seq_len, size=batch)
+
     def sample(self, rng: np.random.Generator, batch: int, seq_len: int) -> torch.Tensor:
         """A random batch of (batch, seq_len + 1) windows: inputs are [:, :-1], targets [:, 1:]."""
-        self._require(seq_len + 1)
-        offsets = rng.integers(0, self.total - seq_len, size=batch)
-        return torch.from_numpy(self.gather(offsets, seq_len + 1))
+        return torch.from_numpy(self.gather(self._random_offsets(rng, batch, seq_len), seq_len + 1))
 
     def sample_labelled(self, rng: np.random.Generator, batch: int, seq_len: int, doc_labels: np.ndarray) -> torch.Tensor:
         """`sample`, with each token's document label (e.g. its partition) in the high bits: see `split_labels`."""
-        self._require(seq_len + 1)
-        offsets = rng.integers(0, self.total - seq_len, size=batch)
+        offsets = self._random_offsets(rng, batch, seq_len)
         labels = doc_labels[self.docs[self._documents(offsets, seq_len + 1)[1]]].astype(np.int64)
         return torch.from_numpy(self.gather(offsets, seq_len + 1) | (labels << LABEL_SHIFT))
 
