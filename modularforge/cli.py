@@ -135,7 +135,8 @@ def cmd_evaluate(args) -> None:
 
         model_dir = args.model or run.model_dir
         result = evaluate_file(model_dir, args.data, args.window, args.stride or run.cfg.evaluate.stride,
-                               args.routing, run.cfg.evaluate.prefix_len, args.precision)
+                               args.routing, run.cfg.evaluate.prefix_len, args.precision,
+                               run.cfg.evaluate.sequence_revise_every)
         print(json.dumps(result, indent=2))
         return
     from modularforge.evaluate import evaluate
@@ -157,6 +158,10 @@ def cmd_generate(args) -> None:
     for name in ("temperature", "top_k", "top_p", "max_new_tokens", "min_new_tokens", "seed", "context_window"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
+    if args.revise_every is not None:
+        if args.revise_every < 0:
+            raise ModularForgeError(f"--revise-every must be 0 (never) or a number of tokens, got {args.revise_every}")
+        s.revise_every = args.revise_every or None
     model_dir = args.model or run.model_dir
     model = open_model(model_dir, expert_cache=args.expert_cache or g.expert_cache, decode_dtype=args.dtype or g.dtype)
     tokenizer = load_tokenizer(model_dir)
@@ -263,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--context-window", type=int, help="sliding context window in tokens")
     p.add_argument("--routing", choices=["token", "sequence"], help="per-token routing or one expert per sequence")
+    p.add_argument("--revise-every", type=int, help="sequence routing: re-choose the expert every N new tokens (0 = never)")
     p.add_argument("--expert-cache", type=int, help="keep at most N expert FFNs in memory (LRU)")
     p.add_argument("--dtype", choices=["float32", "float16"], help="weight precision for generation")
     p = add("run", cmd_run, "run every stage in order, skipping the ones already finished")

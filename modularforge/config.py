@@ -215,7 +215,7 @@ class CalibrateConfig(Section):
     temperature: bool = Field(True, description="Search a router temperature on the calibration split.")
     per_layer: bool = Field(False, description="Search one temperature per layer (coordinate descent).")
     temperatures: list[float] = Field(
-        default_factory=lambda: [0.1, 0.2, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 3.0, 5.0],
+        default_factory=lambda: [0.1, 0.2, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 3.0, 5.0, 8.0],
         description="Candidate temperatures (router logits are divided by these).",
     )
     norm: bool = Field(
@@ -236,7 +236,11 @@ class EvaluateConfig(Section):
     eval_tokens: int = Field(32_768, ge=256, description="Validation tokens scored per partition.")
     stride: int | None = Field(None, ge=1, description="Window stride for `evaluate --data`; None = window length.")
     prefix_len: int = Field(32, ge=1, description="Prefix tokens that choose the expert in sequence/ensemble routing.")
-    routing_modes: list[Literal["token", "sequence", "ensemble", "oracle"]] = Field(
+    sequence_revise_every: int | None = Field(
+        32, ge=1, description="Sequence routing re-chooses its expert from all the text so far every this many "
+        "tokens (None = keep the prefix's choice for the whole window)."
+    )
+    routing_modes: list[Literal["token", "sequence", "sequence_fixed", "ensemble", "oracle"]] = Field(
         default_factory=lambda: ["token", "sequence", "ensemble", "oracle"],
         description="Routing modes compared in the report.",
     )
@@ -257,6 +261,10 @@ class GenerateConfig(Section):
         None, ge=2, description="Sliding context window in tokens; None = model.max_seq_len."
     )
     routing: Literal["token", "sequence"] = Field("token", description="Routing mode for generation.")
+    sequence_revise_every: int | None = Field(
+        32, ge=1, description="Sequence routing re-chooses its expert from the text so far every this many new "
+        "tokens, scoring the context under every expert (None = keep the prompt's choice)."
+    )
     dtype: Literal["float32", "float16"] = Field(
         "float32", description="Weight precision for generation: float32 gives the exported model's own "
         "logits; float16 is ~1.5x faster at batch 1, with logits within ~1e-3."

@@ -5,8 +5,11 @@ On every partition's validation documents, in non-overlapping windows of `max_se
 - `anchor`: the dense shared-phase model alone;
 - `token`: the exported MoE, per-layer top-k routing (what transformers and llama.cpp run);
 - `oracle`: each partition's text sent to its own expert in every layer;
-- `sequence`: one expert for all layers and the whole window, the one under which the first
-  `prefix_len` tokens are most likely;
+- `sequence`: one expert in all layers, first the one under which the window's first `prefix_len`
+  tokens are most likely, then re-chosen every `sequence_revise_every` tokens as the one under which
+  all the text so far is most likely (each position is predicted by the dense model of one expert
+  over the whole window, as generation with sequence routing does);
+- `sequence_fixed`: the prefix's choice kept for the whole window;
 - `ensemble`: the experts' next-token distributions mixed by their posterior given the prefix
   (as BTM/DEMix do).
 
@@ -32,7 +35,7 @@ from modularforge.data.partition import load_report
 from modularforge.data.shards import VAL
 from modularforge.data.tokenizer import load_tokenizer, token_byte_lengths
 from modularforge.errors import DataError
-from modularforge.generate import Sampling, choose_expert, generate_text
+from modularforge.generate import Sampling, generate_text, sequence_choices
 from modularforge.model.hf import load_assembled
 from modularforge.model.transformer import CausalLM
 from modularforge.model.weights import load_dense
@@ -43,7 +46,7 @@ from modularforge.train.shared import vocab_size
 
 log = logging.getLogger(__name__)
 
-MODES = ("anchor", "token", "oracle", "sequence", "ensemble")
+MODES = ("anchor", "token", "oracle", "sequence", "sequence_fixed", "ensemble")
 
 
 @dataclass
@@ -103,20 +106,22 @@ def window_nll(
     partitions: torch.Tensor | None,
     prefix_len: int,
     modes: set[str],
+    revise_every: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-token NLL (B, T) of each mode on a (B, T + 1) batch; `partitions` (B,) labels each window for the
     oracle. Sequence, ensemble and oracle come from one forced pass per expert."""
     out = {"token": moe.token_nll(batch)}
     if anchor is not None and "anchor" in modes:
         out["anchor"] = anchor.token_nll(batch)
-    if modes & {"oracle", "sequence", "ensemble"}:
+    if modes & {"oracle", "sequence", "sequence_fixed", "ensemble"}:
         experts = moe.moe_blocks()[0].num_experts
         B = batch.shape[0]
         per_expert = torch.stack([moe.token_nll(batch, expert_ids=torch.full((B,), e)) for e in range(experts)])  # (E, B, T)
-        prefix = per_expert[:, :, : prefix_len - 1].sum(-1)  # (E, B): -log p(prefix | expert)
-        if "sequence" in modes:
-            out["sequence"] = per_expert.gather(0, prefix.argmin(0)[None, :, None].expand(1, B, per_expert.shape[-1]))[0]
+        for mode, every in (("sequence", revise_every), ("sequence_fixed", None)):
+            if mode in modes:
+                out[mode] = per_expert.gather(0, sequence_choices(per_expert, prefix_len, every)[None])[0]
         if "ensemble" in modes:
+            prefix = per_expert[:, :, : prefix_len - 1].sum(-1)  # (E, B): -log p(prefix | expert)
             log_posterior = torch.log_softmax(-prefix, dim=0)  # uniform prior over experts
             out["ensemble"] = -torch.logsumexp(log_posterior[:, :, None] - per_expert, dim=0)
         if "oracle" in modes and partitions is not None:
@@ -152,7 +157,8 @@ def evaluate(run: Run) -> dict:
                     b.record = []
                 with autocast(dtype):
                     labels = torch.full((len(batch),), p) if p < cfg.model.num_experts else None
-                    nll = window_nll(moe, anchor, batch, labels, prefix, modes)
+                    nll = window_nll(moe, anchor, batch, labels, prefix, modes,
+                                     cfg.evaluate.sequence_revise_every)
                 routing.add([b.record[0] for b in blocks], p)
                 targets = batch[:, 1:]
                 for m in full:
@@ -208,7 +214,7 @@ def samples(model: CausalLM, tokenizer, cfg) -> list[dict]:
 
 
 def evaluate_file(model_dir: Path, path: Path, window: int | None, stride: int | None, routing: str,
-                  prefix_len: int, precision: str = "fp32") -> dict:
+                  prefix_len: int, precision: str = "fp32", revise_every: int | None = None) -> dict:
     """Perplexity of the model in `model_dir` on a text file, in windows of `window` tokens (default: the
     model's context) every `stride` tokens (default: window). With stride < window only each window's last
     `stride` positions are scored (the first window scores all), so every token is scored once."""
@@ -243,8 +249,7 @@ def evaluate_file(model_dir: Path, path: Path, window: int | None, stride: int |
         with torch.no_grad(), autocast(dtype):
             batch = chunk[None]
             if routing == "sequence":
-                expert = choose_expert(model, chunk[:prefix_len].tolist())
-                nll = model.token_nll(batch, expert_ids=torch.tensor([expert]))
+                nll = window_nll(model, None, batch, None, prefix_len, {"sequence"}, revise_every)["sequence"]
             else:
                 nll = model.token_nll(batch)
         if scored_from < nll.shape[1]:
@@ -256,6 +261,7 @@ def evaluate_file(model_dir: Path, path: Path, window: int | None, stride: int |
         "file": str(path),
         "tokens_in_file": len(ids),
         "windowing": {"window": window, "stride": stride, "windows": windows, "routing": routing,
+                      **({"prefix_len": prefix_len, "sequence_revise_every": revise_every} if routing == "sequence" else {}),
                       "scored": "positions 1..window-1 of each window when stride == window; otherwise the last "
                                 "`stride` positions of every window after the first"},
         **tally.summary(),

@@ -1,6 +1,7 @@
 """Text generation: temperature, top-k, top-p, a preallocated KV cache, a sliding context window,
-routing per token (the exported model) or per sequence (one expert chosen from the prompt), and
-tokens streamed as they come.
+routing per token (the exported model) or per sequence (one expert in every layer, chosen from the
+prompt and re-chosen every `revise_every` tokens from all the text so far), and tokens streamed as
+they come.
 
 Sliding window: when the cache holds `context_window` tokens, the last half of the window is
 prefilled again from position 0, so every prediction sees between half a window and a whole window
@@ -33,11 +34,12 @@ class Sampling:
     seed: int = 0
     context_window: int | None = None
     min_new_tokens: int = 0
+    revise_every: int | None = 32
 
     @classmethod
     def from_config(cls, cfg: GenerateConfig) -> Sampling:
         return cls(cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_new_tokens, cfg.seed, cfg.context_window,
-                   cfg.min_new_tokens)
+                   cfg.min_new_tokens, cfg.sequence_revise_every)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -80,6 +82,24 @@ def choose_expert(model: CausalLM, prompt: list[int]) -> int:
     return int(scores.argmax())
 
 
+def sequence_choices(per_expert_nll: torch.Tensor, prefix_len: int, revise_every: int | None) -> torch.Tensor:
+    """Sequence routing at every position of a window, from (E, B, T) next-token NLLs with each expert
+    forced in every layer: the (B, T) expert that predicts each position. The first choice is the expert
+    under which the prefix (the first `prefix_len` tokens) is most likely; then, every `revise_every`
+    positions, the expert under which all the text so far is most likely (None: never revised). The
+    prediction at t uses only positions before t, so the rule is causal past the prefix; positions inside
+    the prefix take the prefix's choice."""
+    E, B, T = per_expert_nll.shape
+    nll_before = F.pad(per_expert_nll.float().cumsum(-1), (1, 0))  # [..., t] = NLL of the positions before t
+    first = min(prefix_len - 1, T)
+    positions = torch.arange(T)
+    if revise_every:
+        decided_at = first + (positions - first).clamp(min=0) // revise_every * revise_every
+    else:
+        decided_at = torch.full((T,), first)
+    return nll_before[:, :, decided_at].argmin(0)
+
+
 @torch.no_grad()
 def generate_ids(
     model: CausalLM,
@@ -88,7 +108,9 @@ def generate_ids(
     eos_id: int | None = None,
     expert: int | None = None,
 ) -> Iterator[int]:
-    """Yield new token ids one at a time. `expert` forces one expert in every layer (sequence routing)."""
+    """Yield new token ids one at a time. `expert` forces one expert in every layer (sequence routing);
+    it is re-chosen from the text in the window every `s.revise_every` new tokens, and the cache is
+    prefilled again under the new expert when the choice changes."""
     if not prompt:
         raise ModularForgeError("the prompt is empty; give at least one token of text")
     window = s.context_window or model.cfg.max_seq_len
@@ -116,8 +138,12 @@ def generate_ids(
         if token == eos_id:
             return
         tokens.append(token)
-        if position >= window:
-            context = tokens[-(window // 2) :]
+        switched = False
+        if expert_ids is not None and s.revise_every and (step + 1) % s.revise_every == 0:
+            best = choose_expert(model, tokens[-min(position + 1, window) :])
+            switched, expert_ids = best != int(expert_ids), torch.tensor([best])
+        if position >= window or switched:
+            context = tokens[-(window // 2) :] if position >= window else tokens[-(position + 1) :]
             logits, position = prefill(context), len(context)
         else:
             if rotary is not None:

@@ -2,11 +2,18 @@ import pytest
 import torch
 
 from modularforge.config import ModelConfig
-from modularforge.generate import Sampling, filter_logits, generate_ids, generate_text
+from modularforge.data.tokenizer import load_tokenizer
+from modularforge.generate import (
+    Sampling,
+    choose_expert,
+    filter_logits,
+    generate_ids,
+    generate_text,
+    sample_token,
+)
 from modularforge.inference import open_model
 from modularforge.model.hf import load_assembled
 from modularforge.model.transformer import CausalLM
-from modularforge.data.tokenizer import load_tokenizer
 
 CFG = ModelConfig(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, max_seq_len=24,
                   num_experts=4, top_k=2)
@@ -140,3 +147,24 @@ def test_split_matrix_vector_product_is_bitwise_the_plain_one():
     weight = torch.randn(2048, SPLIT_MIN_ELEMENTS // 2048 * 2, generator=g).t().contiguous().t()  # (out, in) input-major
     x = torch.randn(1, weight.shape[1], generator=g)
     assert torch.equal(matvec(x, weight), torch.nn.functional.linear(x, weight))
+
+
+def test_sequence_routing_revises_its_expert_and_reprefills_under_it():
+    """Sampling with the expert re-chosen after every token equals, token by token, sampling from the forced
+    model of the expert under which the text so far is most likely, recomputed from scratch."""
+    model = _model()
+    for b in model.moe_blocks():
+        for i, e in enumerate(b.experts):
+            torch.nn.init.normal_(e.w2.weight, std=0.5, generator=torch.Generator().manual_seed(3 + i))
+    prompt = [1, 5, 7, 2]
+    s = Sampling(temperature=1.5, top_k=None, top_p=None, max_new_tokens=14, seed=2, revise_every=1)
+    out = list(generate_ids(model, prompt, s, expert=choose_expert(model, prompt)))
+    tokens, used, generator = list(prompt), [], torch.Generator().manual_seed(s.seed)
+    with torch.no_grad():
+        for _ in range(14):
+            expert = choose_expert(model, tokens)
+            used.append(expert)
+            logits = model(torch.tensor([tokens]), expert_ids=torch.tensor([expert]))[0, -1]
+            tokens.append(sample_token(logits, s, generator))
+    assert out == tokens[len(prompt):]
+    assert len(set(used)) > 1  # the choice did change, so the re-prefill was exercised

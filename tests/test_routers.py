@@ -4,6 +4,7 @@ import torch
 
 from modularforge.config import ModelConfig
 from modularforge.evaluate import window_nll
+from modularforge.generate import sequence_choices
 from modularforge.model.transformer import CausalLM
 from modularforge.routers import RIDGE_SCALE, LayerStats, fold_bias, router_from_stats
 
@@ -85,3 +86,22 @@ def test_ensemble_and_sequence_math_on_a_tiny_model():
     chosen = prefix_nll.argmin(0)
     torch.testing.assert_close(out["sequence"], per_expert[chosen, torch.arange(2)])
     torch.testing.assert_close(out["oracle"], per_expert[torch.tensor([2, 0]), torch.arange(2)])
+    revised = window_nll(model, None, batch, None, prefix, {"sequence", "sequence_fixed"}, revise_every=3)
+    torch.testing.assert_close(revised["sequence_fixed"], out["sequence"])
+    choice = sequence_choices(per_expert, prefix, 3)
+    torch.testing.assert_close(revised["sequence"], per_expert.gather(0, choice[None])[0])
+
+
+def test_sequence_choice_is_revised_from_the_text_so_far():
+    # Expert 0 explains the prefix better; from position 4 on expert 1 is far better.
+    nll = torch.zeros(2, 1, 12)
+    nll[0, 0, :4], nll[1, 0, :4] = 1.0, 2.0
+    nll[0, 0, 4:], nll[1, 0, 4:] = 3.0, 0.5
+    fixed = sequence_choices(nll, prefix_len=4, revise_every=None)
+    assert fixed.tolist() == [[0] * 12]
+    # choices are made at t = 3 (the prefix's 3 predictions: 3 vs 6 nats), then at 7 and 11; the NLL of the
+    # positions before 7 is 4 + 9 = 13 for expert 0 and 8 + 1.5 = 9.5 for expert 1
+    revised = sequence_choices(nll, prefix_len=4, revise_every=4)
+    assert revised.tolist() == [[0] * 7 + [1] * 5]
+    # revised at every position, expert 1 first leads at t = 6 (10 vs 9 nats before it)
+    assert sequence_choices(nll, prefix_len=4, revise_every=1).tolist() == [[0] * 6 + [1] * 6]
