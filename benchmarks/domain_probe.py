@@ -48,6 +48,7 @@ def main() -> None:
     logging.getLogger("modularforge").setLevel(logging.WARNING)
     if not args.data.is_dir():
         sys.exit(f"error: data folder not found: {args.data} (pass --data)")
+    args.data = args.data.resolve()  # the work folder is keyed by the config, so one spelling per folder
     started = time.perf_counter()
     raw = yaml.safe_load(preset_path("quality").read_text())
     raw.setdefault("data", {})["sources"] = [str(args.data / "*" / "train-*.jsonl")]
@@ -59,7 +60,8 @@ def main() -> None:
     Q.ensure(base, "prepare", prepare)
     dev = Q.DevSet.build(args.data, base, args.dev_windows, base_cfg.model.max_seq_len)
     scorer = Q.Scorer(dev, None, token_byte_lengths(load_tokenizer(base.tokenizer_dir)),
-                      base_cfg.evaluate.prefix_len, base_cfg.experts.train.micro_batch)
+                      base_cfg.evaluate.prefix_len, base_cfg.experts.train.micro_batch,
+                      base_cfg.evaluate.sequence_revise_every)
     budget = {"total_tokens": total, "shared_fraction": 5 / 6}
     results = {}
     for weight in (float(w) for w in args.weights.split(",")):

@@ -4,8 +4,10 @@ Trains, on the eight corpora of ../shared/data partitioned into eight clusters, 
 same tokens as the whole modular pipeline, the shared phase, and several expert sets (init scratch or
 anchor, mode alone or with_anchor, anchor substitution), then scores every row on the same dev tokens
 (each corpus's own dev files): token-level MoE under every router with and without calibration and
-top-1/top-2, the anchor as an always-on shared expert, oracle routing, sequence routing, the output
-ensemble, the best recipe at three budget splits, and with random instead of clustered partitions.
+top-1/top-2 (top-4 for the discriminative routers), the anchor as an always-on shared expert, oracle
+routing, sequence routing (revised every `evaluate.sequence_revise_every` tokens, and the prefix's
+choice kept: `sequence_fixed`), the output ensemble, the best recipe at five budget splits (1/3 to
+19/20 of the tokens in the shared phase), and with random instead of clustered partitions.
 Finally the best recipe goes through the real `assemble` and the exported folder is scored again.
 
 Every row scores the positions after a 32-token prefix of each 256-token window (the prefix is what
@@ -80,7 +82,7 @@ EXPERT_VARIANTS = {
     "anchor-with_anchor": {"init": "anchor", "mode": "with_anchor"},
     "anchor-alone-swap": {"init": "anchor", "mode": "alone", "anchor_swap": 0.25},
 }
-BUDGET_SPLITS = {"1/3": 1 / 3, "2/3": 2 / 3, "5/6": 5 / 6}
+BUDGET_SPLITS = {"1/3": 1 / 3, "2/3": 2 / 3, "5/6": 5 / 6, "9/10": 9 / 10, "19/20": 19 / 20}
 DISCRIMINATIVE = ("ridge", "lda")
 
 
@@ -88,7 +90,8 @@ def router_grid() -> list[tuple[str, str, int]]:
     """(router, calibration, top_k) rows: every router with and without a temperature at top-1 and top-2;
     the costlier calibrations (per-layer temperatures, norm recalibration) only for the discriminative
     routers at top-2, where the previous full grid showed they can matter; uniform routers only uncalibrated,
-    since a temperature does not change all-zero logits."""
+    since a temperature does not change all-zero logits; and top-4 for the discriminative routers with a
+    temperature (the calibrated temperature sat at the top of its grid at top-2: softer is better)."""
     grid = []
     for router in ROUTERS:
         for calibration in CALIBRATIONS:
@@ -99,6 +102,8 @@ def router_grid() -> list[tuple[str, str, int]]:
                 if extra and (router not in DISCRIMINATIVE or top_k == 1):
                     continue
                 grid.append((router, calibration, top_k))
+        if router in DISCRIMINATIVE:
+            grid.append((router, "temperature", 4))
     return grid
 DTYPE = torch.bfloat16
 
@@ -222,8 +227,10 @@ class Scores:
 
 
 class Scorer:
-    def __init__(self, dev: DevSet, extra: DevSet | None, token_bytes: np.ndarray, prefix: int, micro: int):
+    def __init__(self, dev: DevSet, extra: DevSet | None, token_bytes: np.ndarray, prefix: int, micro: int,
+                 revise_every: int | None):
         self.dev, self.extra, self.token_bytes, self.prefix, self.micro = dev, extra, token_bytes, prefix, micro
+        self.revise_every = revise_every
 
     def _batches(self, dev: DevSet):
         for corpus in dev.corpora:
@@ -233,11 +240,12 @@ class Scorer:
 
     @torch.no_grad()
     def forced(self, moe: CausalLM, dev: DevSet) -> dict[str, dict]:
-        """NLL of oracle, sequence and ensemble routing (one forced pass per expert)."""
-        out = {m: Scores({}, {}, {}) for m in ("oracle", "sequence", "ensemble")}
+        """NLL of oracle, sequence (revised and fixed) and ensemble routing (one forced pass per expert)."""
+        modes = ("oracle", "sequence", "sequence_fixed", "ensemble")
+        out = {m: Scores({}, {}, {}) for m in modes}
         for corpus, batch, labels in self._batches(dev):
             with autocast(DTYPE):
-                nll = window_nll(moe, None, batch, labels, self.prefix, {"oracle", "sequence", "ensemble"})
+                nll = window_nll(moe, None, batch, labels, self.prefix, set(modes), self.revise_every)
             for m, scores in out.items():
                 self._add(scores, corpus, nll[m], batch)
         return out
@@ -347,6 +355,7 @@ def main() -> None:
     started = time.perf_counter()
     if not args.data.is_dir():
         sys.exit(f"error: data folder not found: {args.data} (pass --data)")
+    args.data = args.data.resolve()  # the work folder is keyed by the config, so one spelling per folder
 
     raw = yaml.safe_load(args.config.read_text())
     for item in args.set:
@@ -370,7 +379,8 @@ def main() -> None:
     dev = DevSet.build(args.data, base, args.dev_windows, seq_len)
     extra = DevSet.from_text(args.eval_data, base, seq_len, 200) if args.eval_data else None
     scorer = Scorer(dev, extra, token_byte_lengths(load_tokenizer(base.tokenizer_dir)),
-                    base_cfg.evaluate.prefix_len, base_cfg.experts.train.micro_batch)
+                    base_cfg.evaluate.prefix_len, base_cfg.experts.train.micro_batch,
+                    base_cfg.evaluate.sequence_revise_every)
     purity = read_json(base.data_dir / "partitions.json")["purity"]
     rows: list[dict] = []
 
@@ -467,7 +477,8 @@ def main() -> None:
     budget = {}
     for label, fraction in BUDGET_SPLITS.items():
         if fraction == main_split:  # the rows above already score this split
-            budget[label] = {"token": best_token, **{m: per_variant[best_variant][m] for m in ("oracle", "sequence", "ensemble")}}
+            budget[label] = {"token": best_token, **{m: per_variant[best_variant][m]
+                                                     for m in ("oracle", "sequence", "sequence_fixed", "ensemble")}}
             continue
         moe = MoEUnderTest(experts_for(fraction, best_variant))
         budget[label] = {"token": score_moe(moe, f"split {label}: {best_variant}, best token recipe", "budget",
@@ -573,6 +584,8 @@ def summarize(rows, per_variant, best_variant, recipe, budget, purity, cfg, args
     targets = {
         "token_share_of_oracle_gain": {"value": round(gain, 4), "target": ">= 0.75"},
         "sequence_vs_oracle": {"value": round(best["sequence"]["union_ppl"] / oracle - 1, 4), "target": "<= 0.02"},
+        "sequence_fixed_vs_oracle": {"value": round(best["sequence_fixed"]["union_ppl"] / oracle - 1, 4),
+                                     "target": "information: the prefix's choice never revised"},
         "best_modular_vs_dense": {"value": round(modular_best["union_ppl"] / dense, 4), "target": "<= 1.00",
                                   "row": modular_best["row"]},
         "routing_top1_accuracy_min_layer": {"value": min(exported.get("routing_top1_accuracy", [0])), "target": ">= 0.90"},
