@@ -110,7 +110,7 @@ def window_nll(
 ) -> dict[str, torch.Tensor]:
     """Per-token NLL (B, T) of each mode on a (B, T + 1) batch; `partitions` (B,) labels each window for the
     oracle. Sequence, ensemble and oracle come from one forced pass per expert."""
-    out = {"token": moe.token_nll(batch)}
+    out = {"token": moe.token_nll(batch)} if "token" in modes else {}
     if anchor is not None and "anchor" in modes:
         out["anchor"] = anchor.token_nll(batch)
     if modes & {"oracle", "sequence", "sequence_fixed", "ensemble"}:
