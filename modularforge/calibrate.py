@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from modularforge.assemble import compute_routers, layer_stats
-from modularforge.data.batches import PreparedData, fixed_batches
-from modularforge.data.shards import CALIB
+from modularforge.data.batches import PreparedData, spread_batches
 from modularforge.files import atomic_path, load_tensors, read_json, write_json
 from modularforge.inference import open_model
 from modularforge.model.transformer import CausalLM
@@ -39,11 +38,9 @@ def calibration_batches(run: Run, tokens_per_partition: int) -> list[torch.Tenso
     cfg = run.cfg
     data = PreparedData(run.data_dir)
     seq_len, micro = cfg.model.max_seq_len, cfg.experts.train.micro_batch
-    windows = max(1, tokens_per_partition // seq_len)
     batches = []
     for p in range(cfg.model.num_experts):
-        w = data.windows(CALIB, p)
-        batches += fixed_batches(w, windows, seq_len, micro)
+        batches += spread_batches(data.held_out(p, tokens_per_partition), tokens_per_partition, seq_len, micro)
     return batches
 
 

@@ -8,7 +8,7 @@ import torch
 
 from modularforge.config import DataConfig, TokenizerConfig
 from modularforge.data import sources
-from modularforge.data.batches import PreparedData, batch_rng, fixed_batches
+from modularforge.data.batches import PreparedData, batch_rng, fixed_batches, spread_batches
 from modularforge.data.partition import balanced_kmeans, capacity_assign, cluster_purity, load_partition
 from modularforge.data.shards import CALIB, TRAIN, VAL, TokenStore
 from modularforge.data.sources import iter_documents, split_paragraphs
@@ -150,6 +150,23 @@ def test_windows_gather_across_document_boundaries(make_config):
     # a held-out set shorter than one window validates on shorter windows instead of failing
     short = fixed_batches(w, 4, w.total + 100, 2)
     assert {tuple(b.shape[1:]) for b in short} == {(w.total,)}
+
+
+def test_held_out_windows_add_training_documents_when_calibration_is_short(make_config):
+    run = Run(make_config())
+    prepare(run)
+    data = PreparedData(run.data_dir)
+    calib = data.windows(CALIB, 0)
+    assert data.held_out(0, calib.total - 1).total == calib.total  # enough held-out text: only that
+    topped = data.held_out(0, calib.total + 1)
+    train = data.windows(TRAIN, 0)
+    assert topped.total == calib.total + train.total
+    assert set(topped.docs) == set(calib.docs) | set(train.docs)
+    # spread windows reach the end of the stream, not only its first documents
+    batches = spread_batches(topped, 4 * 16, 16, 2)
+    rows = torch.cat(batches)
+    assert rows.shape == (4, 17)
+    assert torch.equal(rows[-1], torch.from_numpy(topped.gather(np.array([topped.total - 17]), 17)[0]))
 
 
 def test_sentence_embedding_clustering_with_the_locally_installed_model(make_config):

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from modularforge.config import Config
-from modularforge.data.batches import PreparedData, Windows, batch_rng, fixed_batches
-from modularforge.data.shards import CALIB, TRAIN, VAL
+from modularforge.data.batches import PreparedData, Windows, batch_rng, fixed_batches, spread_batches
+from modularforge.data.shards import TRAIN, VAL
 from modularforge.files import read_json, save_tensors, sha256_file, write_json
 from modularforge.model.layers import SwiGLU
 from modularforge.model.moe import SparseMoE
@@ -107,7 +107,7 @@ def train_expert(run: Run, k: int, stop_after: int | None = None) -> dict:
         no_decay=lambda name: name.endswith("gate.weight"),
         stop_after=stop_after,
     )
-    stats = router_statistics(model, data.windows(CALIB, k), cfg.experts.stats_tokens, seq_len, micro,
+    stats = router_statistics(model, data.held_out(k, cfg.experts.stats_tokens), cfg.experts.stats_tokens, seq_len, micro,
                               autocast_dtype(tcfg.precision))
     tokens = result.steps * cfg.tokens_per_step(tcfg)
     provenance = {"stage": "train-experts", "expert": k, "fingerprint": run.fingerprint("train-experts"),
@@ -226,7 +226,8 @@ def expert_tensors(model: CausalLM, k: int) -> dict[str, torch.Tensor]:
 def router_statistics(
     model: CausalLM, windows: Windows, tokens: int, seq_len: int, micro: int, dtype: torch.dtype | None
 ) -> dict[str, torch.Tensor]:
-    """count, sum and X^T X (float64) of each layer's router input over up to `tokens` tokens of `windows`."""
+    """count, sum and X^T X (float64) of each layer's router input over about `tokens` tokens of `windows`, in
+    windows spread evenly over them."""
     hidden = model.cfg.hidden_size
     stats = {}
     hooks = []
@@ -245,9 +246,7 @@ def router_statistics(
     was_training = model.training
     model.eval()
     try:
-        seq_len = min(seq_len, windows.total - 1)
-        offsets = windows.sequential(seq_len, max_tokens=max(tokens, seq_len + 1))
-        for batch in windows.batches(offsets, seq_len, micro):
+        for batch in spread_batches(windows, tokens, seq_len, micro):
             with autocast(dtype):
                 model(batch[:, :-1])
     finally:
