@@ -84,12 +84,13 @@ EXPERT_VARIANTS = {
 }
 BUDGET_SPLITS = {"1/3": 1 / 3, "2/3": 2 / 3, "5/6": 5 / 6, "9/10": 9 / 10, "19/20": 19 / 20}
 DISCRIMINATIVE = ("ridge", "lda")
+RIDGE_LAMBDAS = (0.01, 0.1, 1.0)  # relative to the mean eigenvalue of the covariance (assemble.ridge_lambda)
 
 
 def router_grid() -> list[tuple[str, str, int]]:
     """(router, calibration, top_k) rows: every router with and without a temperature at top-1 and top-2;
-    the costlier calibrations (per-layer temperatures, norm recalibration) only for the discriminative
-    routers at top-2, where the previous full grid showed they can matter; uniform routers only uncalibrated,
+    the costlier calibrations (per-layer temperatures, norm recalibration) only for ridge at top-2 (on LDA they
+    matched the global temperature to 0.01 ppl in two runs); uniform routers only uncalibrated,
     since a temperature does not change all-zero logits; and top-4 for the discriminative routers with a
     temperature (the calibrated temperature sat at the top of its grid at top-2: softer is better)."""
     grid = []
@@ -99,7 +100,7 @@ def router_grid() -> list[tuple[str, str, int]]:
                 extra = calibration in ("temperature_per_layer", "temperature+norm")
                 if router == "uniform" and calibration != "none":
                     continue
-                if extra and (router not in DISCRIMINATIVE or top_k == 1):
+                if extra and (router != "ridge" or top_k == 1):
                     continue
                 grid.append((router, calibration, top_k))
         if router in DISCRIMINATIVE:
@@ -206,23 +207,29 @@ class DevSet:
 
 @dataclass
 class Scores:
-    """Per corpus: summed NLL (nats), scored tokens and their UTF-8 bytes; per layer: routing hits."""
+    """Per corpus: summed NLL (nats), scored tokens and their UTF-8 bytes; per layer and partition: routing hits."""
 
     nll: dict[str, float]
     tokens: dict[str, int]
     bytes: dict[str, int]
-    top1: np.ndarray | None = None  # (layers,) tokens whose top-1 expert is their partition's
-    topk: np.ndarray | None = None  # (layers,) tokens whose partition's expert is among the top-k
-    routed: int = 0
+    top1: np.ndarray | None = None  # (layers, partitions) tokens whose top-1 expert is their partition's
+    topk: np.ndarray | None = None  # (layers, partitions) tokens whose partition's expert is among the top-k
+    routed: np.ndarray | None = None  # (partitions,) routed tokens of each partition
 
     def summary(self) -> dict:
         out = {"per_corpus": {c: round(math.exp(self.nll[c] / self.tokens[c]), 3) for c in self.nll}}
         total_nll, total_tokens = sum(self.nll.values()), sum(self.tokens.values())
         out["union_ppl"] = round(math.exp(total_nll / total_tokens), 3)
         out["bits_per_byte"] = round(total_nll / math.log(2) / sum(self.bytes.values()), 4)
-        if self.top1 is not None and self.routed:
-            out["routing_top1_accuracy"] = [round(x / self.routed, 4) for x in self.top1]
-            out["routing_topk_hit"] = [round(x / self.routed, 4) for x in self.topk]
+        if self.top1 is not None and self.routed.sum():
+            seen = self.routed > 0
+            out["routing_top1_accuracy"] = [round(x, 4) for x in self.top1.sum(1) / self.routed.sum()]
+            out["routing_topk_hit"] = [round(x, 4) for x in self.topk.sum(1) / self.routed.sum()]
+            # per partition (those with dev tokens), averaged over layers
+            out["routing_top1_by_partition"] = {int(p): round(float(x), 4) for p, x in
+                                                zip(np.flatnonzero(seen), (self.top1 / np.maximum(self.routed, 1)).mean(0)[seen])}
+            out["routing_topk_hit_by_partition"] = {int(p): round(float(x), 4) for p, x in
+                                                    zip(np.flatnonzero(seen), (self.topk / np.maximum(self.routed, 1)).mean(0)[seen])}
         return out
 
 
@@ -255,7 +262,9 @@ class Scorer:
         scores = Scores({}, {}, {})
         blocks = model.moe_blocks()
         if route_stats and blocks:
-            scores.top1, scores.topk = np.zeros(len(blocks)), np.zeros(len(blocks))
+            experts = blocks[0].num_experts
+            scores.top1, scores.topk = np.zeros((len(blocks), experts)), np.zeros((len(blocks), experts))
+            scores.routed = np.zeros(experts)
         for corpus, batch, labels in self._batches(dev):
             for b in blocks:
                 b.record = [] if route_stats else None
@@ -266,9 +275,9 @@ class Scorer:
                 expected = labels[:, None].expand(-1, batch.shape[1] - 1).reshape(-1)
                 for i, b in enumerate(blocks):
                     idx = b.record[0]
-                    scores.top1[i] += (idx[:, 0] == expected).sum().item()
-                    scores.topk[i] += (idx == expected[:, None]).any(-1).sum().item()
-                scores.routed += expected.numel()
+                    np.add.at(scores.top1[i], expected.numpy(), (idx[:, 0] == expected).numpy())
+                    np.add.at(scores.topk[i], expected.numpy(), (idx == expected[:, None]).any(-1).numpy())
+                np.add.at(scores.routed, expected.numpy(), 1)
         for b in blocks:
             b.record = None
         return scores
@@ -310,13 +319,15 @@ class MoEUnderTest:
         self.anchor = [ffn_from_weights({w: anchor[ffn_key(i, w)] for w in FFN_WEIGHTS}) for i in range(cfg.model.num_layers)]
         self.calib = calibration_batches(run, 2048)
 
-    def configure(self, router: str, calibration: str, top_k: int, anchor_weight: float = 0.0) -> dict:
+    def configure(self, router: str, calibration: str, top_k: int, anchor_weight: float = 0.0,
+                  ridge_lambda: float | None = None) -> dict:
         cfg = self.run.cfg
+        lam = cfg.assemble.ridge_lambda if ridge_lambda is None else ridge_lambda
         generator = torch.Generator().manual_seed(cfg.run.seed)
         for layer, norm in zip(self.model.model.layers, self.norms):
             layer.post_attention_layernorm.weight.data.copy_(norm)
         for i, block in enumerate(self.model.moe_blocks()):
-            block.gate.weight.data.copy_(router_from_stats(router, self.stats[i], cfg.assemble.ridge_lambda,
+            block.gate.weight.data.copy_(router_from_stats(router, self.stats[i], lam,
                                                            cfg.assemble.centred, generator))
             block.top_k = top_k
             block.shared_expert = self.anchor[i] if anchor_weight else None
@@ -346,6 +357,7 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "results" / "quality.png")
     parser.add_argument("--tokens", type=int, help="override budget.total_tokens")
     parser.add_argument("--dev-windows", type=int, default=24, help="dev windows per corpus")
+    parser.add_argument("--extra-windows", type=int, default=96, help="windows of --eval-data scored")
     parser.add_argument("--quick", action="store_true", help="tiny budget, to check the benchmark itself")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override the base config (finished stages whose inputs did not change are reused)")
@@ -377,7 +389,7 @@ def main() -> None:
     ensure(base, "prepare", prepare)
     seq_len = base_cfg.model.max_seq_len
     dev = DevSet.build(args.data, base, args.dev_windows, seq_len)
-    extra = DevSet.from_text(args.eval_data, base, seq_len, 200) if args.eval_data else None
+    extra = DevSet.from_text(args.eval_data, base, seq_len, args.extra_windows) if args.eval_data else None
     scorer = Scorer(dev, extra, token_byte_lengths(load_tokenizer(base.tokenizer_dir)),
                     base_cfg.evaluate.prefix_len, base_cfg.experts.train.micro_batch,
                     base_cfg.evaluate.sequence_revise_every)
@@ -398,11 +410,12 @@ def main() -> None:
         return record(row, group, scorer.plain(model, dev), scorer.plain(model, extra) if extra else None)
 
     def score_moe(moe: MoEUnderTest, row: str, group: str, router: str, calibration: str, top_k: int,
-                  anchor_weight: float = 0.0) -> dict:
-        info = moe.configure(router, calibration, top_k, anchor_weight)
+                  anchor_weight: float = 0.0, ridge_lambda: float | None = None) -> dict:
+        lam = base_cfg.assemble.ridge_lambda if ridge_lambda is None else ridge_lambda
+        info = moe.configure(router, calibration, top_k, anchor_weight, lam)
         return record(row, group, scorer.plain(moe.model, dev, route_stats=True),
-                      scorer.plain(moe.model, extra) if extra else None,
-                      router=router, calibration=calibration, top_k=top_k, anchor_weight=anchor_weight, **info)
+                      scorer.plain(moe.model, extra) if extra else None, router=router, calibration=calibration,
+                      top_k=top_k, anchor_weight=anchor_weight, ridge_lambda=lam, **info)
 
     def score_forced(moe: MoEUnderTest, prefix: str, group: str) -> dict[str, dict]:
         forced = scorer.forced(moe.model, dev)
@@ -464,13 +477,25 @@ def main() -> None:
         if (router, calibration, top_k) != default:
             score_moe(moe, f"{best_variant}: {router}, {calibration}, top-{top_k}", "routers",
                       router, calibration, top_k, best_anchor)
-    token_rows = [r for r in rows if r["group"] in ("experts", "routers") and r["row"].startswith(best_variant)
-                  and "router" in r]
-    best_token = min(token_rows, key=lambda r: r["union_ppl"])
+
+    def best_token_row() -> dict:
+        return min((r for r in rows if r["group"] in ("experts", "routers") and r["row"].startswith(best_variant)
+                    and "router" in r), key=lambda r: r["union_ppl"])
+
+    best_token = best_token_row()
+    # the regulariser of the discriminative routers, at the best router's calibration and top-k
+    for lam in RIDGE_LAMBDAS:
+        if lam != base_cfg.assemble.ridge_lambda and best_token["router"] in DISCRIMINATIVE:
+            for top_k in sorted({2, best_token["top_k"]}):
+                score_moe(moe, f"{best_variant}: {best_token['router']} (lambda={lam}), {best_token['calibration']}, "
+                          f"top-{top_k}", "routers", best_token["router"], best_token["calibration"], top_k,
+                          best_anchor, lam)
+    best_token = best_token_row()
     recipe = (best_token["router"], best_token["calibration"], best_token["top_k"])
+    lam = best_token["ridge_lambda"]
     for weight in (0.25, 0.5):
-        score_moe(moe, f"{best_variant}: {recipe[0]}, {recipe[1]}, top-{recipe[2]}, anchor always on (w={weight})",
-                  "anchor_shared", *recipe, anchor_weight=weight)
+        score_moe(moe, f"{best_variant}: {recipe_label(best_token)}, anchor always on (w={weight})",
+                  "anchor_shared", *recipe, anchor_weight=weight, ridge_lambda=lam)
     del moe
 
     # Budget splits and the random-partition control, with the best expert set and token recipe.
@@ -482,23 +507,23 @@ def main() -> None:
             continue
         moe = MoEUnderTest(experts_for(fraction, best_variant))
         budget[label] = {"token": score_moe(moe, f"split {label}: {best_variant}, best token recipe", "budget",
-                                            *recipe, best_anchor),
+                                            *recipe, best_anchor, lam),
                          **score_forced(moe, f"split {label}:", "budget")}
         del moe
     random_base = _random_partition_base(ws, base)
     moe = MoEUnderTest(experts_for(main_split, best_variant, data_from=random_base, tag="-random"))
-    score_moe(moe, f"random partitions: {best_variant}, best token recipe", "random", *recipe, best_anchor)
+    score_moe(moe, f"random partitions: {best_variant}, best token recipe", "random", *recipe, best_anchor, lam)
     score_forced(moe, "random partitions:", "random")
     del moe
 
     # The best recipe through the real assembly: the exported folder must score the same.
-    exported = _assemble_best(ws, main_split, best_variant, recipe, base)
+    exported = _assemble_best(ws, main_split, best_variant, recipe, lam, base)
     model, _ = load_assembled(exported.model_dir)
     record("exported folder (modularforge assemble, best recipe)", "exported",
            scorer.plain(model.eval(), dev, route_stats=True), scorer.plain(model, extra) if extra else None)
 
     wall = time.perf_counter() - started
-    result = summarize(rows, per_variant, best_variant, recipe, budget, purity, base_cfg, args, wall)
+    result = summarize(rows, per_variant, best_variant, recipe, lam, budget, purity, base_cfg, args, wall)
     write_json(args.out, result)
     plot(rows, args.plot)
     print_table(rows, result)
@@ -541,12 +566,16 @@ def _random_partition_base(ws: Workspace, base: Run) -> Run:
     return run
 
 
-def _assemble_best(ws: Workspace, fraction: float, variant: str, recipe: tuple, base: Run) -> Run:
+def recipe_label(row: dict) -> str:
+    return f"{row['router']} (lambda={row['ridge_lambda']}), {row['calibration']}, top-{row['top_k']}"
+
+
+def _assemble_best(ws: Workspace, fraction: float, variant: str, recipe: tuple, lam: float, base: Run) -> Run:
     router, calibration, top_k = recipe
     source = ws.work / f"experts-{fraction:.3f}-{variant}"
     cfg = ws.config(
         budget={"total_tokens": ws.base.budget.total_tokens, "shared_fraction": fraction},
-        experts=EXPERT_VARIANTS[variant], model={"top_k": top_k}, assemble={"router": router},
+        experts=EXPERT_VARIANTS[variant], model={"top_k": top_k}, assemble={"router": router, "ridge_lambda": lam},
         calibrate={"temperature": calibration.startswith("temperature"),
                    "per_layer": calibration == "temperature_per_layer", "norm": calibration.endswith("norm"),
                    "calib_tokens": 2048 * ws.base.model.num_experts},
@@ -567,7 +596,7 @@ def _assemble_best(ws: Workspace, fraction: float, variant: str, recipe: tuple, 
     return run
 
 
-def summarize(rows, per_variant, best_variant, recipe, budget, purity, cfg, args, wall) -> dict:
+def summarize(rows, per_variant, best_variant, recipe, lam, budget, purity, cfg, args, wall) -> dict:
     by_row = {r["row"]: r for r in rows}
     anchor = by_row["anchor (shared phase alone)"]["union_ppl"]
     dense = by_row["dense (same total tokens)"]["union_ppl"]
@@ -590,6 +619,10 @@ def summarize(rows, per_variant, best_variant, recipe, budget, purity, cfg, args
                                   "row": modular_best["row"]},
         "routing_top1_accuracy_min_layer": {"value": min(exported.get("routing_top1_accuracy", [0])), "target": ">= 0.90"},
         "routing_topk_hit_min_layer": {"value": min(exported.get("routing_topk_hit", [0])), "target": ">= 0.90"},
+        "routing_top1_min_partition": {"value": min(exported.get("routing_top1_by_partition", {0: 0}).values()),
+                                       "target": ">= 0.90 (each partition's tokens, mean over layers)"},
+        "routing_topk_hit_min_partition": {"value": min(exported.get("routing_topk_hit_by_partition", {0: 0}).values()),
+                                           "target": ">= 0.90 (each partition's tokens, mean over layers)"},
         "cluster_purity": {"value": round(purity, 4), "target": ">= 0.80"},
     }
     return {
@@ -599,7 +632,8 @@ def summarize(rows, per_variant, best_variant, recipe, budget, purity, cfg, args
                     "torch": torch.__version__, "python": platform.python_version()},
         "wall_seconds": round(wall, 1),
         "best_expert_set": best_variant,
-        "best_token_recipe": {"router": recipe[0], "calibration": recipe[1], "top_k": recipe[2]},
+        "best_token_recipe": {"router": recipe[0], "calibration": recipe[1], "top_k": recipe[2],
+                              "ridge_lambda": lam},
         "targets": targets,
         "rows": rows,
     }
