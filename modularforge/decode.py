@@ -5,7 +5,8 @@ operations and module calls, whose fixed costs took as long as the products on t
 (benchmarks/speed.py). This is the same arithmetic in the same order with a third of the operations: one
 product for q|k|v and one for each expert's gate|up (fused weights), large float32 products split over both
 cores (`matvec`), rotary embedding as two products and a sum on tables built once, the key/value cache
-written in place, and no module calls. Its logits equal the module path's (tests/test_generate.py).
+written in place, and no module calls. Its logits equal the module path's, to float32 rounding where a split
+product sums in another order (tests/test_generate.py).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ SPLIT_MIN_ELEMENTS = 1 << 17
 def matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (1, in) times weight (out, in) transposed. MKL runs a lone float32 matrix-vector product on one core;
     a large one is split into two halves of its outputs, which one `bmm` runs on two cores (about 1.3-1.6x
-    faster here). Every output is the same dot product, so the result is the same bit for bit."""
+    faster here). Every output is the same dot product; MKL picks its summation order per shape and CPU, so
+    the result is bitwise the plain product's on some CPUs and within float32 rounding on others."""
     if weight.dtype == torch.float32 and weight.numel() >= SPLIT_MIN_ELEMENTS and weight.shape[0] % 2 == 0:
         return torch.bmm(x.expand(2, 1, -1), weight.unflatten(0, (2, -1)).transpose(1, 2)).view(1, -1)
     return F.linear(x, weight)

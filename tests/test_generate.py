@@ -136,17 +136,24 @@ def test_lean_decode_step_gives_the_module_path_logits(dtype, monkeypatch):
             for position in range(4, CFG.max_seq_len):
                 expected = model(torch.tensor([[token]]), cache=caches[0], start=position, expert_ids=expert_ids)[0, -1]
                 got = decode.decode_step(model, rotary, token, caches[1], position, expert_ids)
-                assert torch.equal(got, expected), (expert_ids, position)
+                if dtype == "float16":  # no split products: the same kernels in the same order
+                    assert torch.equal(got, expected), (expert_ids, position)
+                else:  # MKL may sum a split product in another order (CPU- and shape-dependent)
+                    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=f"{expert_ids} {position}")
                 token = int(expected.argmax())
 
 
-def test_split_matrix_vector_product_is_bitwise_the_plain_one():
+def test_split_matrix_vector_product_equals_the_plain_one():
+    """Each output is the same dot product either way; MKL picks its summation order per shape and CPU, so the
+    result is bitwise equal on some machines (the speed benchmark's) and within float32 rounding on others."""
     from modularforge.decode import SPLIT_MIN_ELEMENTS, matvec
 
     g = torch.Generator().manual_seed(3)
-    weight = torch.randn(2048, SPLIT_MIN_ELEMENTS // 2048 * 2, generator=g).t().contiguous().t()  # (out, in) input-major
-    x = torch.randn(1, weight.shape[1], generator=g)
-    assert torch.equal(matvec(x, weight), torch.nn.functional.linear(x, weight))
+    for out, inputs in ((2048, SPLIT_MIN_ELEMENTS // 2048 * 2), (768, 256), (256, 768), (8192, 256)):
+        weight = torch.randn(inputs, out, generator=g).t()  # (out, in), stored input-major as for decoding
+        x = torch.randn(1, inputs, generator=g)
+        plain = torch.nn.functional.linear(x, weight)
+        torch.testing.assert_close(matvec(x, weight), plain, rtol=1e-6, atol=1e-5 * inputs**0.5)
 
 
 def test_sequence_routing_revises_its_expert_and_reprefills_under_it():
