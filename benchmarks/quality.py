@@ -80,19 +80,23 @@ EXPERT_VARIANTS = {
     "scratch-alone": {"init": "scratch", "mode": "alone"},
     "anchor-alone": {"init": "anchor", "mode": "alone"},
     "anchor-with_anchor": {"init": "anchor", "mode": "with_anchor"},
-    "anchor-alone-swap": {"init": "anchor", "mode": "alone", "anchor_swap": 0.25},
 }
-BUDGET_SPLITS = {"1/3": 1 / 3, "2/3": 2 / 3, "5/6": 5 / 6, "9/10": 9 / 10, "19/20": 19 / 20}
+BUDGET_SPLITS = {"1/3": 1 / 3, "2/3": 2 / 3, "5/6": 5 / 6, "19/20": 19 / 20}
+# --extended: rows measured before and left out of the 60-minute run (each worse than the main recipe or
+# between two other rows in four runs): anchor substitution in expert training, the 9/10 split, top-4 LDA
+EXTENDED_VARIANTS = {"anchor-alone-swap": {"init": "anchor", "mode": "alone", "anchor_swap": 0.25}}
+EXTENDED_SPLITS = {"9/10": 9 / 10}
 DISCRIMINATIVE = ("ridge", "lda")
 RIDGE_LAMBDAS = (0.01, 0.1, 1.0)  # relative to the mean eigenvalue of the covariance (assemble.ridge_lambda)
 
 
-def router_grid() -> list[tuple[str, str, int]]:
+def router_grid(extended: bool) -> list[tuple[str, str, int]]:
     """(router, calibration, top_k) rows: every router with and without a temperature at top-1 and top-2;
     the costlier calibrations (per-layer temperatures, norm recalibration) only for ridge at top-2 (on LDA they
     matched the global temperature to 0.01 ppl in two runs); uniform routers only uncalibrated,
     since a temperature does not change all-zero logits; and top-4 for the discriminative routers with a
-    temperature (the calibrated temperature sat at the top of its grid at top-2: softer is better)."""
+    temperature (the calibrated temperature sat at the top of its grid at top-2: softer is better; LDA's only
+    with --extended)."""
     grid = []
     for router in ROUTERS:
         for calibration in CALIBRATIONS:
@@ -103,7 +107,7 @@ def router_grid() -> list[tuple[str, str, int]]:
                 if extra and (router != "ridge" or top_k == 1):
                     continue
                 grid.append((router, calibration, top_k))
-        if router in DISCRIMINATIVE:
+        if router == "ridge" or (router == "lda" and extended):
             grid.append((router, "temperature", 4))
     return grid
 DTYPE = torch.bfloat16
@@ -359,6 +363,8 @@ def main() -> None:
     parser.add_argument("--dev-windows", type=int, default=24, help="dev windows per corpus")
     parser.add_argument("--extra-windows", type=int, default=96, help="windows of --eval-data scored")
     parser.add_argument("--quick", action="store_true", help="tiny budget, to check the benchmark itself")
+    parser.add_argument("--extended", action="store_true",
+                        help="also anchor substitution, the 9/10 split and top-4 LDA (about 68 minutes cold)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override the base config (finished stages whose inputs did not change are reused)")
     args = parser.parse_args()
@@ -383,7 +389,9 @@ def main() -> None:
     ws = Workspace(base_cfg, args.work)
     T = base_cfg.budget.total_tokens
     # the config's split, snapped to the budget-split row it stands for (one run directory per split)
-    main_split = min(BUDGET_SPLITS.values(), key=lambda f: abs(f - base_cfg.budget.shared_fraction))
+    variants = EXPERT_VARIANTS | (EXTENDED_VARIANTS if args.extended else {})
+    splits = BUDGET_SPLITS | (EXTENDED_SPLITS if args.extended else {})
+    main_split = min(splits.values(), key=lambda f: abs(f - base_cfg.budget.shared_fraction))
 
     base = ws.run("base", base_cfg)
     ensure(base, "prepare", prepare)
@@ -441,7 +449,7 @@ def main() -> None:
 
     def experts_for(fraction: float, variant: str, data_from: Run = base, tag: str = "") -> Run:
         source = shared_for(fraction)
-        cfg = ws.config(budget={"total_tokens": T, "shared_fraction": fraction}, experts=EXPERT_VARIANTS[variant],
+        cfg = ws.config(budget={"total_tokens": T, "shared_fraction": fraction}, experts=variants[variant],
                         **({"partition": data_from.cfg.partition.model_dump()} if tag else {}))
         run = ws.run(f"experts-{fraction:.3f}-{variant}{tag}", cfg)
         _link_prepared(ws, run, data_from)
@@ -456,12 +464,12 @@ def main() -> None:
     # anchor (with_anchor) are scored with it: alone they are only the residual of the pair they trained in.
     default = ("ridge", "temperature", 2)
     per_variant = {}
-    for variant in EXPERT_VARIANTS:
+    for variant in variants:
         moe = MoEUnderTest(experts_for(main_split, variant))
         if variant == "scratch-alone":
             score_moe(moe, "seed recipe (scratch, alone, data_stats, no calibration, top-2)", "seed",
                       "data_stats", "none", 2)
-        paired = EXPERT_VARIANTS[variant]["mode"] == "with_anchor"
+        paired = variants[variant]["mode"] == "with_anchor"
         token = score_moe(moe, f"{variant}: token, ridge + temperature, top-2{', anchor on (w=0.5)' if paired else ''}",
                           "experts", *default, anchor_weight=0.5 if paired else 0.0)
         forced = score_forced(moe, f"{variant}:", "experts")
@@ -472,8 +480,8 @@ def main() -> None:
 
     # Router x calibration x top-k on the best expert set, and the anchor kept on as a shared expert.
     moe = MoEUnderTest(experts_for(main_split, best_variant))
-    best_anchor = 0.5 if EXPERT_VARIANTS[best_variant]["mode"] == "with_anchor" else 0.0
-    for router, calibration, top_k in router_grid():
+    best_anchor = 0.5 if variants[best_variant]["mode"] == "with_anchor" else 0.0
+    for router, calibration, top_k in router_grid(args.extended):
         if (router, calibration, top_k) != default:
             score_moe(moe, f"{best_variant}: {router}, {calibration}, top-{top_k}", "routers",
                       router, calibration, top_k, best_anchor)
@@ -500,12 +508,14 @@ def main() -> None:
 
     # Budget splits and the random-partition control, with the best expert set and token recipe.
     budget = {}
-    for label, fraction in BUDGET_SPLITS.items():
+    for label, fraction in sorted(splits.items(), key=lambda item: item[1]):
         if fraction == main_split:  # the rows above already score this split
             budget[label] = {"token": best_token, **{m: per_variant[best_variant][m]
                                                      for m in ("oracle", "sequence", "sequence_fixed", "ensemble")}}
             continue
         moe = MoEUnderTest(experts_for(fraction, best_variant))
+        score_dense(load_dense(base_cfg.model, vocab, shared_for(fraction).shared_dir),
+                    f"split {label}: anchor (shared phase alone)", "baseline")
         budget[label] = {"token": score_moe(moe, f"split {label}: {best_variant}, best token recipe", "budget",
                                             *recipe, best_anchor, lam),
                          **score_forced(moe, f"split {label}:", "budget")}
@@ -517,7 +527,7 @@ def main() -> None:
     del moe
 
     # The best recipe through the real assembly: the exported folder must score the same.
-    exported = _assemble_best(ws, main_split, best_variant, recipe, lam, base)
+    exported = _assemble_best(ws, main_split, best_variant, variants[best_variant], recipe, lam, base)
     model, _ = load_assembled(exported.model_dir)
     record("exported folder (modularforge assemble, best recipe)", "exported",
            scorer.plain(model.eval(), dev, route_stats=True), scorer.plain(model, extra) if extra else None)
@@ -570,12 +580,13 @@ def recipe_label(row: dict) -> str:
     return f"{row['router']} (lambda={row['ridge_lambda']}), {row['calibration']}, top-{row['top_k']}"
 
 
-def _assemble_best(ws: Workspace, fraction: float, variant: str, recipe: tuple, lam: float, base: Run) -> Run:
+def _assemble_best(ws: Workspace, fraction: float, variant: str, experts: dict, recipe: tuple, lam: float,
+                   base: Run) -> Run:
     router, calibration, top_k = recipe
     source = ws.work / f"experts-{fraction:.3f}-{variant}"
     cfg = ws.config(
         budget={"total_tokens": ws.base.budget.total_tokens, "shared_fraction": fraction},
-        experts=EXPERT_VARIANTS[variant], model={"top_k": top_k}, assemble={"router": router, "ridge_lambda": lam},
+        experts=experts, model={"top_k": top_k}, assemble={"router": router, "ridge_lambda": lam},
         calibrate={"temperature": calibration.startswith("temperature"),
                    "per_layer": calibration == "temperature_per_layer", "norm": calibration.endswith("norm"),
                    "calib_tokens": 2048 * ws.base.model.num_experts},
