@@ -110,7 +110,7 @@ def router_grid(extended: bool) -> list[tuple[str, str, int]]:
         if router == "ridge" or (router == "lda" and extended):
             grid.append((router, "temperature", 4))
     return grid
-DTYPE = torch.bfloat16
+DTYPE = None  # fp32, calibrate.precision's default: rows must not depend on whether the CPU has bf16 units
 
 
 # ----------------------------------------------------------------------------------------------- runs
