@@ -126,8 +126,18 @@ class TrainConfig(Section):
     )
     seq_len: int | None = Field(None, ge=8, description="Training sequence length; None = model.max_seq_len.")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr (cosine).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
     warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Fraction of steps spent in linear warmup.")
+    warmup_steps: int | None = Field(
+        None, ge=0, description="Linear warmup in steps, whatever the run's length (overrides warmup_fraction)."
+    )
+    schedule: Literal["cosine", "wsd"] = Field(
+        "cosine", description="Learning rate after warmup: cosine decay to min_lr over the run, or wsd "
+        "(warmup-stable-decay): the peak until the last `decay_fraction` of the steps, then linear decay to min_lr. "
+        "With wsd and warmup_steps, runs of different lengths share their first steps exactly, so one run "
+        "can be branched into several budgets (benchmarks/quality.py does).",
+    )
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: fraction of the steps spent decaying.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only).")
     beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.95, gt=0, lt=1, description="AdamW beta2.")

@@ -70,12 +70,23 @@ def model_loss(model: nn.Module, compile: bool, loss_chunks: int = 1) -> LossFn:
 
 
 def lr_at(step: int, steps: int, cfg: TrainConfig) -> float:
-    warmup = int(cfg.warmup_fraction * steps)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_fraction * steps)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
     floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        decay_start = stable_steps(steps, cfg)
+        if step < decay_start:
+            return cfg.lr
+        progress = (step - decay_start + 1) / max(1, steps - decay_start)
+        return cfg.lr - (cfg.lr - floor) * min(1.0, progress)
+    progress = (step - warmup) / max(1, steps - warmup)
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def stable_steps(steps: int, cfg: TrainConfig) -> int:
+    """wsd: the steps before the decay; runs of any length agree on them (given warmup_steps)."""
+    return steps - max(1, round(cfg.decay_fraction * steps))
 
 
 @dataclass
@@ -209,6 +220,21 @@ def _resume(path: Path, params: dict[str, nn.Parameter], optimizer: FusedAdamW, 
                 optimizer.load_state(p, state)
     step = int(meta["step"])
     log.info("resuming %s at step %d/%d", path.parent, step, steps)
+    return step
+
+
+def branch_checkpoint(source_dir: Path, target_dir: Path, fingerprint: str) -> int:
+    """Give the run in `target_dir` the checkpoint (and the metrics up to it) of the run in `source_dir`, under
+    the target's fingerprint, so the target resumes from there. Exact only for runs whose steps so far agree:
+    same model, data stream and learning rates (wsd runs with warmup_steps, before the shorter one's decay).
+    Returns the checkpoint's step."""
+    source = source_dir / "ckpt.safetensors"
+    step = int(read_metadata(source)["step"])
+    target_dir.mkdir(parents=True, exist_ok=True)
+    save_tensors(target_dir / "ckpt.safetensors", load_tensors(source), {"step": str(step), "fingerprint": fingerprint})
+    metrics = read_metrics(source_dir / "metrics.jsonl")
+    with atomic_path(target_dir / "metrics.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics if m["step"] <= step))
     return step
 
 
