@@ -1,5 +1,7 @@
 """Routers from statistics, and the routing-mode math, on tiny inputs."""
 
+import math
+
 import torch
 
 from modularforge.config import ModelConfig
@@ -124,3 +126,18 @@ def test_sequence_choice_is_revised_from_the_text_so_far():
     assert revised.tolist() == [[0] * 7 + [1] * 5]
     # revised at every position, expert 1 first leads at t = 6 (10 vs 9 nats before it)
     assert sequence_choices(nll, prefix_len=4, revise_every=1).tolist() == [[0] * 6 + [1] * 6]
+
+
+def test_grid_minimum_finds_the_valley_with_fewer_evaluations():
+    from modularforge.calibrate import grid_minimum
+
+    grid = [0.1, 0.2, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 3.0, 5.0, 8.0]
+    for best in grid:
+        calls = []
+
+        def loss(t, best=best, calls=calls):
+            calls.append(t)
+            return (math.log(t) - math.log(best)) ** 2
+
+        assert grid_minimum(grid, loss) == (best, 0.0)
+        assert len(set(calls)) == len(calls) <= 8
