@@ -54,7 +54,7 @@ from modularforge.data.shards import TokenStore
 from modularforge.data.sources import iter_documents
 from modularforge.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths
 from modularforge.evaluate import window_nll
-from modularforge.files import load_tensors, read_json, write_json
+from modularforge.files import load_tensors, read_json, read_metadata, write_json
 from modularforge.model.hf import load_assembled
 from modularforge.model.transformer import CausalLM
 from modularforge.model.weights import (
@@ -69,7 +69,7 @@ from modularforge.prepare import prepare
 from modularforge.routers import LayerStats, router_from_stats
 from modularforge.runs import STAGES, Run
 from modularforge.train.experts import expert_files, train_experts
-from modularforge.train.loop import autocast
+from modularforge.train.loop import Interrupted, autocast, branch_checkpoint, stable_steps
 from modularforge.train.shared import train_shared, vocab_size
 
 log = logging.getLogger("quality")
@@ -110,6 +110,7 @@ def router_grid(extended: bool) -> list[tuple[str, str, int]]:
         if router == "ridge" or (router == "lda" and extended):
             grid.append((router, "temperature", 4))
     return grid
+SCORE_MICRO = 8  # windows per scoring forward: 1.2x the tokens/s of 4 for the 8-expert top-4 MoE in fp32
 DTYPE = None  # fp32, calibrate.precision's default: rows must not depend on whether the CPU has bf16 units
 
 
@@ -321,7 +322,10 @@ class MoEUnderTest:
         self.norms = [layer.post_attention_layernorm.weight.detach().clone() for layer in self.model.model.layers]
         anchor = load_tensors(run.shared_dir / "anchor.safetensors")
         self.anchor = [ffn_from_weights({w: anchor[ffn_key(i, w)] for w in FFN_WEIGHTS}) for i in range(cfg.model.num_layers)]
-        self.calib = calibration_batches(run, 2048)
+        by_length: dict[int, list[torch.Tensor]] = {}
+        for batch in calibration_batches(run, 2048):
+            by_length.setdefault(batch.shape[1], []).append(batch)
+        self.calib = [chunk for group in by_length.values() for chunk in torch.cat(group).split(SCORE_MICRO)]
 
     def configure(self, router: str, calibration: str, top_k: int, anchor_weight: float = 0.0,
                   ridge_lambda: float | None = None) -> dict:
@@ -399,7 +403,7 @@ def main() -> None:
     dev = DevSet.build(args.data, base, args.dev_windows, seq_len)
     extra = DevSet.from_text(args.eval_data, base, seq_len, args.extra_windows) if args.eval_data else None
     scorer = Scorer(dev, extra, token_byte_lengths(load_tokenizer(base.tokenizer_dir)),
-                    base_cfg.evaluate.prefix_len, base_cfg.experts.train.micro_batch,
+                    base_cfg.evaluate.prefix_len, SCORE_MICRO,
                     base_cfg.evaluate.sequence_revise_every)
     purity = read_json(base.data_dir / "partitions.json")["purity"]
     rows: list[dict] = []
@@ -431,20 +435,21 @@ def main() -> None:
         return {m: record(f"{prefix} {m}", group, s, forced_extra.get(m)) for m, s in forced.items()}
 
     # Dense baseline: the anchor's architecture trained on all T tokens (a shared phase with fraction 1/2 of 2T).
+    # Under a wsd schedule every split's shared phase is the dense run's first steps plus its own decay, so
+    # the dense run is trained once and each split branches from it (exactly what a run of its own gives).
     dense = ws.run("dense", ws.config(budget={"total_tokens": 2 * T, "shared_fraction": 0.5}))
     _link_prepared(ws, dense, base)
+    shared_runs = {f: ws.run(f"shared-{f:.3f}", ws.config(budget={"total_tokens": T, "shared_fraction": f}))
+                   for f in splits.values()}
+    for run in shared_runs.values():
+        _link_prepared(ws, run, base)
+    branch_from_trunk(dense, list(shared_runs.values()))
     ensure(dense, "train-shared", train_shared)
     vocab = vocab_size(base)
     score_dense(load_dense(base_cfg.model, vocab, dense.shared_dir), "dense (same total tokens)", "baseline")
 
-    shared_runs: dict[float, Run] = {}
-
     def shared_for(fraction: float) -> Run:
-        if fraction not in shared_runs:
-            run = ws.run(f"shared-{fraction:.3f}", ws.config(budget={"total_tokens": T, "shared_fraction": fraction}))
-            _link_prepared(ws, run, base)
-            ensure(run, "train-shared", train_shared)
-            shared_runs[fraction] = run
+        ensure(shared_runs[fraction], "train-shared", train_shared)
         return shared_runs[fraction]
 
     def experts_for(fraction: float, variant: str, data_from: Run = base, tag: str = "") -> Run:
@@ -482,9 +487,14 @@ def main() -> None:
     moe = MoEUnderTest(experts_for(main_split, best_variant))
     best_anchor = 0.5 if variants[best_variant]["mode"] == "with_anchor" else 0.0
     for router, calibration, top_k in router_grid(args.extended):
-        if (router, calibration, top_k) != default:
-            score_moe(moe, f"{best_variant}: {router}, {calibration}, top-{top_k}", "routers",
-                      router, calibration, top_k, best_anchor)
+        label = f"{best_variant}: {router}, {calibration}, top-{top_k}"
+        if (router, calibration, top_k) == default:
+            continue
+        if top_k == 1 and calibration == "temperature":  # one expert per token, weight 1 at any temperature
+            uncalibrated = next(r for r in rows if r["row"] == f"{best_variant}: {router}, none, top-1")
+            rows.append({**uncalibrated, "row": label, "calibration": calibration, "temperature": "no effect at top-1"})
+            continue
+        score_moe(moe, label, "routers", router, calibration, top_k, best_anchor)
 
     def best_token_row() -> dict:
         return min((r for r in rows if r["group"] in ("experts", "routers") and r["row"].startswith(best_variant)
@@ -537,6 +547,29 @@ def main() -> None:
     write_json(args.out, result)
     plot(rows, args.plot)
     print_table(rows, result)
+
+
+def branch_from_trunk(trunk: Run, runs: list[Run]) -> None:
+    """Wsd only: train `trunk` (the longest shared phase) up to each run's decay, in order, and start that run
+    from there (`branch_checkpoint`). Runs already started, or whose branch point the trunk has passed,
+    train on their own."""
+    if trunk.cfg.train.schedule != "wsd" or trunk.cfg.train.warmup_steps is None:
+        return
+    ckpt = trunk.shared_dir / "ckpt.safetensors"
+    for run in sorted(runs, key=lambda r: r.cfg.shared_steps):
+        branch = stable_steps(run.cfg.shared_steps, run.cfg.train)
+        if run.is_done("train-shared") or (run.shared_dir / "ckpt.safetensors").exists() or trunk.is_done("train-shared"):
+            continue
+        reached = int(read_metadata(ckpt)["step"]) if ckpt.exists() else 0
+        if reached > branch:
+            continue
+        if reached < branch:
+            try:
+                train_shared(trunk, stop_after=branch)
+            except Interrupted:
+                pass
+        branch_checkpoint(trunk.shared_dir, run.shared_dir, run.fingerprint("train-shared"))
+        log.info("%s starts from step %d of %s", run.dir.name, branch, trunk.dir.name)
 
 
 def _link_data(run: Run, base: Run) -> None:
