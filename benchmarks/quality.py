@@ -707,14 +707,18 @@ def plot(rows: list[dict], path: Path) -> None:
     colors = {"baseline": "black", "seed": "tab:red", "experts": "tab:blue", "routers": "tab:cyan",
               "anchor_shared": "tab:purple", "budget": "tab:green", "random": "tab:orange", "exported": "tab:olive"}
     ax.barh(range(len(shown)), [r["union_ppl"] for r in shown], color=[colors[r["group"]] for r in shown])
-    ax.set_yticks(range(len(shown)), [r["row"][:70] for r in shown], fontsize=6)
+    ax.set_yticks(range(len(shown)), [r["row"][:90] for r in shown], fontsize=6)
     ax.invert_yaxis()
-    ax.set_xlabel("union dev perplexity (lower is better)")
+    # log scale: the scratch rows are 5x the others, which differ by a few percent
+    ax.set_xscale("log")
+    ax.set_xlabel("union dev perplexity (log scale, lower is better)")
+    for r in shown:  # the dense model and the 5/6 anchor: the lines every other row is read against
+        if r["row"] in ("dense (same total tokens)", "anchor (shared phase alone)"):
+            ax.axvline(r["union_ppl"], color="grey", linestyle="--", linewidth=0.8)
     low = min(r["union_ppl"] for r in shown)
-    ax.set_xlim(low * 0.9, max(r["union_ppl"] for r in shown) * 1.02)
-    fig.tight_layout()
+    ax.set_xlim(low * 0.95, max(r["union_ppl"] for r in shown) * 1.05)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
