@@ -88,8 +88,9 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
     torch.testing.assert_close(run(8), run(2), atol=1e-6, rtol=1e-6)
 
 
-def test_learning_rate_warms_up_then_decays_to_the_floor():
-    cfg = TrainConfig(lr=1.0, warmup_fraction=0.1, min_lr_ratio=0.1)
+@pytest.mark.parametrize("schedule", ["wsd", "cosine"])
+def test_learning_rate_warms_up_then_decays_to_the_floor(schedule):
+    cfg = TrainConfig(lr=1.0, warmup_fraction=0.1, min_lr_ratio=0.1, schedule=schedule)
     lrs = [lr_at(s, 100, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in pairwise(lrs[10:]))

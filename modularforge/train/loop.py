@@ -1,8 +1,8 @@
 """The one training loop, used by the shared phase and by every expert.
 
-AdamW (fused on CPU), linear warmup + cosine decay, gradient accumulation, global-norm clipping,
-optional bf16 autocast, periodic validation, resumable checkpoints, a progress bar, one log line
-per interval and a `metrics.jsonl` file. Batches are a pure function of the step (see
+AdamW (fused on CPU), linear warmup then warmup-stable-decay or cosine decay, gradient accumulation,
+global-norm clipping, optional bf16 autocast, periodic validation, resumable checkpoints, a progress bar,
+one log line per interval and a `metrics.jsonl` file. Batches are a pure function of the step (see
 `data.batches.batch_rng`) and the checkpoint holds parameters and optimizer state, so a resumed
 run takes the same steps as an uninterrupted one.
 """
