@@ -176,9 +176,9 @@ class BudgetConfig(Section):
         2_000_000, ge=1, description="Training tokens of the whole pipeline (shared phase + all experts)."
     )
     shared_fraction: float = Field(
-        0.8333, gt=0, lt=1,
+        0.95, gt=0, lt=1,
         description="Share of total_tokens spent on the shared phase; the rest is split among experts "
-        "(5/6 beat 2/3 and 1/3 in benchmarks/quality.py).",
+        "(19/20 beat 5/6, 2/3 and 1/3 in benchmarks/quality.py, at budgets where the frozen trunk is data-bound).",
     )
 
 
