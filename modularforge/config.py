@@ -180,6 +180,12 @@ class BudgetConfig(Section):
         description="Share of total_tokens spent on the shared phase; the rest is split among experts "
         "(19/20 beat 5/6, 2/3 and 1/3 in benchmarks/quality.py, at budgets where the frozen trunk is data-bound).",
     )
+    expert_tokens: int | None = Field(
+        None, ge=1, le=10**12,
+        description="Training tokens of each expert, instead of total_tokens x (1 - shared_fraction) / num_experts: "
+        "on N machines that never talk while experts train, each expert can get the whole expert phase's "
+        "tokens in the same wall time. Changing it never retrains the shared phase.",
+    )
 
 
 class ExpertsConfig(Section):
@@ -207,6 +213,19 @@ class ExpertsConfig(Section):
     ray_local_cpus: int = Field(2, ge=1, description="CPUs of the local Ray instance started without an address.")
     stats_tokens: int = Field(
         65_536, ge=256, description="Calibration-split tokens per expert for the router statistics."
+    )
+    lr_from_trunk: float | None = Field(
+        1.0, gt=0, le=100,
+        description="Expert peak learning rate as a multiple of the rate the shared phase's schedule ended at "
+        "(train.lr x train.min_lr_ratio), so an expert continues the trunk's schedule instead of jumping back "
+        "up (docs/RESULTS.md: a restart at 5x the trunk's final rate left experts worse than their anchor); "
+        "None uses experts.train.lr.",
+    )
+    keep_best: bool = Field(
+        True,
+        description="Score each expert on its partition's held-out calibration text at step 0 (the anchor it "
+        "starts from) and at every validation, and keep the best of those checkpoints, so an expert never "
+        "ships worse than the anchor on its own partition.",
     )
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=1e-3))
 
@@ -329,6 +348,9 @@ class Config(Section):
             raise ValueError(
                 f"generate.context_window={self.generate.context_window} exceeds model.max_seq_len={m.max_seq_len}"
             )
+        if self.experts.lr_from_trunk is not None and self.train.min_lr_ratio == 0:
+            raise ValueError("experts.lr_from_trunk continues from the shared phase's final learning rate, which "
+                             "train.min_lr_ratio=0 makes 0; raise train.min_lr_ratio or set experts.lr_from_trunk=null")
         if self.experts.anchor_swap and self.experts.mode == "with_anchor":
             raise ValueError("experts.anchor_swap applies to experts.mode=alone (with_anchor always runs the anchor)")
         if self.evaluate.prefix_len >= m.max_seq_len:
@@ -351,8 +373,17 @@ class Config(Section):
 
     @property
     def expert_steps(self) -> int:
-        expert_tokens = self.budget.total_tokens * (1 - self.budget.shared_fraction) / self.model.num_experts
+        expert_tokens = self.budget.expert_tokens or (
+            self.budget.total_tokens * (1 - self.budget.shared_fraction) / self.model.num_experts)
         return round(expert_tokens / self.tokens_per_step(self.experts.train))
+
+    @property
+    def expert_train(self) -> TrainConfig:
+        """experts.train with the peak learning rate that `experts.lr_from_trunk` resolves to."""
+        if self.experts.lr_from_trunk is None:
+            return self.experts.train
+        final = self.train.lr * self.train.min_lr_ratio
+        return self.experts.train.model_copy(update={"lr": final * self.experts.lr_from_trunk})
 
     def fingerprint(self, *sections: str) -> str:
         """Stable hash of the named sections (all when none are named)."""

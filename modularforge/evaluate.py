@@ -35,6 +35,7 @@ from modularforge.data.partition import load_report
 from modularforge.data.shards import VAL
 from modularforge.data.tokenizer import load_tokenizer, token_byte_lengths
 from modularforge.errors import DataError
+from modularforge.files import read_json
 from modularforge.generate import Sampling, generate_text, sequence_choices
 from modularforge.model.hf import load_assembled
 from modularforge.model.transformer import CausalLM
@@ -143,10 +144,11 @@ def evaluate(run: Run) -> dict:
         anchor = load_dense(cfg.model, vocab_size(run), run.shared_dir)
         moe.eval(), anchor.eval()
         data = PreparedData(run.data_dir)
-        modes = set(cfg.evaluate.routing_modes) | {"anchor", "token"}
+        modes = set(cfg.evaluate.routing_modes) | {"anchor", "token", "oracle"}
         dtype = autocast_dtype(cfg.experts.train.precision)
         prefix = cfg.evaluate.prefix_len
         full = {m: Tally() for m in ("anchor", "token")}
+        own_partition = {m: [Tally() for _ in range(cfg.model.num_experts)] for m in ("anchor", "oracle")}
         after_prefix = {m: [Tally() for _ in range(data.num_partitions)] for m in MODES if m in modes}
         routing = RoutingTally(cfg.model.num_layers, cfg.model.num_experts, data.num_partitions)
         blocks = moe.moe_blocks()
@@ -163,6 +165,9 @@ def evaluate(run: Run) -> dict:
                 targets = batch[:, 1:]
                 for m in full:
                     full[m].add(nll[m], targets, token_bytes)
+                if labels is not None:
+                    for m, tallies in own_partition.items():
+                        tallies[p].add(nll[m], targets, token_bytes)
                 for m, tallies in after_prefix.items():
                     if m in nll:
                         tallies[p].add(nll[m][:, prefix - 1 :], targets[:, prefix - 1 :], token_bytes)
@@ -182,15 +187,38 @@ def evaluate(run: Run) -> dict:
                 for m, ts in after_prefix.items()
             },
             "routing": routing.summary(),
+            "experts": expert_gains(run, own_partition),
             "samples": samples(moe, tokenizer, cfg),
             "stages": {name: {k: v for k, v in entry.items() if k in ("wall_seconds", "peak_rss_mb")}
                        for name, entry in run.manifest()["stages"].items()},
             "partitions": _partition_summary(run),
         }
         write_report(run, report)
+        worse = [e["expert"] for e in report["experts"] if e["gain"] <= 0]
+        if worse:
+            log.warning("expert(s) %s do not beat the anchor on their own partition's validation text",
+                        ", ".join(map(str, worse)))
         facts["token_perplexity"] = report["headline"]["token"]["perplexity"]
         facts["anchor_perplexity"] = report["headline"]["anchor"]["perplexity"]
         return report
+
+
+def expert_gains(run: Run, own_partition: dict[str, list[Tally]]) -> list[dict]:
+    """Per expert: its partition's validation perplexity under the anchor and under the expert alone (every
+    position but each window's first), the gain, and how training chose the expert (from its done.json)."""
+    rows = []
+    for k, (anchor, expert) in enumerate(zip(own_partition["anchor"], own_partition["oracle"])):
+        before, after = anchor.summary(), expert.summary()
+        done = run.expert_dir(k) / "done.json"
+        rows.append({
+            "expert": k,
+            "anchor_perplexity": before["perplexity"],
+            "expert_perplexity": after["perplexity"],
+            "gain": round(1 - after["perplexity"] / before["perplexity"], 5),
+            "tokens": after["tokens"],
+            "selection": read_json(done).get("selection") if done.exists() else None,
+        })
+    return rows
 
 
 def _merge(tallies: list[Tally]) -> Tally:

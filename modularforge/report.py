@@ -53,6 +53,7 @@ def render_markdown(report: dict) -> str:
     for name, label in (("token", "assembled MoE (token routing, exported)"), ("anchor", "dense anchor (shared phase)")):
         r = report["headline"][name]
         lines.append(f"| {label} | {r['loss']:.4f} | {r['perplexity']:.2f} | {r['bits_per_byte']:.4f} | {r['tokens']} |")
+    lines += _expert_lines(report.get("experts", []))
     modes = report["routing_modes"]
     parts = len(next(iter(modes.values()))["per_partition"])
     lines += [
@@ -90,15 +91,48 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _expert_lines(experts: list[dict]) -> list[str]:
+    if not experts:
+        return []
+    lines = [
+        "",
+        "## What each expert adds over the anchor",
+        "",
+        "Its own partition's validation text (every position but each window's first), under the dense anchor "
+        "(the shared phase's model, where the expert started) and under the expert in place of the anchor FFN. "
+        "Training kept the checkpoint with the lowest loss on the partition's held-out calibration text, step 0 "
+        "(the anchor itself) included.",
+        "",
+        "| expert | anchor ppl | expert ppl | gain | kept step | calibration loss: anchor -> kept |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in experts:
+        sel = e.get("selection") or {}
+        kept = sel.get("best_step", "")
+        calib = f"{sel['anchor_loss']:.4f} -> {sel['best_loss']:.4f}" if sel else ""
+        lines.append(f"| {e['expert']} | {e['anchor_perplexity']:.2f} | {e['expert_perplexity']:.2f} | "
+                     f"{100 * e['gain']:+.2f}% | {kept} | {calib} |")
+    worse = [str(e["expert"]) for e in experts if e["gain"] <= 0]
+    unchanged = [str(e["expert"]) for e in experts if (e.get("selection") or {}).get("best_step") == 0]
+    if worse:
+        lines += ["", f"**Not better than the anchor on its own partition: expert {', '.join(worse)}.**"]
+    if unchanged:
+        lines += ["", f"Expert {', '.join(unchanged)} never beat the anchor on held-out text in training and "
+                  "ships as the anchor FFN."]
+    if not worse:
+        lines += ["", "Every expert beats the anchor on its own partition."]
+    return lines
+
+
 def plot_losses(run: Run, path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
-    shared = read_metrics(run.shared_dir / "metrics.jsonl")
+    shared = [m for m in read_metrics(run.shared_dir / "metrics.jsonl") if "loss" in m]
     offset = 0
     if shared:
         ax.plot([m["step"] for m in shared], [m["loss"] for m in shared], label="shared phase", color="black")
         offset = shared[-1]["step"]
     for k in range(run.cfg.model.num_experts):
-        metrics = read_metrics(run.expert_dir(k) / "metrics.jsonl")
+        metrics = [m for m in read_metrics(run.expert_dir(k) / "metrics.jsonl") if "loss" in m]
         if metrics:
             ax.plot([offset + m["step"] for m in metrics], [m["loss"] for m in metrics], label=f"expert {k}")
     ax.set_xlabel("step (experts start where the shared phase ends)")

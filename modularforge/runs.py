@@ -1,28 +1,40 @@
 """The run directory is the interface between stages (DESIGN.md section 6).
 
+    runs/<name>/.modularforge-run    marker: this folder is a run directory (nothing else is written into)
+    runs/<name>/.lock                the writer's lock (fcntl.flock) and its pid
     runs/<name>/config.yaml          resolved config
-    runs/<name>/manifest.json        per stage: status, fingerprint, wall time, peak RSS
+    runs/<name>/manifest.json        per stage: status, fingerprint, the sha256 of every file it wrote, wall
+                                     time, peak RSS
     runs/<name>/tokenizer/  data/  shared/  experts/expert_XX/  model/  reports/
 
 A stage's fingerprint hashes the config sections it reads plus the fingerprint of the stage before
 it, so changing `train.lr` reruns the shared phase and everything after it, but not `prepare`.
+A stage counts as done only while its files are on disk with the checksums it recorded (a file a later
+stage rewrote, such as calibrate's shard in model/, is checked against that stage's record), and starting
+a stage drops the records of every later one: re-assembly means recalibration.
+
+One process writes into a run directory at a time: every stage holds the directory's lock, and `run`
+holds it for all its stages, its child processes sharing it through an inherited descriptor.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import resource
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from modularforge.config import Config
-from modularforge.errors import StageOrderError
-from modularforge.files import read_json, write_json, write_text
+from modularforge.errors import RunDirectoryError, StageOrderError, os_error
+from modularforge.files import LEFTOVER, read_json, remove_leftovers, sha256_file, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +44,24 @@ STAGES = ["prepare", "train-shared", "train-experts", "assemble", "calibrate", "
 # only matters from assembly on, so changing it does not retrain anything.
 _STAGE_KEYS: dict[str, list[str]] = {
     "prepare": ["data", "tokenizer", "partition", "model.num_experts", "run.seed"],
-    "train-shared": ["model", "train", "budget", "run.seed"],
+    "train-shared": ["model", "train", "budget.total_tokens", "budget.shared_fraction", "run.seed"],
     "train-experts": [
-        "experts.init", "experts.mode", "experts.anchor_swap", "experts.stats_tokens", "experts.train", "budget",
+        "experts.init", "experts.mode", "experts.anchor_swap", "experts.stats_tokens", "experts.train", "experts.lr_from_trunk",
+        "experts.keep_best", "budget",
         "model", "run.seed",
     ],
     "assemble": ["assemble", "model.top_k"],
     "calibrate": ["calibrate"],
     "evaluate": ["evaluate"],
 }
+
+
+MARKER = ".modularforge-run"
+LOCK = ".lock"
+LOCK_FD_ENV = "MODULARFORGE_RUN_LOCK_FD"  # a child of `run`: the inherited descriptor that holds the lock
+
+_held: dict[str, list] = {}  # resolved run directory -> [lock descriptor, depth, inherited]
+_checksums: dict[tuple, str] = {}  # (path, size, mtime, inode) -> sha256, so one process hashes a file once
 
 
 def peak_rss_mb() -> float:
@@ -59,6 +80,8 @@ class Run:
     model_dir = property(lambda self: self.dir / "model")
     reports_dir = property(lambda self: self.dir / "reports")
     manifest_path = property(lambda self: self.dir / "manifest.json")
+    marker_path = property(lambda self: self.dir / MARKER)
+    lock_path = property(lambda self: self.dir / LOCK)
 
     def expert_dir(self, index: int) -> Path:
         return self.experts_dir / f"expert_{index:02d}"
@@ -76,17 +99,142 @@ class Run:
         blob = json.dumps({"keys": picked, "upstream": upstream}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def outputs(self, stage: str) -> list[Path]:
+        """The files and folders `stage` writes (a later stage may rewrite some: calibrate rewrites model/)."""
+        experts = [self.expert_dir(k) / name for k in range(self.cfg.model.num_experts)
+                   for name in ("expert.safetensors", "router_stats.safetensors", "done.json")]
+        return {
+            "prepare": [self.tokenizer_dir, self.data_dir],
+            "train-shared": [self.shared_dir / "shared.safetensors", self.shared_dir / "anchor.safetensors"],
+            "train-experts": experts,
+            "assemble": [self.model_dir],
+            "calibrate": [self.model_dir],
+            "evaluate": [self.reports_dir],
+        }[stage]
+
+    def output_checksums(self, stage: str) -> dict[str, str]:
+        """{path relative to the run directory: sha256} of every file `stage` wrote, as on disk now."""
+        files = []
+        for target in self.outputs(stage):
+            files += [target] if target.is_file() else sorted(p for p in target.rglob("*") if p.is_file())
+        relative = {path.relative_to(self.dir).as_posix(): path for path in files}
+        return {rel: _checksum(path) for rel, path in relative.items()
+                if not any(LEFTOVER.match(part) for part in rel.split("/"))}
+
+    def changed_files(self, stage: str) -> list[str] | None:
+        """Files `stage` recorded that are missing or differ from the record; None if it has not finished under
+        this config (or ran before files were recorded)."""
+        stages = self.manifest()["stages"]
+        entry = stages.get(stage, {})
+        if entry.get("status") != "done" or entry.get("fingerprint") != self.fingerprint(stage) or "files" not in entry:
+            return None
+        expected: dict[str, str] = {}
+        for name in STAGES:  # a file rewritten by a later finished stage must match that stage's record
+            if stages.get(name, {}).get("status") == "done":
+                expected |= stages[name].get("files", {})
+        return [rel for rel in entry["files"] if _checksum(self.dir / rel) != expected[rel]]
+
     def is_done(self, stage: str) -> bool:
-        entry = self.manifest()["stages"].get(stage, {})
-        return entry.get("status") == "done" and entry.get("fingerprint") == self.fingerprint(stage)
+        return self.changed_files(stage) == []
 
     def require(self, stage: str) -> None:
-        if not self.is_done(stage):
-            entry = self.manifest()["stages"].get(stage)
-            why = "has not finished" if not entry or entry.get("status") != "done" else "ran with a different config"
-            raise StageOrderError(
-                f"stage '{stage}' {why} in {self.dir}; run `modularforge {stage}` (or `modularforge run`) first"
-            )
+        changed = self.changed_files(stage)
+        if changed == []:
+            return
+        entry = self.manifest()["stages"].get(stage)
+        if changed:
+            why = f"wrote files that are now missing or changed ({changed[0]}{' and more' if changed[1:] else ''})"
+        elif not entry or entry.get("status") != "done":
+            why = "has not finished"
+        elif entry.get("fingerprint") != self.fingerprint(stage):
+            why = "ran with a different config"
+        else:
+            why = "finished without a record of its files (an older version ran it)"
+        raise StageOrderError(
+            f"stage '{stage}' {why} in {self.dir}; run `modularforge {stage}` (or `modularforge run`) first"
+        )
+
+    def claim(self) -> None:
+        """Make `dir` a run directory before anything is written into it: create it with its marker, or adopt an
+        empty folder or one an older version made (it has a manifest); refuse any other existing folder."""
+        try:
+            if self.marker_path.is_file():
+                return
+            if self.dir.exists():
+                if not self.dir.is_dir():
+                    raise RunDirectoryError(f"{self.dir} is a file, not a run directory")
+                if any(self.dir.iterdir()) and not _older_run(self.dir):
+                    raise RunDirectoryError(
+                        f"{self.dir} is not empty and is not a ModularForge run directory (no {MARKER} in it); "
+                        "nothing was written: give --run-dir (or run.root / run.name) a new or empty folder"
+                    )
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise os_error(e, self.dir, "cannot create run directory") from None
+        write_json(self.marker_path, {"modularforge": "run directory", "created_at": time.time()})
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run directory's lock (an OS file lock, so it ends with the process). Re-entrant in a process;
+        a child started with `child_lock()` shares its parent's. Fresh holders first delete the temporary files
+        that killed writers left behind. Another holder is a RunDirectoryError naming its pid."""
+        key = str(self.dir.resolve())
+        if key in _held:
+            _held[key][1] += 1
+            try:
+                yield
+            finally:
+                _held[key][1] -= 1
+            return
+        self.claim()
+        fd = self._inherited_lock()
+        inherited = fd is not None
+        if fd is None:
+            fd = self._acquire_lock()
+            for path in remove_leftovers(self.dir):
+                log.info("removed %s, left behind by an interrupted run", path)
+        _held[key] = [fd, 1, inherited]
+        try:
+            yield
+        finally:
+            del _held[key]
+            if not inherited:  # an inherited descriptor is the parent's lock: unlocking it would free the parent's
+                os.close(fd)
+
+    def child_lock(self) -> tuple[dict[str, str], tuple[int, ...]]:
+        """(environment, pass_fds) for a child process that should write under the lock this process holds."""
+        fd = _held[str(self.dir.resolve())][0]
+        return {**os.environ, LOCK_FD_ENV: str(fd)}, (fd,)
+
+    def _inherited_lock(self) -> int | None:
+        try:
+            fd = int(os.environ.get(LOCK_FD_ENV, ""))
+            held, ours = os.fstat(fd), os.stat(self.lock_path)
+            if (held.st_dev, held.st_ino) != (ours.st_dev, ours.st_ino):
+                return None
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # succeeds only on the descriptor that holds the lock
+        except (ValueError, OSError):
+            return None
+        return fd
+
+    def _acquire_lock(self) -> int:
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise os_error(e, self.lock_path, "cannot create the lock file") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").split()
+            os.close(fd)
+            pid = holder[0] if holder else "unknown"
+            raise RunDirectoryError(
+                f"run directory {self.dir} is in use by process {pid} (another modularforge command writing into "
+                f"it); wait for it to finish, or stop it (kill {pid}) and rerun"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {' '.join(sys.argv)}\n".encode(), 0)
+        return fd
 
     def save_config(self) -> None:
         write_text(self.dir / "config.yaml", self.cfg.to_yaml())
@@ -98,32 +246,64 @@ class Run:
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[dict[str, Any]]:
-        """Mark `name` running; on success record it done with wall time and this process's peak RSS.
+        """Under the lock: mark `name` running and drop the records of every later stage (their inputs are about
+        to change); on success record it done with the checksums of its files, wall time and peak RSS.
 
-        The yielded dict collects extra facts (sizes, checksums) stored with the stage.
+        The yielded dict collects extra facts (sizes, checksums) stored with the stage. An OSError in the stage
+        that names no file (a write on a full disk) becomes a FileSystemError naming the run directory.
         """
-        if STAGES.index(name):
-            self.require(STAGES[STAGES.index(name) - 1])
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.save_config()
-        fingerprint = self.fingerprint(name)
-        self._update(name, {"status": "running", "fingerprint": fingerprint, "started_at": time.time()})
-        extra: dict[str, Any] = {}
-        start = time.perf_counter()
-        yield extra
-        wall = time.perf_counter() - start
-        self._update(
-            name,
-            {
-                "status": "done",
-                "fingerprint": fingerprint,
-                "finished_at": time.time(),
-                "wall_seconds": round(wall, 2),
-                "peak_rss_mb": round(peak_rss_mb(), 1),
-                **extra,
-            },
-        )
-        log.info("%s done in %.1fs (peak RSS %.0f MB)", name, wall, peak_rss_mb())
+        with self.lock():
+            index = STAGES.index(name)
+            if index:
+                self.require(STAGES[index - 1])
+            self.save_config()
+            fingerprint = self.fingerprint(name)
+            manifest = self.manifest()
+            for later in STAGES[index + 1 :]:
+                manifest["stages"].pop(later, None)
+            manifest["stages"][name] = {"status": "running", "fingerprint": fingerprint, "started_at": time.time()}
+            write_json(self.manifest_path, manifest)
+            extra: dict[str, Any] = {}
+            start = time.perf_counter()
+            try:
+                yield extra
+            except OSError as e:
+                if e.filename is not None:
+                    raise os_error(e, doing=f"{name}: cannot access") from None
+                raise os_error(e, self.dir, f"{name}: cannot write in") from None
+            wall = time.perf_counter() - start
+            self._update(
+                name,
+                {
+                    "status": "done",
+                    "fingerprint": fingerprint,
+                    "finished_at": time.time(),
+                    "wall_seconds": round(wall, 2),
+                    "peak_rss_mb": round(peak_rss_mb(), 1),
+                    **extra,
+                    "files": self.output_checksums(name),
+                },
+            )
+            log.info("%s done in %.1fs (peak RSS %.0f MB)", name, wall, peak_rss_mb())
+
+
+def _checksum(path: Path) -> str | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _checksums:
+        _checksums[key] = sha256_file(path)
+    return _checksums[key]
+
+
+def _older_run(path: Path) -> bool:
+    """A run directory made before the marker existed: it holds a manifest of stages."""
+    try:
+        return isinstance(json.loads((path / "manifest.json").read_text()).get("stages"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _lookup(tree: dict[str, Any], dotted: str) -> Any:

@@ -136,9 +136,9 @@ def test_frozen_shared_weights_get_no_gradients_in_the_expert_phase(trained_run)
 
 
 @pytest.mark.parametrize("experts", [
-    {"init": "scratch", "mode": "alone"},
-    {"init": "anchor", "mode": "with_anchor"},
-    {"init": "anchor", "mode": "alone", "anchor_swap": 0.5},
+    {"init": "scratch", "mode": "alone", "keep_best": False},
+    {"init": "anchor", "mode": "with_anchor", "keep_best": False},
+    {"init": "anchor", "mode": "alone", "anchor_swap": 0.5, "keep_best": False},
 ])
 def test_expert_options_train_and_assemble(make_config, experts):
     from modularforge.assemble import assemble
@@ -214,3 +214,61 @@ def test_domain_probe_trains_only_on_positions_from_its_first():
     expected = sum(F.cross_entropy(head(h[:, 10:]).flatten(0, 1), labels[:, 10:].flatten())
                    for head, h in zip(probe.heads, states)) / 2
     torch.testing.assert_close(probe.loss(labels), expected)
+
+
+def _pass_through_target(tmp_path, name, stop_after=None):
+    """A run whose parameter walks from 0 towards the training target 2 and passes the validation target 1 on
+    the way, so the best validation lies inside the run, not at its end."""
+    weight = torch.nn.Parameter(torch.zeros(1))
+    cfg = TrainConfig(batch_size=1, lr=0.1, warmup_steps=0, schedule="wsd", decay_fraction=0.1, eval_interval=2,
+                      log_interval=100, checkpoint_interval=3, precision="fp32", grad_clip=0, weight_decay=0)
+    loss = lambda b: ((weight - b.float().mean()) ** 2).sum()  # noqa: E731
+    result = train_loop({"w": weight}, loss, lambda step: torch.full((1, 2), 2), [torch.ones(1, 2)], cfg, 30,
+                        tmp_path / name, "t", "fp", stop_after=stop_after, keep_best=True)
+    return weight.detach().clone(), result
+
+
+def test_keep_best_ends_on_the_best_validation_and_resumes_to_the_same_choice(tmp_path):
+    weight, result = _pass_through_target(tmp_path, "straight")
+    assert result.initial_val_loss == pytest.approx(1.0)
+    assert 0 < result.best_step < 30 and result.best_val_loss < 0.05
+    assert float(weight) == pytest.approx(1.0, abs=0.25)  # not the last step's, which is near 2
+    with pytest.raises(Interrupted):
+        _pass_through_target(tmp_path, "resumed", stop_after=result.best_step + 1)
+    resumed_weight, resumed = _pass_through_target(tmp_path, "resumed")
+    assert torch.equal(weight, resumed_weight)
+    assert (resumed.best_step, resumed.best_val_loss, resumed.initial_val_loss) == (
+        result.best_step, result.best_val_loss, result.initial_val_loss)
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0] == {"step": 0, "val_loss": 1.0}
+
+
+def test_keep_best_keeps_the_starting_point_when_training_only_hurts(tmp_path):
+    weight = torch.nn.Parameter(torch.ones(1))
+    cfg = TrainConfig(batch_size=1, lr=0.1, eval_interval=1, log_interval=100, checkpoint_interval=100,
+                      precision="fp32", grad_clip=0, weight_decay=0)
+    loss = lambda b: ((weight - b.float().mean()) ** 2).sum()  # noqa: E731
+    result = train_loop({"w": weight}, loss, lambda step: torch.full((1, 2), 5), [torch.ones(1, 2)], cfg, 10,
+                        tmp_path, "t", "fp", keep_best=True)
+    assert result.best_step == 0 and float(weight.detach()) == 1.0
+
+
+def test_experts_continue_the_trunk_learning_rate_and_ship_no_worse_than_the_anchor(make_config, caplog):
+    cfg = make_config(experts={"lr_from_trunk": 1.0})
+    assert cfg.expert_train.lr == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio)
+    assert make_config(experts={"lr_from_trunk": None}).expert_train.lr == cfg.experts.train.lr
+    run = Run(make_config(experts={"lr_from_trunk": 100.0}, budget={"total_tokens": 60 * 8 * 32}))
+    prepare(run)
+    train_shared(run)
+    caplog.set_level("INFO", logger="modularforge")
+    train_experts(run)
+    anchor = load_tensors(run.shared_dir / "anchor.safetensors")
+    for k in range(run.cfg.model.num_experts):
+        selection = read_json(run.expert_dir(k) / "done.json")["selection"]
+        assert selection["best_loss"] <= selection["anchor_loss"]
+        expert = load_tensors(run.expert_dir(k) / "expert.safetensors")
+        same = torch.equal(expert[f"model.layers.0.block_sparse_moe.experts.{k}.w1.weight"],
+                           anchor["model.layers.0.mlp.w1.weight"])
+        assert same == (selection["best_step"] == 0) == (not selection["beats_anchor"])
+        assert not (run.expert_dir(k) / "best.safetensors").exists()
+    assert "did not beat its anchor" in caplog.text  # 100x the trunk's final rate wrecks at least one expert

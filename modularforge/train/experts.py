@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 
 import torch
 from torch import nn
 
 from modularforge.config import Config
 from modularforge.data.batches import PreparedData, Windows, batch_rng, fixed_batches, spread_batches
-from modularforge.data.shards import TRAIN, VAL
+from modularforge.data.shards import CALIB, TRAIN, VAL
 from modularforge.files import read_json, save_tensors, sha256_file, write_json
 from modularforge.model.layers import SwiGLU
 from modularforge.model.moe import SparseMoE
@@ -79,10 +80,11 @@ def train_expert(run: Run, k: int, stop_after: int | None = None) -> dict:
     data = PreparedData(run.data_dir)
     model = expert_model(cfg, vocab_size(run), run, k)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    tcfg = cfg.experts.train
+    tcfg = cfg.expert_train
     seq_len, micro = cfg.seq_len(tcfg), tcfg.micro_batch
     train_windows = data.windows(TRAIN, k)
-    val_batches = fixed_batches(data.windows(VAL, k), tcfg.eval_batches * micro, seq_len, micro)
+    val_batches = fixed_batches(selection_windows(data, k) if cfg.experts.keep_best else data.windows(VAL, k),
+                                tcfg.eval_batches * micro, seq_len, micro)
 
     def sample_batch(step: int) -> torch.Tensor:
         swaps = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, AnchorSwap)]
@@ -106,7 +108,10 @@ def train_expert(run: Run, k: int, stop_after: int | None = None) -> dict:
         fingerprint=run.fingerprint("train-experts"),
         no_decay=lambda name: name.endswith("gate.weight"),
         stop_after=stop_after,
+        keep_best=cfg.experts.keep_best,
     )
+    if cfg.experts.keep_best:
+        _log_against_anchor(k, cfg.model.num_experts, result)
     stats = router_statistics(model, data.held_out(k, cfg.experts.stats_tokens), cfg.experts.stats_tokens, seq_len, micro,
                               autocast_dtype(tcfg.precision))
     tokens = result.steps * cfg.tokens_per_step(tcfg)
@@ -125,9 +130,34 @@ def train_expert(run: Run, k: int, stop_after: int | None = None) -> dict:
         "seconds": round(result.seconds, 1),
         "sha256": {name: sha256_file(path) for name, path in files.items()},
     }
+    if cfg.experts.keep_best:
+        summary["selection"] = {
+            "text": "held-out calibration documents of the partition",
+            "anchor_loss": result.initial_val_loss, "best_loss": result.best_val_loss, "best_step": result.best_step,
+            "beats_anchor": result.best_step != 0,
+        }
     write_json(out / "done.json", summary)
-    (out / "ckpt.safetensors").unlink(missing_ok=True)  # the finished files supersede it
+    for leftover in ("ckpt.safetensors", "best.safetensors"):  # the finished files supersede them
+        (out / leftover).unlink(missing_ok=True)
     return summary
+
+
+def selection_windows(data: PreparedData, k: int) -> Windows:
+    """Text an expert is chosen on: its partition's calibration documents, held out from training and from the
+    validation split the report scores, so the choice does not flatter the reported numbers. A partition
+    whose calibration split is shorter than two tokens falls back to its validation split."""
+    calib = data.windows(CALIB, k) if (data.partition[data.split == CALIB] == k).any() else None
+    return calib if calib is not None and calib.total >= 2 else data.windows(VAL, k)
+
+
+def _log_against_anchor(k: int, experts: int, result) -> None:
+    gain = 1 - math.exp(result.best_val_loss - result.initial_val_loss)
+    if result.best_step == 0:
+        log.warning("expert %d/%d did not beat its anchor on held-out text of its partition (loss %.4f at step 0, "
+                    "never lower in training): it ships as the anchor FFN", k + 1, experts, result.initial_val_loss)
+    else:
+        log.info("expert %d/%d: held-out loss %.4f (anchor) -> %.4f at step %d, perplexity %.1f%% lower",
+                 k + 1, experts, result.initial_val_loss, result.best_val_loss, result.best_step, 100 * gain)
 
 
 def expert_model(cfg: Config, vocab: int, run: Run, k: int) -> CausalLM:
@@ -142,7 +172,7 @@ def expert_model(cfg: Config, vocab: int, run: Run, k: int) -> CausalLM:
         ffn = scratch_ffn(cfg, k)
     model = build_model(cfg.model, vocab, moe=False, tensors=shared | ffn)
     del shared
-    if cfg.experts.frozen_bf16 and autocast_dtype(cfg.experts.train.precision) == torch.bfloat16:
+    if cfg.experts.frozen_bf16 and autocast_dtype(cfg.expert_train.precision) == torch.bfloat16:
         frozen_linears_to_bf16(model)
     model.activation_checkpointing = cfg.experts.train.activation_checkpointing
     for layer in model.model.layers:

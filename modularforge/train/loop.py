@@ -95,6 +95,9 @@ class LoopResult:
     train_loss: float
     val_loss: float | None
     seconds: float
+    initial_val_loss: float | None = None  # keep_best: the validation loss at step 0
+    best_step: int | None = None  # keep_best: the step whose parameters `params` hold at the end
+    best_val_loss: float | None = None
 
 
 class Interrupted(Exception):
@@ -113,19 +116,34 @@ def train_loop(
     fingerprint: str,
     no_decay: Callable[[str], bool] = lambda name: False,
     stop_after: int | None = None,
+    keep_best: bool = False,
 ) -> LoopResult:
     """Train `params` for `steps` optimizer steps; resume from `out_dir/ckpt.safetensors` if it matches.
 
     sample_batch(step) returns that step's (batch_size, T + 1) windows; the loop splits it into micro-batches.
+    With `keep_best`, `val_batches` are also scored before the first step, every validation that improves on
+    the best so far saves the parameters to `out_dir/best.safetensors`, and at the end `params` hold the best
+    of those (the starting point included).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = out_dir / "ckpt.safetensors", out_dir / "metrics.jsonl"
+    best_path = out_dir / "best.safetensors"
     decay = [p for n, p in params.items() if p.dim() >= 2 and not no_decay(n)]
     rest = [p for n, p in params.items() if not (p.dim() >= 2 and not no_decay(n))]
     optimizer = FusedAdamW([(decay, cfg.weight_decay), (rest, 0.0)], betas=(cfg.beta1, cfg.beta2))
     start = _resume(ckpt_path, params, optimizer, fingerprint, steps)
     _trim_metrics(metrics_path, start)
     dtype = autocast_dtype(cfg.precision)
+    best = _Best(best_path, fingerprint) if keep_best else None
+    if best is not None:
+        if start == 0:
+            initial = evaluate_loss(loss_fn, val_batches, dtype)
+            best.offer(0, initial, params)
+            best.initial = initial
+            _append_metrics(metrics_path, {"step": 0, "val_loss": round(initial, 5)})
+            log.info("%s | step 0/%d | val %.3f (the starting point)", label, steps, initial)
+        else:
+            best.restore(ckpt_path)
     micro = cfg.micro_batch
     accum = cfg.batch_size // micro
     trainable = list(params.values())
@@ -160,6 +178,8 @@ def train_loop(
             if done % cfg.eval_interval == 0 or done == steps:
                 val_loss = evaluate_loss(loss_fn, val_batches, dtype)
                 record = {"val_loss": round(val_loss, 5)}
+                if best is not None:
+                    best.offer(done, val_loss, params)
             if done % cfg.log_interval == 0 or done == steps or record:
                 now = time.perf_counter()
                 rate = interval_tokens / max(now - interval_start, 1e-9)
@@ -175,12 +195,59 @@ def train_loop(
                 })
                 interval_tokens, interval_start = 0, now
             if done % cfg.checkpoint_interval == 0 or done == steps or done == stop_after:
-                _save_checkpoint(ckpt_path, params, optimizer, done, fingerprint)
+                _save_checkpoint(ckpt_path, params, optimizer, done, fingerprint, best)
             if done == stop_after and done < steps:
                 bar.close()
                 raise Interrupted(f"{label}: stopped after step {done}")
     bar.close()
-    return LoopResult(steps, last_loss, val_loss, time.perf_counter() - loop_start)
+    result = LoopResult(steps, last_loss, val_loss, time.perf_counter() - loop_start)
+    if best is not None:
+        if best.step != steps:
+            best.load_into(params)
+            log.info("%s: keeping step %d (val %.3f), the best validation of the run", label, best.step, best.loss)
+        result.initial_val_loss, result.best_step, result.best_val_loss = best.initial, best.step, best.loss
+    return result
+
+
+class _Best:
+    """The best validated parameters so far of a keep_best run, in `path`; the checkpoint carries which they
+    are (step and loss), so a resumed run compares against the same best as an uninterrupted one."""
+
+    def __init__(self, path: Path, fingerprint: str):
+        self.path, self.fingerprint = path, fingerprint
+        self.step: int | None = None
+        self.loss = math.inf
+        self.initial: float | None = None
+
+    def offer(self, step: int, loss: float, params: dict[str, nn.Parameter]) -> None:
+        if loss < self.loss:
+            self.step, self.loss = step, loss
+            save_tensors(self.path, {n: p.detach() for n, p in params.items()},
+                         {"step": str(step), "val_loss": repr(loss), "fingerprint": self.fingerprint})
+
+    def metadata(self) -> dict[str, str]:
+        return {"best_step": str(self.step), "best_val_loss": repr(self.loss), "initial_val_loss": repr(self.initial)}
+
+    def restore(self, ckpt_path: Path) -> None:
+        meta = read_metadata(ckpt_path)
+        if "best_step" not in meta:
+            raise TrainingError(f"checkpoint {ckpt_path} was written without keep_best; delete it to restart")
+        self.step, self.loss = int(meta["best_step"]), float(meta["best_val_loss"])
+        self.initial = float(meta["initial_val_loss"])
+        saved = read_metadata(self.path) if self.path.exists() else {}
+        # a best saved after the checkpoint (by steps the resumed run repeats) is what those steps save again
+        if saved.get("fingerprint") != self.fingerprint or int(saved.get("step", -1)) < self.step:
+            raise TrainingError(f"{self.path} does not hold the best step {self.step} its checkpoint records; "
+                                f"delete {ckpt_path} to restart this run")
+
+    def load_into(self, params: dict[str, nn.Parameter]) -> None:
+        meta = read_metadata(self.path)
+        if int(meta["step"]) != self.step or meta.get("fingerprint") != self.fingerprint:
+            raise TrainingError(f"{self.path} holds step {meta['step']}, not the best step {self.step}")
+        tensors = load_tensors(self.path)
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tensors[name])
 
 
 @torch.no_grad()
@@ -194,12 +261,13 @@ def evaluate_loss(loss_fn: LossFn, batches: Sequence[torch.Tensor], dtype: torch
 
 
 def _save_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer: FusedAdamW, step: int,
-                     fingerprint: str) -> None:
+                     fingerprint: str, best: _Best | None = None) -> None:
     tensors = {f"param.{n}": p.detach() for n, p in params.items()}
     for name, p in params.items():
         for key, value in optimizer.state.get(p, {}).items():
             tensors[f"{key}.{name}"] = value
-    save_tensors(path, tensors, {"step": str(step), "fingerprint": fingerprint})
+    meta = {"step": str(step), "fingerprint": fingerprint, **(best.metadata() if best is not None else {})}
+    save_tensors(path, tensors, meta)
 
 
 def _resume(path: Path, params: dict[str, nn.Parameter], optimizer: FusedAdamW, fingerprint: str, steps: int) -> int:

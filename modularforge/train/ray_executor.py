@@ -175,7 +175,7 @@ def progress_line(run: Run, running: list[int], done: int, since: float = 0.0) -
     parts = [f"experts {done}/{run.cfg.model.num_experts} done"]
     for k in sorted(running):
         last = last_metrics(run.expert_dir(k) / "metrics.jsonl", since)
-        if last:
+        if last and "loss" in last:  # the step-0 record of keep_best holds a validation loss only
             parts.append(f"expert {k + 1}: step {last['step']}/{steps} loss {last['loss']:.3f}")
         else:
             parts.append(f"expert {k + 1}: no step yet")
