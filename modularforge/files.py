@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,41 +20,96 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from modularforge.errors import DataError
+from modularforge.errors import DataError, FileSystemError, os_error
 from modularforge.safetensors_stream import from_tensor, write_streaming
+
+
+_calls = itertools.count()  # next() on a count is atomic under the GIL, so threads get distinct names too
+LEFTOVER = re.compile(r"^\..+\.(tmp|old)-\d+(-\d+)?$")
+
+
+def temp_name(path: Path, kind: str = "tmp") -> Path:
+    """A name beside `path` unique to this process and call, `.{name}.{kind}-{pid}-{n}`: two writers never share
+    one. A process killed mid-write leaves it behind; `remove_leftovers` deletes such names on the next run."""
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{next(_calls)}")
+
+
+def remove_leftovers(root: str | Path) -> list[Path]:
+    """Delete the temporary files and folders that killed writers left anywhere under `root`; returns them.
+    Only safe while no other process writes under `root` (the run directory's lock)."""
+    removed = []
+    for folder, dirs, files in os.walk(root):
+        for name in [d for d in dirs if LEFTOVER.match(d)]:
+            dirs.remove(name)
+            shutil.rmtree(Path(folder) / name, ignore_errors=True)
+            removed.append(Path(folder) / name)
+        for name in (f for f in files if LEFTOVER.match(f)):
+            with contextlib.suppress(OSError):
+                (Path(folder) / name).unlink()
+                removed.append(Path(folder) / name)
+    return removed
+
+
+def _write_error(e: OSError, target: Path, tmp: Path) -> FileSystemError:
+    """Name the target of the write, unless the error is about another file (an input read inside the block)."""
+    if e.filename is not None and not str(e.filename).startswith(str(tmp)) and Path(e.filename) != target:
+        return os_error(e, e.filename, "cannot access")
+    return os_error(e, target, "cannot write")
+
+
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error(e, path.parent, "cannot create folder") from None
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds. An OSError
+    (full disk, permissions) becomes a FileSystemError naming `path`; the temporary file is always removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if path.is_dir():
+        raise FileSystemError(f"cannot write {path}: is a folder, not a file; give a file name")
+    _make_parent(path)
+    tmp = temp_name(path)
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        raise _write_error(e, path, tmp) from None
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        else:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder; when the block succeeds, it replaces `path` (an old `path` is removed)."""
+    """Yield a temporary folder; when the block succeeds, it replaces `path` (an old `path` is removed).
+    Errors are as in `atomic_path`; if the final rename fails, the old `path` is put back."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if path.exists() and not path.is_dir():
+        raise FileSystemError(f"cannot write {path}: is a file, not a folder")
+    _make_parent(path)
+    tmp = temp_name(path)
+    old = temp_name(path, "old")
     try:
+        tmp.mkdir()
         yield tmp
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
         if path.exists():
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old.exists() and not path.exists():
+                os.replace(old, path)
+            raise
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise _write_error(e, path, tmp) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -72,15 +129,22 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise DataError(f"missing file: {path}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise os_error(e, path, "cannot read") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(chunk_bytes):
+                digest.update(chunk)
+    except OSError as e:
+        raise os_error(e, path, "cannot read") from None
     return digest.hexdigest()
 
 
