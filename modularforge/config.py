@@ -13,29 +13,44 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from modularforge.errors import ConfigError
+from modularforge.errors import ConfigError, os_error
+
+
+MAX_STEPS = 10**9
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: a boolean is not a number and 1e20 is not a step count; numbers are range-checked where declared
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class RunConfig(Section):
-    name: str = Field("demo", description="Run name; the run directory is <root>/<name>.")
+    name: str = Field("demo", description="Run name (a plain folder name); the run directory is <root>/<name>.")
     root: str = Field("runs", description="Folder that holds run directories.")
-    seed: int = Field(0, description="Seed for data splits, initialisation and batch sampling.")
-    threads: int | None = Field(None, description="torch intra-op threads (None: torch's default).")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for data splits, initialisation and batch sampling.")
+    threads: int | None = Field(None, ge=1, le=4096, description="torch intra-op threads (None: torch's default).")
     malloc_mmap_threshold_kb: int | None = Field(
-        None, ge=64,
+        None, ge=64, le=1 << 30,
         description="glibc only: give every allocation above this size its own mapping, returned to the system "
         "when freed. Cuts training peak RSS by about a fifth (heap fragmentation) and costs about 30% "
         "throughput (page faults); for runs bound by memory, not time. None keeps glibc's default.",
     )
+
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _plain_name(cls, name: Any) -> Any:
+        if isinstance(name, int) and not isinstance(name, bool):
+            name = str(name)  # `--set run.name=2024` reads as a number
+        if isinstance(name, str) and (name in ("", ".", "..") or any(c in name for c in "/\\\0")):
+            raise ValueError("must be a plain folder name inside run.root (no '/', '..' or absolute path)")
+        return name
 
 
 class DataConfig(Section):
@@ -50,10 +65,10 @@ class DataConfig(Section):
     dataset_config: str | None = Field(None, description="Dataset configuration name (e.g. wikitext-103-raw-v1).")
     dataset_split: str = Field("train", description="Dataset split to read.")
     text_field: str = Field("text", description="Field holding the text in .jsonl/.parquet/dataset rows.")
-    max_documents: int | None = Field(None, ge=1, description="Read at most this many documents.")
-    min_chars: int = Field(200, ge=1, description="Drop documents shorter than this many characters.")
+    max_documents: int | None = Field(None, ge=1, le=10**12, description="Read at most this many documents.")
+    min_chars: int = Field(200, ge=1, le=10**9, description="Drop documents shorter than this many characters.")
     max_doc_chars: int = Field(
-        10_000, ge=1000, description="Cut longer documents into pieces of about this size at paragraph breaks."
+        10_000, ge=1000, le=10**9, description="Cut longer documents into pieces of about this size at paragraph breaks."
     )
     split_unit: Literal["document", "group"] = Field(
         "document",
@@ -68,9 +83,9 @@ class DataConfig(Section):
 
 class TokenizerConfig(Section):
     vocab_size: int = Field(8192, ge=260, le=1 << 20, description="BPE vocabulary size (special tokens included).")
-    min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a BPE merge.")
+    min_frequency: int = Field(2, ge=1, le=10**9, description="Minimum pair frequency for a BPE merge.")
     train_max_chars: int = Field(
-        30_000_000, ge=10_000,
+        30_000_000, ge=10_000, le=10**13,
         description="Train the tokenizer on about this many characters (an even sample of documents).",
     )
 
@@ -86,29 +101,29 @@ class PartitionConfig(Section):
         "sentence-transformers/all-MiniLM-L6-v2",
         description="Locally installed sentence-transformers model (name or path) for features=embeddings.",
     )
-    svd_dim: int = Field(64, ge=2, description="Dimensions kept by truncated SVD of the tf-idf matrix.")
+    svd_dim: int = Field(64, ge=2, le=4096, description="Dimensions kept by truncated SVD of the tf-idf matrix.")
     balance: float = Field(
-        1.5,
+        1.5, le=1000,
         ge=1.0,
         description="Largest cluster may hold at most balance x (tokens / num_experts); 1.0 = perfectly balanced.",
     )
-    top_terms: int = Field(12, ge=1, description="Top terms listed per cluster in the partition report.")
-    kmeans_iters: int = Field(30, ge=1, description="Balanced k-means iterations.")
+    top_terms: int = Field(12, ge=1, le=1000, description="Top terms listed per cluster in the partition report.")
+    kmeans_iters: int = Field(30, ge=1, le=10**6, description="Balanced k-means iterations.")
 
 
 class ModelConfig(Section):
-    hidden_size: int = Field(256, ge=8, description="Model width (d_model).")
-    intermediate_size: int = Field(768, ge=8, description="SwiGLU hidden width of each FFN / expert (d_ff).")
-    num_layers: int = Field(4, ge=1, description="Transformer blocks.")
-    num_heads: int = Field(4, ge=1, description="Attention heads.")
-    num_kv_heads: int | None = Field(None, ge=1, description="Key/value heads (grouped-query); None = num_heads.")
-    max_seq_len: int = Field(256, ge=8, description="Context length (max_position_embeddings).")
-    num_experts: int = Field(4, ge=1, description="Experts = data partitions.")
-    top_k: int = Field(2, ge=1, description="Experts used per token in token-level routing.")
-    rope_theta: float = Field(10_000.0, gt=0, description="Rotary embedding base.")
-    norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon.")
+    hidden_size: int = Field(256, ge=8, le=1 << 16, description="Model width (d_model).")
+    intermediate_size: int = Field(768, ge=8, le=1 << 18, description="SwiGLU hidden width of each FFN / expert (d_ff).")
+    num_layers: int = Field(4, ge=1, le=1024, description="Transformer blocks.")
+    num_heads: int = Field(4, ge=1, le=1024, description="Attention heads.")
+    num_kv_heads: int | None = Field(None, ge=1, le=1024, description="Key/value heads (grouped-query); None = num_heads.")
+    max_seq_len: int = Field(256, ge=8, le=1 << 20, description="Context length (max_position_embeddings).")
+    num_experts: int = Field(4, ge=1, le=1024, description="Experts = data partitions.")
+    top_k: int = Field(2, ge=1, le=1024, description="Experts used per token in token-level routing.")
+    rope_theta: float = Field(10_000.0, gt=0, le=1e12, description="Rotary embedding base.")
+    norm_eps: float = Field(1e-5, gt=0, le=1, description="RMSNorm epsilon.")
     tie_embeddings: bool = Field(False, description="Share the input embedding with the LM head.")
-    init_std: float = Field(0.02, gt=0, description="Standard deviation of the normal weight initialisation.")
+    init_std: float = Field(0.02, gt=0, le=10, description="Standard deviation of the normal weight initialisation.")
 
     @property
     def kv_heads(self) -> int:
@@ -120,16 +135,16 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    batch_size: int = Field(16, ge=1, description="Sequences per optimizer step.")
+    batch_size: int = Field(16, ge=1, le=1 << 20, description="Sequences per optimizer step.")
     micro_batch_size: int | None = Field(
-        None, ge=1, description="Sequences per forward/backward (gradient accumulation); None = batch_size."
+        None, ge=1, le=1 << 20, description="Sequences per forward/backward (gradient accumulation); None = batch_size."
     )
-    seq_len: int | None = Field(None, ge=8, description="Training sequence length; None = model.max_seq_len.")
-    lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
+    seq_len: int | None = Field(None, ge=8, le=1 << 20, description="Training sequence length; None = model.max_seq_len.")
+    lr: float = Field(3e-4, gt=0, le=10, description="Peak learning rate (AdamW).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
     warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Fraction of steps spent in linear warmup.")
     warmup_steps: int | None = Field(
-        None, ge=0, description="Linear warmup in steps, whatever the run's length (overrides warmup_fraction)."
+        None, ge=0, le=10**9, description="Linear warmup in steps, whatever the run's length (overrides warmup_fraction)."
     )
     schedule: Literal["cosine", "wsd"] = Field(
         "wsd", description="Learning rate after warmup: wsd (warmup-stable-decay): the peak until the last "
@@ -139,32 +154,32 @@ class TrainConfig(Section):
         "can be branched into several budgets (benchmarks/quality.py does).",
     )
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: fraction of the steps spent decaying.")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only).")
+    weight_decay: float = Field(0.1, ge=0, le=100, description="AdamW weight decay (matrices only).")
     beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.95, gt=0, lt=1, description="AdamW beta2.")
-    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm (0 = off).")
+    grad_clip: float = Field(1.0, ge=0, le=1e6, description="Clip the global gradient norm (0 = off).")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Autocast precision: bf16 on CPUs with native bf16 (auto), or fp32."
     )
     activation_checkpointing: bool = Field(False, description="Recompute block activations in backward.")
     loss_chunks: int = Field(
-        1, ge=1, description="Run the LM head and loss on this many slices of the sequence, each slice's gradients "
+        1, ge=1, le=1 << 16, description="Run the LM head and loss on this many slices of the sequence, each slice's gradients "
         "computed at once, so only one slice's logits are in memory (matters at large vocabularies).",
     )
     domain_probe_weight: float = Field(
-        0.0, ge=0, description="Shared phase only: weight of an auxiliary loss that trains, per layer, a linear "
+        0.0, ge=0, le=1000, description="Shared phase only: weight of an auxiliary loss that trains, per layer, a linear "
         "classifier of the token's partition from the hidden state that layer's router will read (then dropped), "
         "so those states become separable by partition and closed-form routers route tokens to their experts.",
     )
     domain_probe_from: int = Field(
-        0, ge=0, description="Shared phase only: first position of each window the domain probe is trained on "
+        0, ge=0, le=1 << 20, description="Shared phase only: first position of each window the domain probe is trained on "
         "(earlier positions have little context to tell the domain from).",
     )
     compile: bool = Field(False, description="torch.compile the model (pays off only on long runs).")
-    eval_interval: int = Field(100, ge=1, description="Validate every this many steps (and at the end).")
-    eval_batches: int = Field(4, ge=1, description="Micro-batches per validation.")
-    log_interval: int = Field(10, ge=1, description="One metrics line every this many steps.")
-    checkpoint_interval: int = Field(100, ge=1, description="Save a resumable checkpoint every this many steps.")
+    eval_interval: int = Field(100, ge=1, le=10**9, description="Validate every this many steps (and at the end).")
+    eval_batches: int = Field(4, ge=1, le=10**6, description="Micro-batches per validation.")
+    log_interval: int = Field(10, ge=1, le=10**9, description="One metrics line every this many steps.")
+    checkpoint_interval: int = Field(100, ge=1, le=10**9, description="Save a resumable checkpoint every this many steps.")
 
     @property
     def micro_batch(self) -> int:
@@ -173,7 +188,7 @@ class TrainConfig(Section):
 
 class BudgetConfig(Section):
     total_tokens: int = Field(
-        2_000_000, ge=1, description="Training tokens of the whole pipeline (shared phase + all experts)."
+        2_000_000, ge=1, le=10**15, description="Training tokens of the whole pipeline (shared phase + all experts)."
     )
     shared_fraction: float = Field(
         0.95, gt=0, lt=1,
@@ -207,12 +222,12 @@ class ExpertsConfig(Section):
     )
     executor: Literal["local", "ray"] = Field("local", description="Run experts in this process or as Ray tasks.")
     ray_address: str | None = Field(None, description="Ray cluster address; None starts a local Ray instance.")
-    ray_cpus_per_task: float = Field(1.0, gt=0, description="CPUs reserved per expert task.")
-    ray_memory_gb_per_task: float | None = Field(None, gt=0, description="Memory reserved per expert task (GiB).")
-    ray_max_retries: int = Field(2, ge=0, description="Retries of a failed expert task (each resumes).")
-    ray_local_cpus: int = Field(2, ge=1, description="CPUs of the local Ray instance started without an address.")
+    ray_cpus_per_task: float = Field(1.0, gt=0, le=4096, description="CPUs reserved per expert task.")
+    ray_memory_gb_per_task: float | None = Field(None, gt=0, le=1e6, description="Memory reserved per expert task (GiB).")
+    ray_max_retries: int = Field(2, ge=0, le=1000, description="Retries of a failed expert task (each resumes).")
+    ray_local_cpus: int = Field(2, ge=1, le=4096, description="CPUs of the local Ray instance started without an address.")
     stats_tokens: int = Field(
-        65_536, ge=256, description="Calibration-split tokens per expert for the router statistics."
+        65_536, ge=256, le=10**12, description="Calibration-split tokens per expert for the router statistics."
     )
     lr_from_trunk: float | None = Field(
         1.0, gt=0, le=100,
@@ -235,40 +250,45 @@ class AssembleConfig(Section):
         "ridge", description="Router initialisation from the experts' statistics (no training)."
     )
     ridge_lambda: float = Field(
-        0.1, gt=0, description="Ridge/LDA regulariser, relative to the mean eigenvalue of the covariance "
+        0.1, gt=0, le=1e6, description="Ridge/LDA regulariser, relative to the mean eigenvalue of the covariance "
         "(0.1 beat 0.01 and 1.0 in benchmarks/quality.py)."
     )
     centred: bool = Field(True, description="Centre the statistics on the pooled mean before solving.")
-    shard_max_mb: int = Field(512, ge=1, description="Largest output shard for the shared tensors (MB).")
+    shard_max_mb: int = Field(512, ge=1, le=1 << 20, description="Largest output shard for the shared tensors (MB).")
 
 
 class CalibrateConfig(Section):
     temperature: bool = Field(True, description="Search a router temperature on the calibration split.")
     per_layer: bool = Field(False, description="Search one temperature per layer (coordinate descent).")
-    temperatures: list[float] = Field(
+    temperatures: list[Annotated[float, Field(gt=0, le=1000)]] = Field(
         default_factory=lambda: [0.1, 0.2, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 3.0, 5.0, 8.0],
-        description="Candidate temperatures (router logits are divided by these).",
+        min_length=1, description="Candidate temperatures (router logits are divided by these).",
     )
     norm: bool = Field(
         False, description="Rescale post-attention norm gains so expert inputs match their training statistics."
     )
-    calib_tokens: int = Field(16_384, ge=256, description="Calibration-split tokens scored per candidate.")
+    calib_tokens: int = Field(16_384, ge=256, le=10**12, description="Calibration-split tokens scored per candidate.")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "fp32", description="Compute precision of the calibration passes. bf16 autocast is faster, but each "
         "routing-dependent expert batch shape gets its own cached oneDNN kernel and weight casts: on poc-50m "
         "the stage's memory above the interpreter doubled (benchmarks/memory.py).",
     )
     expert_cache: int | None = Field(
-        None, ge=1, description="Run calibration with at most this many expert FFNs in memory (None = all)."
+        None, ge=1, le=1 << 20, description="Run calibration with at most this many expert FFNs in memory (None = all)."
     )
 
 
 class EvaluateConfig(Section):
-    eval_tokens: int = Field(32_768, ge=256, description="Validation tokens scored per partition.")
-    stride: int | None = Field(None, ge=1, description="Window stride for `evaluate --data`; None = window length.")
-    prefix_len: int = Field(32, ge=1, description="Prefix tokens that choose the expert in sequence/ensemble routing.")
+    eval_tokens: int = Field(32_768, ge=256, le=10**12, description="Validation tokens scored per partition.")
+    window: int | None = Field(
+        None, ge=2, le=1 << 20, description="Window length in tokens for `evaluate --data`; None = the model's context."
+    )
+    stride: int | None = Field(
+        None, ge=1, le=1 << 20, description="Window stride for `evaluate --data`; None = window length."
+    )
+    prefix_len: int = Field(32, ge=1, le=1 << 20, description="Prefix tokens that choose the expert in sequence/ensemble routing.")
     sequence_revise_every: int | None = Field(
-        32, ge=1, description="Sequence routing re-chooses its expert from all the text so far every this many "
+        32, ge=1, le=1 << 20, description="Sequence routing re-chooses its expert from all the text so far every this many "
         "tokens (None = keep the prefix's choice for the whole window)."
     )
     routing_modes: list[Literal["token", "sequence", "sequence_fixed", "ensemble", "oracle"]] = Field(
@@ -278,22 +298,22 @@ class EvaluateConfig(Section):
     sample_prompts: list[str] = Field(
         default_factory=lambda: ["The", "In the year", "A hacker is"], description="Prompts for report samples."
     )
-    sample_tokens: int = Field(60, ge=1, description="New tokens per sample.")
+    sample_tokens: int = Field(60, ge=1, le=1 << 20, description="New tokens per sample.")
 
 
 class GenerateConfig(Section):
-    temperature: float = Field(0.8, ge=0, description="Sampling temperature (0 = greedy).")
-    top_k: int | None = Field(50, ge=1, description="Keep the k most likely tokens (None = off).")
+    temperature: float = Field(0.8, ge=0, le=100, description="Sampling temperature (0 = greedy, else at least 0.01).")
+    top_k: int | None = Field(50, ge=1, le=1 << 20, description="Keep the k most likely tokens (None = off).")
     top_p: float | None = Field(0.95, gt=0, le=1, description="Nucleus sampling mass (None = off).")
-    max_new_tokens: int = Field(200, ge=1, description="Tokens to generate.")
-    min_new_tokens: int = Field(0, ge=0, description="End-of-text is not sampled before this many new tokens.")
-    seed: int = Field(0, description="Sampling seed.")
+    max_new_tokens: int = Field(200, ge=1, le=1 << 20, description="Tokens to generate.")
+    min_new_tokens: int = Field(0, ge=0, le=1 << 20, description="End-of-text is not sampled before this many new tokens.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Sampling seed.")
     context_window: int | None = Field(
-        None, ge=2, description="Sliding context window in tokens; None = model.max_seq_len."
+        None, ge=2, le=1 << 20, description="Sliding context window in tokens; None = model.max_seq_len."
     )
     routing: Literal["token", "sequence"] = Field("token", description="Routing mode for generation.")
     sequence_revise_every: int | None = Field(
-        32, ge=1, description="Sequence routing re-chooses its expert from the text so far every this many new "
+        32, ge=1, le=1 << 20, description="Sequence routing re-chooses its expert from the text so far every this many new "
         "tokens, scoring the context under every expert (None = keep the prompt's choice)."
     )
     dtype: Literal["float32", "float16"] = Field(
@@ -301,8 +321,16 @@ class GenerateConfig(Section):
         "logits; float16 is ~1.5x faster at batch 1, with logits within ~1e-3."
     )
     expert_cache: int | None = Field(
-        None, ge=1, description="Keep at most this many expert FFNs in memory (LRU); None = load all."
+        None, ge=1, le=1 << 20, description="Keep at most this many expert FFNs in memory (LRU); None = load all."
     )
+
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_finite_logits(cls, t: float) -> float:
+        if 0 < t < 0.01:  # logits divided by less overflow float32
+            raise ValueError("must be 0 (greedy) or at least 0.01")
+        return t
 
 
 class Config(Section):
@@ -355,6 +383,12 @@ class Config(Section):
             raise ValueError("experts.anchor_swap applies to experts.mode=alone (with_anchor always runs the anchor)")
         if self.evaluate.prefix_len >= m.max_seq_len:
             raise ValueError(f"evaluate.prefix_len must be below model.max_seq_len={m.max_seq_len}")
+        e = self.evaluate
+        if e.window is not None and e.stride is not None and e.stride > e.window:
+            raise ValueError(f"evaluate.stride={e.stride} exceeds evaluate.window={e.window}")
+        if max(self.shared_steps, self.expert_steps) > MAX_STEPS:
+            raise ValueError(f"the budget gives {max(self.shared_steps, self.expert_steps):,} steps in a phase, over "
+                             f"{MAX_STEPS:,}; lower budget.total_tokens (or budget.expert_tokens)")
         if self.shared_steps < 1 or self.expert_steps < 1:
             raise ValueError(
                 f"budget.total_tokens={self.budget.total_tokens} is too small for one step per phase; raise it"
@@ -395,6 +429,21 @@ class Config(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `3e-4` and `1e20` (no dot) as strings; read them as floats, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("modularforge.configs").iterdir() if p.name.endswith(".yaml"))
 
@@ -414,9 +463,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = parse_yaml(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {e.start})") from None
+        except OSError as e:
+            raise os_error(e, path, "cannot read config") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, not {type(raw).__name__}")
     for item in overrides or []:
@@ -442,7 +495,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: '{part}' is not a section")
     try:
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = parse_yaml(value)
     except yaml.YAMLError:
         raise ConfigError(f"--set {key}: cannot parse value '{value}'") from None
 
