@@ -8,6 +8,7 @@ peak RSS in the manifest is that stage's own.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
@@ -15,12 +16,12 @@ import sys
 from pathlib import Path
 
 from modularforge.config import Config, describe_keys, load_config, preset_names, preset_path
-from modularforge.errors import ModularForgeError
+from modularforge.errors import ModularForgeError, os_error
 from modularforge.runs import STAGES, Run
 
 log = logging.getLogger("modularforge")
 
-EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+EXIT_ERROR, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 130, 141  # 128 + SIGINT / SIGPIPE, as shells report them
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -82,6 +83,14 @@ def _dataset_override(args) -> None:
         args.set.append(f"data.dataset={args.dataset}")
 
 
+def _flags_to_overrides(args, flags: dict[str, str]) -> None:
+    """Turn command-line flags into `--set` overrides, so they are range-checked like every config value."""
+    for attr, key in flags.items():
+        value = getattr(args, attr)
+        if value is not None:
+            args.set.append(f"{key}={json.dumps(value)}")
+
+
 def cmd_prepare(args) -> None:
     from modularforge.prepare import prepare
 
@@ -126,24 +135,32 @@ def cmd_calibrate(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    import json
-
+    _flags_to_overrides(args, {"window": "evaluate.window", "stride": "evaluate.stride"})
     run = resolve(args)
     _apply_runtime(run)
     if args.data:
         from modularforge.evaluate import evaluate_file
 
-        model_dir = args.model or run.model_dir
-        result = evaluate_file(model_dir, args.data, args.window, args.stride or run.cfg.evaluate.stride,
-                               args.routing, run.cfg.evaluate.prefix_len, args.precision,
-                               run.cfg.evaluate.sequence_revise_every)
+        e = run.cfg.evaluate
+        result = evaluate_file(args.model or run.model_dir, args.data, e.window, e.stride, args.routing, e.prefix_len,
+                               args.precision, e.sequence_revise_every, text_field=run.cfg.data.text_field)
         print(json.dumps(result, indent=2))
         return
     from modularforge.evaluate import evaluate
 
     if args.model:
         raise ModularForgeError("--model applies to `evaluate --data FILE`; the full report evaluates the run")
+    if args.window is not None or args.stride is not None:
+        raise ModularForgeError("--window and --stride apply to `evaluate --data FILE`; the report uses the context")
     evaluate(run)
+
+
+GENERATE_FLAGS = {
+    "temperature": "generate.temperature", "top_k": "generate.top_k", "top_p": "generate.top_p",
+    "max_new_tokens": "generate.max_new_tokens", "min_new_tokens": "generate.min_new_tokens", "seed": "generate.seed",
+    "context_window": "generate.context_window", "routing": "generate.routing", "revise_every":
+    "generate.sequence_revise_every", "expert_cache": "generate.expert_cache", "dtype": "generate.dtype",
+}
 
 
 def cmd_generate(args) -> None:
@@ -151,41 +168,48 @@ def cmd_generate(args) -> None:
     from modularforge.generate import Sampling, generate_text, stream_to_stdout
     from modularforge.inference import open_model
 
+    if args.revise_every == 0:  # the flag's "never"; the config says it with null
+        args.set.append("generate.sequence_revise_every=null")
+        args.revise_every = None
+    _flags_to_overrides(args, GENERATE_FLAGS)
     run = resolve(args)
     _apply_runtime(run)
     g = run.cfg.generate
-    s = Sampling.from_config(g)
-    for name in ("temperature", "top_k", "top_p", "max_new_tokens", "min_new_tokens", "seed", "context_window"):
-        if getattr(args, name) is not None:
-            setattr(s, name, getattr(args, name))
-    if args.revise_every is not None:
-        if args.revise_every < 0:
-            raise ModularForgeError(f"--revise-every must be 0 (never) or a number of tokens, got {args.revise_every}")
-        s.revise_every = args.revise_every or None
     model_dir = args.model or run.model_dir
-    model = open_model(model_dir, expert_cache=args.expert_cache or g.expert_cache, decode_dtype=args.dtype or g.dtype)
+    model = open_model(model_dir, expert_cache=g.expert_cache, decode_dtype=g.dtype)
     tokenizer = load_tokenizer(model_dir)
-    sys.stdout.write(args.prompt)
-    generate_text(model, tokenizer, args.prompt, s, routing=args.routing or g.routing, on_text=stream_to_stdout)
+    shown = False
+
+    def show(piece: str) -> None:  # the prompt appears with the first new text, after every check has passed
+        nonlocal shown
+        if not shown:
+            sys.stdout.write(args.prompt)
+            shown = True
+        stream_to_stdout(piece)
+
+    generate_text(model, tokenizer, args.prompt, Sampling.from_config(g), routing=g.routing, on_text=show)
+    if not shown:
+        sys.stdout.write(args.prompt)
     sys.stdout.write("\n")
 
 
 def cmd_run(args) -> None:
     _dataset_override(args)
     run = resolve(args)
-    run.dir.mkdir(parents=True, exist_ok=True)
-    run.save_config()
-    log.info("run directory: %s", run.dir)
-    for stage in STAGES:
-        if run.is_done(stage):
-            log.info("%s: already done, skipping", stage)
-            continue
-        command = [sys.executable, "-m", "modularforge", *(["-v"] if args.verbose else []), stage,
-                   "--run-dir", str(run.dir)]
-        log.info("%s: starting", stage)
-        code = subprocess.call(command)
-        if code:
-            raise StageFailed(stage, code)
+    with run.lock():  # held across every stage; the children share it (`Run.child_lock`)
+        run.save_config()
+        log.info("run directory: %s", run.dir)
+        env, lock_fds = run.child_lock()
+        flags = [*(["-v"] if args.verbose else []), *(["--debug"] if args.debug else [])]
+        for stage in STAGES:
+            if run.is_done(stage):
+                log.info("%s: already done, skipping", stage)
+                continue
+            command = [sys.executable, "-m", "modularforge", *flags, stage, "--run-dir", str(run.dir)]
+            log.info("%s: starting", stage)
+            code = subprocess.call(command, env=env, pass_fds=lock_fds)
+            if code:
+                raise StageFailed(stage, code)
     report = run.reports_dir / "report.md"
     log.info("done: model in %s, report in %s", run.model_dir, report)
     _print_samples(run)
@@ -214,8 +238,11 @@ def cmd_export(args) -> None:
     from modularforge.export import export
 
     run = resolve(args)
-    out = export(args.model or run.model_dir, args.format, args.out, args.dtype)
-    print(out)
+    if args.model:
+        print(export(args.model, args.format, args.out, args.dtype))
+        return
+    with run.lock():  # the run's model must not be replaced while it is read
+        print(export(run.model_dir, args.format, args.out, args.dtype))
 
 
 def cmd_config(args) -> None:
@@ -294,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     try:
         args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
     except StageFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return e.code if e.code == EXIT_INTERRUPTED else EXIT_ERROR
@@ -303,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # stdout piped to `head` and closed: stop quietly, as a program killed by SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except OSError as e:  # the environment, not a bug: full disk, permissions, a folder where a file belongs
+        print(f"error: {os_error(e)}", file=sys.stderr)
+        return EXIT_ERROR
     except Exception as e:  # a bug, not a user mistake: one line unless --debug
         if args.debug:
             raise
