@@ -24,16 +24,19 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from modularforge.data.batches import PreparedData, Windows
 from modularforge.data.partition import load_report
 from modularforge.data.shards import VAL
-from modularforge.data.tokenizer import load_tokenizer, token_byte_lengths
+from modularforge.data.sources import iter_text_pieces
+from modularforge.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths
 from modularforge.errors import DataError
 from modularforge.files import read_json
 from modularforge.generate import Sampling, generate_text, sequence_choices
@@ -241,56 +244,133 @@ def samples(model: CausalLM, tokenizer, cfg) -> list[dict]:
     return out
 
 
+NLL_BATCH_TOKENS = 8192  # window tokens per forward pass of `evaluate --data`
+TEXT_BATCH_CHARS = 4 << 20  # characters of text tokenized per call
+
+
 def evaluate_file(model_dir: Path, path: Path, window: int | None, stride: int | None, routing: str,
-                  prefix_len: int, precision: str = "fp32", revise_every: int | None = None) -> dict:
-    """Perplexity of the model in `model_dir` on a text file, in windows of `window` tokens (default: the
-    model's context) every `stride` tokens (default: window). With stride < window only each window's last
-    `stride` positions are scored (the first window scores all), so every token is scored once."""
+                  prefix_len: int, precision: str = "fp32", revise_every: int | None = None,
+                  text_field: str = "text") -> dict:
+    """Perplexity of the model in `model_dir` on a file, in windows of `window` tokens (default: the model's
+    context) every `stride` tokens (default: window). The first window scores every position it can predict; a
+    later one only the tokens no earlier window predicted (its last `stride`, or `stride - 1` when stride ==
+    window, whose first token has no context), so with stride < window every token but the first is scored
+    exactly once. Sequence routing scores only the positions after each window's `prefix_len`-token prefix.
+
+    .jsonl(.gz) / .parquet files are read as `prepare` reads them (the `text_field` of each record, stripped,
+    documents separated by EOS); other files as UTF-8 text (.gz: compressed). The file is tokenized and scored
+    as a stream, so memory holds a few MB of text, one batch of windows and the model, whatever its size."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"evaluation file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte {e.start})") from None
-    tokenizer = load_tokenizer(model_dir)
-    ids = torch.tensor(tokenizer.encode(text, add_special_tokens=False).ids)
     model, config = load_assembled(model_dir)
     model.eval()
-    window = window or config["max_position_embeddings"]
+    context = config["max_position_embeddings"]
+    window = window or context
     stride = stride or window
-    if window > config["max_position_embeddings"] or stride > window:
-        raise DataError(f"need stride <= window <= {config['max_position_embeddings']} (got {stride}, {window})")
-    if len(ids) < 2:
-        raise DataError(f"{path} holds fewer than 2 tokens")
+    check_windowing(window, stride, context, routing, prefix_len)
+    tokenizer = load_tokenizer(model_dir)
     token_bytes = token_byte_lengths(tokenizer)
-    tally, windows = Tally(), 0
     dtype = autocast_dtype(precision)
-    starts = list(range(0, max(1, len(ids) - 1), stride))
-    for start in starts:
-        chunk = ids[start : start + window]
-        if len(chunk) < 2:
-            break
-        scored_from = 0 if start == 0 else window - stride
-        if routing == "sequence":
-            scored_from = max(scored_from, prefix_len - 1)
+    later_from = max(0, window - stride - 1)  # the first position whose target no earlier window predicted
+    prefix_from = prefix_len - 1 if routing == "sequence" else 0
+    tally, windows, total = Tally(), 0, 0
+    progress = tqdm(desc=f"evaluate {path.name}", unit=" tok", unit_scale=True, disable=None, leave=False)
+
+    def counted(stream: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        nonlocal total
+        for ids in stream:
+            total += len(ids)
+            yield ids
+
+    stream = counted(file_tokens(path, tokenizer, text_field))
+    for batch, starts in batched_windows(stream, window, stride, max(1, NLL_BATCH_TOKENS // window)):
         with torch.no_grad(), autocast(dtype):
-            batch = chunk[None]
             if routing == "sequence":
                 nll = window_nll(model, None, batch, None, prefix_len, {"sequence"}, revise_every)["sequence"]
             else:
                 nll = model.token_nll(batch)
-        if scored_from < nll.shape[1]:
-            tally.add(nll[:, scored_from:], batch[:, 1:][:, scored_from:], token_bytes)
-        windows += 1
-        if start + window >= len(ids):
-            break
+        before = tally.tokens
+        for row, start in enumerate(starts):
+            first = max(prefix_from, 0 if start == 0 else later_from)
+            tally.add(nll[row, first:], batch[row, 1:][first:], token_bytes)
+        windows += len(starts)
+        progress.update(tally.tokens - before)
+    progress.close()
+    if total < 2:
+        raise DataError(f"{path} holds {total} token(s); scoring needs at least 2")
+    if not tally.tokens:
+        raise DataError(f"nothing scored in {path}: its {total} tokens all fall inside the {prefix_len}-token prefix "
+                        "that sequence routing does not score; use a longer file or --routing token")
     return {
         "file": str(path),
-        "tokens_in_file": len(ids),
+        "tokens_in_file": total,
         "windowing": {"window": window, "stride": stride, "windows": windows, "routing": routing,
                       **({"prefix_len": prefix_len, "sequence_revise_every": revise_every} if routing == "sequence" else {}),
-                      "scored": "positions 1..window-1 of each window when stride == window; otherwise the last "
-                                "`stride` positions of every window after the first"},
+                      "scored": "every position of the first window; in each later one the positions whose targets "
+                                "no earlier window predicted (the first token of a window that does not overlap "
+                                "the one before it has no context and is not scored)"
+                                + ("; in sequence routing only positions after the prefix" if prefix_from else "")},
         **tally.summary(),
     }
+
+
+def check_windowing(window: int, stride: int, context: int, routing: str, prefix_len: int) -> None:
+    """Windowing that scores at least one token per window, within the model's context; else a DataError."""
+    if not 2 <= window <= context:
+        raise DataError(f"the window must be 2 to {context} tokens (the model's context), got {window}")
+    if not 1 <= stride <= window:
+        raise DataError(f"the stride must be 1 to the window ({window}) tokens, got {stride}")
+    if routing == "sequence" and window <= prefix_len:
+        raise DataError(f"sequence routing scores the positions after the {prefix_len}-token prefix (evaluate."
+                        f"prefix_len), so the window must be longer than it, got {window}")
+
+
+def file_tokens(path: Path, tokenizer, text_field: str = "text") -> Iterator[np.ndarray]:
+    """Token ids of a file (see `evaluate_file`) as a stream of arrays, TEXT_BATCH_CHARS of text at a time."""
+    eos = np.array([eos_id(tokenizer)], dtype=np.int64)
+    documents = path.name.endswith((".jsonl", ".jsonl.gz", ".parquet"))
+    pending: list[tuple[str, bool]] = []
+    size, after_document = 0, False
+
+    def encode() -> Iterator[np.ndarray]:
+        nonlocal after_document
+        for (text, ends), enc in zip(pending, tokenizer.encode_batch([t for t, _ in pending], add_special_tokens=False)):
+            if after_document:
+                yield eos
+            yield np.asarray(enc.ids, dtype=np.int64)
+            after_document = ends
+        pending.clear()
+
+    for text, ends in iter_text_pieces(path, text_field):
+        pending.append((text.strip() if documents else text, ends))
+        size += len(text)
+        if size >= TEXT_BATCH_CHARS:
+            yield from encode()
+            size = 0
+    yield from encode()
+
+
+def batched_windows(tokens: Iterator[np.ndarray], window: int, stride: int,
+                    per_batch: int) -> Iterator[tuple[torch.Tensor, list[int]]]:
+    """(batch (B, window), start of each window) for windows every `stride` tokens of a stream, holding only the tokens from the next window's start on. Windows stop at the first that reaches the
+    end; if none does, a last shorter window (2+ tokens) from the next start comes alone in its batch."""
+    buffer, base, start, last_end = np.zeros(0, dtype=np.int64), 0, 0, 0  # buffer[0] is token `base`
+    batch: list[np.ndarray] = []
+    starts: list[int] = []
+    for ids in tokens:
+        buffer = np.concatenate([buffer, ids])
+        while start + window <= base + len(buffer):
+            batch.append(buffer[start - base : start - base + window])
+            starts.append(start)
+            last_end, start = start + window, start + stride
+            if len(batch) == per_batch:
+                yield torch.from_numpy(np.stack(batch)), starts
+                batch, starts = [], []
+        drop = min(start, base + len(buffer)) - base
+        buffer, base = buffer[drop:], base + drop
+    total = base + len(buffer)
+    if batch:
+        yield torch.from_numpy(np.stack(batch)), starts
+    if last_end < total and total - start >= 2:
+        yield torch.from_numpy(buffer[start - base :].copy())[None], [start]

@@ -7,6 +7,7 @@ never puts two halves of one text on both sides.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import json
@@ -14,13 +15,14 @@ import os
 import re
 import socket
 import sys
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from modularforge.config import DataConfig
-from modularforge.errors import DataError
+from modularforge.errors import DataError, os_error
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 
@@ -130,16 +132,68 @@ def _iter_local(cfg: DataConfig) -> Iterator[Document]:
             yield from _iter_parquet(path, label, cfg.text_field)
 
 
-def _read_text(path: Path) -> str:
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Errors of reading `path` (bad bytes, a broken gzip stream, the file system) as one-line errors naming it."""
     try:
-        return path.read_text(encoding="utf-8")
+        yield
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte {e.start})") from None
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start} of a line or piece)") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataError(f"{path} is not a complete gzip file ({e or 'it ends early'})") from None
+    except OSError as e:
+        raise os_error(e, path, "cannot read") from None
+
+
+def _read_text(path: Path) -> str:
+    with _reading(path):
+        return path.read_text(encoding="utf-8")
+
+
+def iter_text_pieces(path: Path, text_field: str = "text", piece_chars: int = 1 << 20) -> Iterator[tuple[str, bool]]:
+    """The text of one file as `prepare` reads it, as (piece, ends a document) pairs in bounded memory: each record
+    of a .jsonl(.gz) / .parquet file (its `text_field`) is a document; any other file is one document of UTF-8 text
+    (gzip-compressed if it ends in .gz), in pieces of about `piece_chars` characters. A piece ends only at a line
+    break between two non-space characters, where byte-level BPE's pre-tokenizer splits anyway, so the tokens of
+    the pieces are the tokens of the whole text."""
+    path = Path(path)
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        yield from ((doc.text, True) for doc in _iter_jsonl(path, _label(path), text_field))
+    elif path.name.endswith(".parquet"):
+        yield from ((doc.text, True) for doc in _iter_parquet(path, _label(path), text_field))
+    else:
+        yield from _text_pieces(path, piece_chars)
+
+
+def _text_pieces(path: Path, piece_chars: int) -> Iterator[tuple[str, bool]]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with _reading(path), opener(path, "rt", encoding="utf-8") as f:
+        carry = ""
+        while chunk := f.read(piece_chars):
+            text = carry + chunk
+            cut = _piece_end(text)
+            if cut < 0 and len(text) < 16 * piece_chars:  # no clean break yet; a text without any is cut anyway
+                carry = text
+                continue
+            cut = cut if cut >= 0 else len(text)
+            yield text[:cut], False
+            carry = text[cut:]
+        yield carry, True
+
+
+def _piece_end(text: str) -> int:
+    """Index just after the last newline with a non-space character on both sides, or -1."""
+    i = text.rfind("\n")
+    while i > 0:
+        if i + 1 < len(text) and not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i + 1
+        i = text.rfind("\n", 0, i)
+    return -1
 
 
 def _iter_jsonl(path: Path, label: str, text_field: str) -> Iterator[Document]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    with _reading(path), opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -167,7 +221,14 @@ def _iter_parquet(path: Path, label: str, text_field: str) -> Iterator[Document]
     if text_field not in table.schema_arrow.names:
         raise DataError(f"{path} has no column '{text_field}' (columns: {', '.join(table.schema_arrow.names)})")
     row = 0
-    for batch in table.iter_batches(columns=[text_field], batch_size=1024):
+    batches = table.iter_batches(columns=[text_field], batch_size=1024)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (OSError, ValueError) as e:  # pyarrow's errors for a damaged file derive from these
+            raise DataError(f"cannot read {path}: {e}") from None
+        if batch is None:
+            return
         for text in batch.column(0).to_pylist():
             row += 1
             if isinstance(text, str):
