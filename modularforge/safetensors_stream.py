@@ -60,7 +60,13 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     except (OSError, ValueError, struct.error) as e:
         raise DataError(f"{path} is not a readable safetensors file ({e})") from None
     data_start = 8 + header_len
+    if not isinstance(header, dict):
+        raise DataError(f"{path} is not a readable safetensors file (its header is not a JSON object)")
     metadata = header.pop("__metadata__", {}) or {}
+    for name, entry in header.items():
+        problem = _entry_problem(entry)
+        if problem:
+            raise DataError(f"{path}: tensor {name} {problem}; the file is damaged or not a safetensors file")
     table = {}
     expected = 0
     for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
@@ -74,6 +80,20 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     if data_start + expected != size:
         raise DataError(f"{path} is {size} bytes but its header describes {data_start + expected}; the file is damaged")
     return table, metadata
+
+
+def _entry_problem(entry: object) -> str | None:
+    """What is wrong with one tensor's header entry, or None."""
+    if not isinstance(entry, dict):
+        return "has no header entry"
+    if entry.get("dtype") not in DTYPES:
+        return f"has dtype {entry.get('dtype')!r}, which is not one of {', '.join(DTYPES)}"
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        return f"has an invalid shape {shape!r}"
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) and o >= 0 for o in offsets):
+        return f"has invalid data offsets {offsets!r}"
+    return None
 
 
 def read_tensors(path: str | Path, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:

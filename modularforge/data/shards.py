@@ -11,6 +11,7 @@ with data.split_unit=group), so they do not depend on the order of sources or on
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -21,8 +22,8 @@ import numpy as np
 from tqdm import tqdm
 
 from modularforge.config import DataConfig
-from modularforge.errors import DataError
-from modularforge.files import atomic_path, read_json, sha256_file, write_json
+from modularforge.errors import DataError, os_error
+from modularforge.files import atomic_path, read_json, sha256_file, temp_name, write_json
 
 if TYPE_CHECKING:  # the writer's types; readers of the shards (every later stage) need neither library
     from tokenizers import Tokenizer
@@ -54,21 +55,26 @@ def write_shards(docs: Iterable[Document], tokenizer: Tokenizer, eos: int, cfg: 
     shards: list[dict] = []
     writer = _ShardWriter(out_dir, dtype)
     progress = tqdm(desc="tokenize", unit=" docs", disable=None)
-    for batch in _batched(docs, 256):
-        encodings = tokenizer.encode_batch([d.text for d in batch], add_special_tokens=False)
-        for doc, enc in zip(batch, encodings):
-            tokens = np.asarray(enc.ids + [eos], dtype=dtype)
-            shard, start = writer.append(tokens)
-            columns["shard"].append(shard)
-            columns["start"].append(start)
-            columns["length"].append(len(tokens))
-            columns["bytes"].append(len(doc.text.encode("utf-8")))
-            columns["split"].append(split_of(doc.group if cfg.split_unit == "group" else doc.id, cfg))
-            columns["label"].append(labels.setdefault(doc.source, len(labels)))
-            ids.append(doc.id)
-        progress.update(len(batch))
-    progress.close()
-    shards = writer.close()
+    try:
+        for batch in _batched(docs, 256):
+            encodings = tokenizer.encode_batch([d.text for d in batch], add_special_tokens=False)
+            for doc, enc in zip(batch, encodings):
+                tokens = np.asarray(enc.ids + [eos], dtype=dtype)
+                shard, start = writer.append(tokens)
+                columns["shard"].append(shard)
+                columns["start"].append(start)
+                columns["length"].append(len(tokens))
+                columns["bytes"].append(len(doc.text.encode("utf-8")))
+                columns["split"].append(split_of(doc.group if cfg.split_unit == "group" else doc.id, cfg))
+                columns["label"].append(labels.setdefault(doc.source, len(labels)))
+                ids.append(doc.id)
+            progress.update(len(batch))
+        shards = writer.close()
+    except BaseException:
+        writer.abort()  # a partial shard would keep a full disk full
+        raise
+    finally:
+        progress.close()
     if not ids:
         raise DataError("the data sources hold no documents of at least data.min_chars characters")
     arrays = {k: np.asarray(v, dtype=np.int64) for k, v in columns.items()}
@@ -106,23 +112,37 @@ class _ShardWriter:
         self._open()
 
     def _open(self) -> None:
-        name = f"tokens-{len(self.shards):05d}.bin"
-        self.path = self.out_dir / name
-        self.tmp = self.out_dir / f".{name}.tmp"
-        self.file = open(self.tmp, "wb")
+        self.path = self.out_dir / f"tokens-{len(self.shards):05d}.bin"
+        self.tmp = temp_name(self.path)
+        try:
+            self.file = open(self.tmp, "wb")
+        except OSError as e:
+            raise os_error(e, self.path, "cannot write") from None
         self.count = 0
 
     def _seal(self) -> None:
-        self.file.close()
-        self.tmp.replace(self.path)
+        try:
+            self.file.close()
+            self.tmp.replace(self.path)
+        except OSError as e:
+            raise os_error(e, self.path, "cannot write") from None
         self.shards.append({"file": self.path.name, "tokens": self.count, "sha256": sha256_file(self.path)})
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink(missing_ok=True)
 
     def append(self, tokens: np.ndarray) -> tuple[int, int]:
         if self.count and self.count + len(tokens) > SHARD_MAX_TOKENS:
             self._seal()
             self._open()
         start = self.count
-        self.file.write(tokens.tobytes())
+        try:
+            self.file.write(tokens.tobytes())
+        except OSError as e:
+            raise os_error(e, self.path, "cannot write") from None
         self.count += len(tokens)
         return len(self.shards), start
 
