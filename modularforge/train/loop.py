@@ -315,7 +315,7 @@ def _trim_metrics(path: Path, step: int) -> None:
     """Drop metrics lines written after the checkpoint we resume from (they will be written again)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    kept = [line for line in _metric_lines(path) if json.loads(line)["step"] <= step]
     with atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in kept))
 
@@ -323,4 +323,17 @@ def _trim_metrics(path: Path, step: int) -> None:
 def read_metrics(path: Path) -> list[dict]:
     if not Path(path).exists():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    return [json.loads(line) for line in _metric_lines(Path(path))]
+
+
+def _metric_lines(path: Path) -> list[str]:
+    """The lines of a metrics file, less a last line torn by a crash in mid-write (resuming writes it again)."""
+    lines = [line for line in path.read_text().splitlines() if line]
+    if lines:
+        try:
+            torn = not isinstance(json.loads(lines[-1]), dict)
+        except json.JSONDecodeError:
+            torn = True
+        if torn:
+            lines.pop()
+    return lines
