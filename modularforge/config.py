@@ -260,7 +260,7 @@ class AssembleConfig(Section):
 class CalibrateConfig(Section):
     temperature: bool = Field(True, description="Search a router temperature on the calibration split.")
     per_layer: bool = Field(False, description="Search one temperature per layer (coordinate descent).")
-    temperatures: list[Annotated[float, Field(gt=0, le=1000)]] = Field(
+    temperatures: list[Annotated[float, Field(ge=1e-3, le=1000)]] = Field(
         default_factory=lambda: [0.1, 0.2, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 3.0, 5.0, 8.0],
         min_length=1, description="Candidate temperatures (router logits are divided by these).",
     )

@@ -153,9 +153,9 @@ def _read_text(path: Path) -> str:
 def iter_text_pieces(path: Path, text_field: str = "text", piece_chars: int = 1 << 20) -> Iterator[tuple[str, bool]]:
     """The text of one file as `prepare` reads it, as (piece, ends a document) pairs in bounded memory: each record
     of a .jsonl(.gz) / .parquet file (its `text_field`) is a document; any other file is one document of UTF-8 text
-    (gzip-compressed if it ends in .gz), in pieces of about `piece_chars` characters. A piece ends only at a line
-    break between two non-space characters, where byte-level BPE's pre-tokenizer splits anyway, so the tokens of
-    the pieces are the tokens of the whole text."""
+    (gzip-compressed if it ends in .gz), in pieces of about `piece_chars` characters. A piece ends only before a
+    space or line break that a non-space character follows, where byte-level BPE's pre-tokenizer splits anyway,
+    so the tokens of the pieces are the tokens of the whole text."""
     path = Path(path)
     if path.name.endswith((".jsonl", ".jsonl.gz")):
         yield from ((doc.text, True) for doc in _iter_jsonl(path, _label(path), text_field))
@@ -181,13 +181,17 @@ def _text_pieces(path: Path, piece_chars: int) -> Iterator[tuple[str, bool]]:
         yield carry, True
 
 
+_BREAK = re.compile(r"[ \t\n](?=\S)")
+
+
 def _piece_end(text: str) -> int:
-    """Index just after the last newline with a non-space character on both sides, or -1."""
-    i = text.rfind("\n")
-    while i > 0:
-        if i + 1 < len(text) and not text[i - 1].isspace() and not text[i + 1].isspace():
-            return i + 1
-        i = text.rfind("\n", 0, i)
+    """Index of the last space, tab or newline followed by a non-space character, or -1. The pre-tokenizer splits
+    a run of white space before a word just before its last character, so a piece that ends there splits the
+    same way as the whole text."""
+    for start in (max(0, len(text) - 4096), 0):
+        last = max((m.start() for m in _BREAK.finditer(text, start)), default=-1)
+        if last > 0:
+            return last
     return -1
 
 
