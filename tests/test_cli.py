@@ -88,3 +88,13 @@ def test_malloc_mmap_threshold_setting_reaches_glibc():
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip(f"mallopt is a glibc function; this platform's C library is {platform.libc_ver()[0] or 'unknown'}")
     assert set_mmap_threshold(256 << 10)
+
+
+def test_generate_flags_are_config_values(trained_run, capsys):
+    assert main(["generate", "--run-dir", str(trained_run.dir), "--prompt", "The", "--top-k", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().splitlines() == [
+        "error: invalid config value for 'generate.top_k': Input should be greater than or equal to 1 (got 0)"]
+    assert main(["generate", "--run-dir", str(trained_run.dir), "--prompt", "The", "--max-new-tokens", "3",
+                 "--revise-every", "0", "--routing", "sequence"]) == 0
+    assert capsys.readouterr().out.startswith("The")

@@ -100,3 +100,21 @@ def test_domain_probe_is_a_shared_phase_option():
     assert config_from_dict({"train": {"domain_probe_weight": 0.3}}).train.domain_probe_weight == 0.3
     with pytest.raises(ConfigError, match="applies to the shared phase only"):
         config_from_dict({"experts": {"train": {"domain_probe_weight": 0.3}}})
+
+
+@pytest.mark.parametrize("override", [
+    "calibrate.temperatures=[0]", "calibrate.temperatures=[]", "calibrate.temperatures=[-1, 1]",
+    "run.threads=-1", "run.threads=0", "run.seed=-1", "generate.seed=-1",
+    "train.eval_interval=1e20", "train.checkpoint_interval=10000000000000000000000", "budget.total_tokens=1e20",
+    "budget.total_tokens=100000000000000", "model.num_layers=true", "train.lr=true", "generate.top_k=false",
+    "train.lr=nan", "train.lr=.inf", "generate.temperature=1e-9", "generate.top_p=0", "generate.expert_cache=0",
+    "generate.max_new_tokens=-1", "evaluate.window=1", "model.hidden_size=1.5", "model.num_experts='4'",
+])
+def test_out_of_range_or_mistyped_numbers_are_rejected_naming_the_key(override):
+    with pytest.raises(ConfigError, match=r"invalid config"):
+        load_config(None, [override])
+
+
+def test_numbers_in_every_yaml_spelling_are_numbers():
+    cfg = load_config(None, ["train.lr=3e-4", "model.rope_theta=1e6", "generate.temperature=1", "run.name=2024"])
+    assert (cfg.train.lr, cfg.model.rope_theta, cfg.generate.temperature, cfg.run.name) == (3e-4, 1e6, 1.0, "2024")
