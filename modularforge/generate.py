@@ -73,7 +73,11 @@ def choose_expert(model: CausalLM, prompt: list[int]) -> int:
         nll = model.token_nll(batch, expert_ids=torch.arange(blocks[0].num_experts))
         return int(nll.sum(1).argmin())
     scores = torch.zeros(blocks[0].num_experts)
-    hooks = [b.gate.register_forward_hook(lambda m, a, out: scores.add_(F.softmax(out.float(), -1).sum(0))) for b in blocks]
+
+    def tally(module, args, logits: torch.Tensor) -> None:  # returns None: the router's output stays as it is
+        scores.add_(F.softmax(logits.float(), -1).reshape(-1, len(scores)).sum(0))
+
+    hooks = [b.gate.register_forward_hook(tally) for b in blocks]
     try:
         model(ids)
     finally:
