@@ -177,16 +177,13 @@ def test_sequence_routing_revises_its_expert_and_reprefills_under_it():
     assert len(set(used)) > 1  # the choice did change, so the re-prefill was exercised
 
 
-def test_one_token_prompt_chooses_the_expert_its_routers_favour_without_changing_them():
+def test_one_token_prompt_chooses_an_expert_by_router_vote_and_leaves_the_model_unchanged():
     model = _model()
     with torch.no_grad():
         before = model(torch.tensor([[3]]))
-        gates = torch.stack([torch.softmax(b.gate(model.model.embed_tokens(torch.tensor([3]))).float(), -1)[0]
-                             for b in model.moe_blocks()[:1]])
     expert = choose_expert(model, [3])
     assert 0 <= expert < CFG.num_experts
     with torch.no_grad():
-        assert torch.equal(model(torch.tensor([[3]])), before)  # the hooks left no trace
-    assert gates.shape == (1, CFG.num_experts)
+        assert torch.equal(model(torch.tensor([[3]])), before)  # the vote's hooks left the routers' outputs alone
     s = Sampling(temperature=0, top_k=None, top_p=None, max_new_tokens=3, seed=0)
-    assert len(generate_text_ids := list(generate_ids(model, [3], s, expert=expert))) == 3 and generate_text_ids
+    assert len(list(generate_ids(model, [3], s, expert=expert))) == 3
