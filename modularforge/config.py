@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 from importlib import resources
 from pathlib import Path
 import re
@@ -133,6 +134,12 @@ class ModelConfig(Section):
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    def dense_parameters(self, vocab_size: int) -> int:
+        """Parameters of the dense model (shared part + one FFN per layer)."""
+        h, kv = self.hidden_size, self.kv_heads * self.head_dim
+        layer = 2 * h * h + 2 * h * kv + 3 * h * self.intermediate_size + 2 * h
+        return vocab_size * h * (1 if self.tie_embeddings else 2) + self.num_layers * layer + h
+
 
 class TrainConfig(Section):
     batch_size: int = Field(16, ge=1, le=1 << 20, description="Sequences per optimizer step.")
@@ -190,10 +197,11 @@ class BudgetConfig(Section):
     total_tokens: int = Field(
         2_000_000, ge=1, le=10**15, description="Training tokens of the whole pipeline (shared phase + all experts)."
     )
-    shared_fraction: float = Field(
-        0.95, gt=0, lt=1,
-        description="Share of total_tokens spent on the shared phase; the rest is split among experts "
-        "(19/20 beat 5/6, 2/3 and 1/3 in benchmarks/quality.py, at budgets where the frozen trunk is data-bound).",
+    shared_fraction: float | Literal["auto"] = Field(
+        "auto",
+        description="Share of total_tokens spent on the shared phase; the rest is split among experts. `auto` "
+        "picks it from the run's tokens per dense parameter along the best splits measured by "
+        "benchmarks/parallel.py and benchmarks/quality.py (SHARED_FRACTION_CURVE; docs/RESULTS.md).",
     )
     expert_tokens: int | None = Field(
         None, ge=1, le=10**12,
@@ -201,6 +209,30 @@ class BudgetConfig(Section):
         "on N machines that never talk while experts train, each expert can get the whole expert phase's "
         "tokens in the same wall time. Changing it never retrains the shared phase.",
     )
+
+    @field_validator("shared_fraction")
+    @classmethod
+    def _fraction_in_range(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0 < value < 1:
+            raise ValueError("must be 'auto' or a number between 0 and 1 (exclusive)")
+        return value
+
+
+# (tokens per dense parameter, best share of the tokens for the shared phase at equal tokens), measured; `auto`
+# interpolates in log(tokens per parameter) and holds the end values beyond the measured range
+SHARED_FRACTION_CURVE: tuple[tuple[float, float], ...] = ((0.32, 0.95), (0.9, 0.95))
+
+
+def auto_shared_fraction(tokens_per_parameter: float) -> float:
+    points = sorted(SHARED_FRACTION_CURVE)
+    x = math.log(max(tokens_per_parameter, 1e-12))
+    xs = [math.log(t) for t, _ in points]
+    if x <= xs[0]:
+        return points[0][1]
+    for (x0, (_, f0)), (x1, (_, f1)) in zip(zip(xs, points), zip(xs[1:], points[1:])):
+        if x <= x1:
+            return f0 + (f1 - f0) * (x - x0) / (x1 - x0)
+    return points[-1][1]
 
 
 class ExpertsConfig(Section):
@@ -230,11 +262,11 @@ class ExpertsConfig(Section):
         65_536, ge=256, le=10**12, description="Calibration-split tokens per expert for the router statistics."
     )
     lr_from_trunk: float | None = Field(
-        1.0, gt=0, le=100,
+        2.0, gt=0, le=100,
         description="Expert peak learning rate as a multiple of the rate the shared phase's schedule ended at "
-        "(train.lr x train.min_lr_ratio), so an expert continues the trunk's schedule instead of jumping back "
-        "up (docs/RESULTS.md: a restart at 5x the trunk's final rate left experts worse than their anchor); "
-        "None uses experts.train.lr.",
+        "(train.lr x train.min_lr_ratio), so an expert continues near the trunk's schedule instead of jumping "
+        "back up. On the demo (docs/RESULTS.md) 5x left three of four experts worse than their anchor; 1x, 2x "
+        "and 3x gave MoE/anchor 0.980, 0.977 and 0.988. None uses experts.train.lr.",
     )
     keep_best: bool = Field(
         True,
@@ -402,13 +434,20 @@ class Config(Section):
         return train.batch_size * self.seq_len(train)
 
     @property
+    def shared_fraction(self) -> float:
+        """budget.shared_fraction, with `auto` resolved from the tokens per dense parameter."""
+        if self.budget.shared_fraction != "auto":
+            return self.budget.shared_fraction
+        return auto_shared_fraction(self.budget.total_tokens / self.model.dense_parameters(self.tokenizer.vocab_size))
+
+    @property
     def shared_steps(self) -> int:
-        return round(self.budget.total_tokens * self.budget.shared_fraction / self.tokens_per_step(self.train))
+        return round(self.budget.total_tokens * self.shared_fraction / self.tokens_per_step(self.train))
 
     @property
     def expert_steps(self) -> int:
         expert_tokens = self.budget.expert_tokens or (
-            self.budget.total_tokens * (1 - self.budget.shared_fraction) / self.model.num_experts)
+            self.budget.total_tokens * (1 - self.shared_fraction) / self.model.num_experts)
         return round(expert_tokens / self.tokens_per_step(self.experts.train))
 
     @property

@@ -92,6 +92,10 @@ class Run:
     def fingerprint(self, stage: str) -> str:
         dump = self.cfg.model_dump(mode="json")
         picked = {key: _lookup(dump, key) for key in _STAGE_KEYS[stage]}
+        if "budget.shared_fraction" in picked:  # `auto` as resolved: the curve behind it may be remeasured
+            picked["budget.shared_fraction"] = self.cfg.shared_fraction
+        elif "budget" in picked:
+            picked["budget"] = {**picked["budget"], "shared_fraction": self.cfg.shared_fraction}
         if "model" in picked:  # top_k matters only from assembly on (listed there)
             picked["model"] = {k: v for k, v in picked["model"].items() if k != "top_k"}
         index = STAGES.index(stage)

@@ -118,3 +118,27 @@ def test_out_of_range_or_mistyped_numbers_are_rejected_naming_the_key(override):
 def test_numbers_in_every_yaml_spelling_are_numbers():
     cfg = load_config(None, ["train.lr=3e-4", "model.rope_theta=1e6", "generate.temperature=1", "run.name=2024"])
     assert (cfg.train.lr, cfg.model.rope_theta, cfg.generate.temperature, cfg.run.name) == (3e-4, 1e6, 1.0, "2024")
+
+
+def test_auto_shared_fraction_follows_the_measured_curve_and_counts_in_the_fingerprint(monkeypatch, tmp_path):
+    from modularforge import config
+    from modularforge.runs import Run
+
+    monkeypatch.setattr(config, "SHARED_FRACTION_CURVE", ((0.1, 0.9), (10.0, 0.5)))
+    assert config.auto_shared_fraction(0.01) == 0.9 and config.auto_shared_fraction(100.0) == 0.5
+    assert config.auto_shared_fraction(1.0) == pytest.approx(0.7)  # halfway in log(tokens per parameter)
+    cfg = config.config_from_dict({"budget": {"shared_fraction": "auto"}, "run": {"root": str(tmp_path)}})
+    params = cfg.model.dense_parameters(cfg.tokenizer.vocab_size)
+    assert cfg.shared_fraction == pytest.approx(config.auto_shared_fraction(cfg.budget.total_tokens / params))
+    before = Run(cfg).fingerprint("train-shared")
+    monkeypatch.setattr(config, "SHARED_FRACTION_CURVE", ((0.1, 0.8), (10.0, 0.4)))
+    assert Run(cfg).fingerprint("train-shared") != before  # a remeasured curve retrains, the word `auto` does not hide it
+
+
+def test_dense_parameter_count_matches_the_model():
+    from modularforge.config import ModelConfig
+    from modularforge.model.transformer import CausalLM, count_parameters
+
+    for cfg in (ModelConfig(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2),
+                ModelConfig(hidden_size=16, intermediate_size=40, num_layers=1, num_heads=2, tie_embeddings=True)):
+        assert cfg.dense_parameters(100) == count_parameters(CausalLM(cfg, 100, moe=False))
