@@ -51,6 +51,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = F.softmax(sorted_logits, dim=-1).cumsum(-1)
         drop = cumulative - F.softmax(sorted_logits, dim=-1) >= top_p  # keep tokens until the mass reaches top_p
+        drop[0] = False  # the most likely token always stays (a top_p below float32's range compares as 0)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return logits
 
