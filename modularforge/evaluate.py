@@ -65,7 +65,10 @@ class Tally:
         self.bytes += int(token_bytes[targets.numpy()].sum())
 
     def summary(self) -> dict:
-        loss = self.nll / max(self.tokens, 1)
+        if not self.tokens:
+            raise DataError("no token was scored, so there is no perplexity to report; give the evaluation "
+                            "more text (evaluate.eval_tokens, or a validation split with text in every partition)")
+        loss = self.nll / self.tokens
         return {
             "loss": round(loss, 5),
             "perplexity": round(math.exp(loss), 4),

@@ -272,3 +272,18 @@ def test_experts_continue_the_trunk_learning_rate_and_ship_no_worse_than_the_anc
         assert same == (selection["best_step"] == 0) == (not selection["beats_anchor"])
         assert not (run.expert_dir(k) / "best.safetensors").exists()
     assert "did not beat its anchor" in caplog.text  # 100x the trunk's final rate wrecks at least one expert
+
+
+def test_a_damaged_expert_file_is_trained_again_not_trusted(make_config, caplog):
+    run = Run(make_config())
+    prepare(run)
+    train_shared(run)
+    train_experts(run)
+    path = run.expert_dir(1) / "expert.safetensors"
+    good = path.read_bytes()
+    path.write_bytes(good[:-8] + b"\0" * 8)
+    caplog.set_level("INFO", logger="modularforge")
+    train_experts(run)
+    assert "expert 2: expert missing or changed since it was trained; training it again" in caplog.text
+    assert "expert 1/4 already trained; skipping" in caplog.text
+    assert path.read_bytes() == good

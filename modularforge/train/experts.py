@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -67,6 +68,12 @@ def finished_expert(run: Run, k: int) -> dict | None:
         return None
     summary = read_json(done)
     if summary.get("fingerprint") != run.fingerprint("train-experts"):
+        return None
+    damaged = [name for name, path in expert_files(run, k).items()
+               if not Path(path).is_file() or sha256_file(path) != summary.get("sha256", {}).get(name)]
+    if damaged:
+        log.warning("expert %d: %s missing or changed since it was trained; training it again", k + 1,
+                    " and ".join(damaged))
         return None
     return summary
 
