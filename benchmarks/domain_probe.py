@@ -29,7 +29,7 @@ from modularforge.files import write_json  # noqa: E402
 from modularforge.model.weights import load_dense  # noqa: E402
 from modularforge.prepare import prepare  # noqa: E402
 from modularforge.train.experts import train_experts  # noqa: E402
-from modularforge.train.shared import train_shared, vocab_size  # noqa: E402
+from modularforge.train.shared import train_shared  # noqa: E402
 
 log = logging.getLogger("domain_probe")
 RECIPES = [("lda", "temperature", 2), ("ridge", "temperature", 2), ("lda", "temperature", 1)]
@@ -70,7 +70,7 @@ def main() -> None:
         shared = ws.run(f"shared-0.833-{tag}", ws.config(budget=budget, train=probe))
         Q._link_prepared(ws, shared, base)
         Q.ensure(shared, "train-shared", train_shared)
-        row = {"anchor": scorer.plain(load_dense(base_cfg.model, vocab_size(base), shared.shared_dir), dev).summary()}
+        row = {"anchor": scorer.plain(load_dense(base_cfg.model, base.vocab_size(), shared.shared_dir), dev).summary()}
         cfg = ws.config(budget=budget, train=probe, experts=Q.EXPERT_VARIANTS["anchor-alone"])
         experts = ws.run(f"experts-0.833-anchor-alone-{tag}", cfg)
         Q._link_prepared(ws, experts, base)

@@ -32,8 +32,8 @@ import torch
 
 from modularforge.data.tokenizer import eos_id, load_tokenizer
 from modularforge.export import export
-from modularforge.generate import Sampling, generate_ids
 from modularforge.model.hf import load_assembled
+from modularforge.sampling import Sampling, generate_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Fellow citizens of the Senate and House of Representatives: the state of the union is"

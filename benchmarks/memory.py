@@ -38,10 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from modularforge.config import Config, load_config, preset_path  # noqa: E402
+from modularforge.device import autocast, autocast_dtype  # noqa: E402
 from modularforge.files import load_tensors, read_json, save_tensors, sha256_file, write_json  # noqa: E402
 from modularforge.model.transformer import CausalLM  # noqa: E402
 from modularforge.runs import Run  # noqa: E402
-from modularforge.train.loop import autocast, autocast_dtype  # noqa: E402
 
 MB = 2**20
 

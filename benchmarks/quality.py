@@ -53,6 +53,7 @@ from modularforge.data.partition import Partitioner, partition_documents
 from modularforge.data.shards import TokenStore
 from modularforge.data.sources import iter_documents
 from modularforge.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths
+from modularforge.device import autocast
 from modularforge.evaluate import window_nll
 from modularforge.files import load_tensors, read_json, read_metadata, write_json
 from modularforge.model.hf import load_assembled
@@ -66,11 +67,11 @@ from modularforge.model.weights import (
     load_dense,
 )
 from modularforge.prepare import prepare
-from modularforge.routers import LayerStats, router_from_stats
+from modularforge.routers import layer_stats, router_from_stats
 from modularforge.runs import STAGES, Run
-from modularforge.train.experts import expert_files, train_experts
-from modularforge.train.loop import Interrupted, autocast, branch_checkpoint, stable_steps
-from modularforge.train.shared import train_shared, vocab_size
+from modularforge.train.experts import train_experts
+from modularforge.train.loop import Interrupted, branch_checkpoint, stable_steps
+from modularforge.train.shared import train_shared
 
 log = logging.getLogger("quality")
 
@@ -307,18 +308,13 @@ class MoEUnderTest:
         self.run = run
         tensors = load_tensors(run.shared_dir / "shared.safetensors")
         for k in range(cfg.model.num_experts):
-            tensors |= {n: t for n, t in load_tensors(expert_files(run, k)["expert"]).items()
+            tensors |= {n: t for n, t in load_tensors(run.expert_files(k)["expert"]).items()
                         if not n.startswith("router_row.")}
         for i in range(cfg.model.num_layers):
             tensors[gate_key(i)] = torch.zeros(cfg.model.num_experts, cfg.model.hidden_size)
-        self.model = build_model(cfg.model, vocab_size(run), moe=True, tensors=tensors).eval()
-        self.stats = []
-        for i in range(cfg.model.num_layers):
-            layer = LayerStats(cfg.model.hidden_size)
-            for k in range(cfg.model.num_experts):
-                s = load_tensors(expert_files(run, k)["stats"])
-                layer.add(s[f"layers.{i}.count"], s[f"layers.{i}.sum"], s[f"layers.{i}.xtx"])
-            self.stats.append(layer)
+        self.model = build_model(cfg.model, run.vocab_size(), moe=True, tensors=tensors).eval()
+        stats_paths = [run.expert_files(k)["stats"] for k in range(cfg.model.num_experts)]
+        self.stats = [layer_stats(stats_paths, i, cfg.model.hidden_size) for i in range(cfg.model.num_layers)]
         self.norms = [layer.post_attention_layernorm.weight.detach().clone() for layer in self.model.model.layers]
         anchor = load_tensors(run.shared_dir / "anchor.safetensors")
         self.anchor = [ffn_from_weights({w: anchor[ffn_key(i, w)] for w in FFN_WEIGHTS}) for i in range(cfg.model.num_layers)]
@@ -445,7 +441,7 @@ def main() -> None:
         _link_prepared(ws, run, base)
     branch_from_trunk(dense, list(shared_runs.values()))
     ensure(dense, "train-shared", train_shared)
-    vocab = vocab_size(base)
+    vocab = base.vocab_size()
     score_dense(load_dense(base_cfg.model, vocab, dense.shared_dir), "dense (same total tokens)", "baseline")
 
     def shared_for(fraction: float) -> Run:

@@ -33,12 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from modularforge.config import ModelConfig, TrainConfig  # noqa: E402
+from modularforge.device import autocast, autocast_dtype  # noqa: E402
 from modularforge.files import write_json  # noqa: E402
-from modularforge.generate import Sampling, generate_ids  # noqa: E402
 from modularforge.inference import open_model  # noqa: E402
 from modularforge.model.hf import mixtral_config  # noqa: E402
 from modularforge.model.transformer import CausalLM  # noqa: E402
-from modularforge.train.loop import autocast, autocast_dtype, model_loss  # noqa: E402
+from modularforge.sampling import Sampling, generate_ids  # noqa: E402
+from modularforge.train.loop import model_loss  # noqa: E402
 from modularforge.train.optimizer import FusedAdamW  # noqa: E402
 
 SHAPE = dict(hidden=256, intermediate=1024, layers=4, heads=4, vocab=8192, seq=256, batch=8, experts=4, top_k=2)

@@ -26,11 +26,10 @@ from modularforge.errors import AssemblyError, DataError
 from modularforge.files import atomic_dir, load_tensors, read_json, sha256_file, write_json
 from modularforge.model.hf import mixtral_config
 from modularforge.model.weights import FFN_WEIGHTS, dense_shapes, expert_key, gate_key
-from modularforge.routers import LayerStats, router_from_stats
+from modularforge.routers import compute_routers, stats_shapes
+from modularforge.routers import layer_stats  # noqa: F401  old import path, kept while benchmarks run
 from modularforge.runs import Run
 from modularforge.safetensors_stream import TensorInfo, from_file, from_tensor, read_header, write_streaming
-from modularforge.train.experts import expert_files
-from modularforge.train.shared import vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +53,10 @@ def assemble(run: Run, on_read: OnRead | None = None) -> None:
     cfg = run.cfg
     with run.stage("assemble") as facts:
         inputs = validate_inputs(run)
-        routers = compute_routers(run, inputs.stats)
+        routers = compute_routers(cfg, inputs.stats)
         with atomic_dir(run.model_dir) as tmp:
             files = write_weights(tmp, run, inputs, routers, on_read)
-            write_json(tmp / "config.json", mixtral_config(cfg.model, vocab_size(run), _eos(run)))
+            write_json(tmp / "config.json", mixtral_config(cfg.model, run.vocab_size(), _eos(run)))
             write_json(tmp / "generation_config.json", _generation_config(run))
             for name in TOKENIZER_FILES:
                 shutil.copy2(run.tokenizer_dir / name, tmp / name)
@@ -84,7 +83,7 @@ def _generation_config(run: Run) -> dict:
 
 def validate_inputs(run: Run) -> Inputs:
     cfg = run.cfg
-    shapes = dense_shapes(cfg.model, vocab_size(run))
+    shapes = dense_shapes(cfg.model, run.vocab_size())
     shared_facts = run.manifest()["stages"].get("train-shared", {})
     # the files are copied, not parsed: loading the tokenizer here cost 22 MiB, a third of assembly's peak
     missing = [name for name in TOKENIZER_FILES if not (run.tokenizer_dir / name).is_file()]
@@ -98,7 +97,7 @@ def validate_inputs(run: Run) -> Inputs:
     inputs = Inputs(shared, shared_table)
     fingerprint = run.fingerprint("train-experts")
     for k in range(cfg.model.num_experts):
-        files = expert_files(run, k)
+        files = run.expert_files(k)
         done_path = run.expert_dir(k) / "done.json"
         if not done_path.exists():
             raise AssemblyError(f"expert {k} is missing: {done_path} not found; run `modularforge train-experts`")
@@ -109,15 +108,12 @@ def validate_inputs(run: Run) -> Inputs:
             expert_key(i, k, w): shapes[f"model.layers.{i}.mlp.{w}.weight"]
             for i in range(cfg.model.num_layers) for w in FFN_WEIGHTS
         }
-        table = _checked_table(Path(files["expert"]), expected, done["sha256"]["expert"], allow_extra="router_row.")
-        stats_shapes = {}
-        for i in range(cfg.model.num_layers):
-            h = cfg.model.hidden_size
-            stats_shapes |= {f"layers.{i}.count": (), f"layers.{i}.sum": (h,), f"layers.{i}.xtx": (h, h)}
-        _checked_table(Path(files["stats"]), stats_shapes, done["sha256"]["stats"])
-        inputs.experts.append(Path(files["expert"]))
+        table = _checked_table(files["expert"], expected, done["sha256"]["expert"], allow_extra="router_row.")
+        stats_table = stats_shapes(cfg.model.num_layers, cfg.model.hidden_size)
+        _checked_table(files["stats"], stats_table, done["sha256"]["stats"])
+        inputs.experts.append(files["expert"])
         inputs.expert_tables.append(table)
-        inputs.stats.append(Path(files["stats"]))
+        inputs.stats.append(files["stats"])
     return inputs
 
 
@@ -140,26 +136,6 @@ def _checked_table(
     if sha256 is not None and sha256_file(path) != sha256:
         raise AssemblyError(f"{path} does not match the checksum recorded when it was written; it is corrupted")
     return table
-
-
-def layer_stats(stats_paths: list[Path], layer: int, hidden: int) -> LayerStats:
-    """One layer's statistics pooled over experts, reading one expert's file at a time."""
-    pooled = LayerStats(hidden)
-    for path in stats_paths:
-        s = load_tensors(path, [f"layers.{layer}.count", f"layers.{layer}.sum", f"layers.{layer}.xtx"])
-        pooled.add(s[f"layers.{layer}.count"], s[f"layers.{layer}.sum"], s[f"layers.{layer}.xtx"])
-    return pooled
-
-
-def compute_routers(run: Run, stats_paths: list[Path]) -> dict[str, torch.Tensor]:
-    """Router rows of every layer, in closed form from the experts' statistics."""
-    cfg = run.cfg
-    generator = torch.Generator().manual_seed(cfg.run.seed)
-    return {
-        gate_key(i): router_from_stats(cfg.assemble.router, layer_stats(stats_paths, i, cfg.model.hidden_size),
-                                       cfg.assemble.ridge_lambda, cfg.assemble.centred, generator)
-        for i in range(cfg.model.num_layers)
-    }
 
 
 def write_weights(

@@ -20,16 +20,15 @@ from pathlib import Path
 
 import torch
 
-from modularforge.assemble import compute_routers, layer_stats
 from modularforge.data.batches import PreparedData, spread_batches
+from modularforge.device import autocast, autocast_dtype
 from modularforge.files import atomic_path, load_tensors, read_json, write_json
 from modularforge.inference import open_model
 from modularforge.model.transformer import CausalLM
 from modularforge.model.weights import gate_key
+from modularforge.routers import compute_routers, layer_stats
 from modularforge.runs import Run
 from modularforge.safetensors_stream import from_tensor, write_streaming
-from modularforge.train.experts import expert_files
-from modularforge.train.loop import autocast, autocast_dtype
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ def calibrate(run: Run) -> dict:
     cfg = run.cfg
     with run.stage("calibrate") as facts:
         model = open_model(run.model_dir, expert_cache=cfg.calibrate.expert_cache)
-        stats_paths = [Path(expert_files(run, k)["stats"]) for k in range(cfg.model.num_experts)]
+        stats_paths = [run.expert_files(k)["stats"] for k in range(cfg.model.num_experts)]
         reset_uncalibrated(model, run, stats_paths)
         result = {"temperature": None, "norm": cfg.calibrate.norm}
         if cfg.calibrate.temperature or cfg.calibrate.norm:
@@ -89,7 +88,7 @@ def calibrate(run: Run) -> dict:
 
 def reset_uncalibrated(model: CausalLM, run: Run, stats_paths: list[Path]) -> None:
     """Routers as assembly computed them and post-attention norms as the shared phase trained them."""
-    routers = compute_routers(run, stats_paths)
+    routers = compute_routers(run.cfg, stats_paths)
     shared = run.shared_dir / "shared.safetensors"
     for i, layer in enumerate(model.model.layers):
         layer.block_sparse_moe.gate.weight.data.copy_(routers[gate_key(i)])

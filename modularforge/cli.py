@@ -165,8 +165,9 @@ GENERATE_FLAGS = {
 
 def cmd_generate(args) -> None:
     from modularforge.data.tokenizer import load_tokenizer
-    from modularforge.generate import Sampling, generate_text, stream_to_stdout
+    from modularforge.generate import stream_to_stdout
     from modularforge.inference import open_model
+    from modularforge.sampling import Sampling, generate_text
 
     if args.revise_every == 0:  # the flag's "never"; the config says it with null
         args.set.append("generate.sequence_revise_every=null")

@@ -36,6 +36,11 @@ class RunConfig(Section):
     root: str = Field("runs", description="Folder that holds run directories.")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for data splits, initialisation and batch sampling.")
     threads: int | None = Field(None, ge=1, le=4096, description="torch intra-op threads (None: torch's default).")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$",
+        description="Device to compute on: auto (the best one present), cpu, cuda, cuda:N or mps. Only the CPU "
+        "is supported so far, so auto means cpu; another device is refused when a stage starts.",
+    )
     malloc_mmap_threshold_kb: int | None = Field(
         None, ge=64, le=1 << 30,
         description="glibc only: give every allocation above this size its own mapping, returned to the system "

@@ -37,16 +37,15 @@ from modularforge.data.partition import load_report
 from modularforge.data.shards import VAL
 from modularforge.data.sources import iter_text_pieces
 from modularforge.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths
+from modularforge.device import autocast, autocast_dtype
 from modularforge.errors import DataError
 from modularforge.files import read_json
-from modularforge.generate import Sampling, generate_text, sequence_choices
 from modularforge.model.hf import load_assembled
 from modularforge.model.transformer import CausalLM
 from modularforge.model.weights import load_dense
 from modularforge.report import write_report
 from modularforge.runs import Run
-from modularforge.train.loop import autocast, autocast_dtype
-from modularforge.train.shared import vocab_size
+from modularforge.sampling import Sampling, generate_text, sequence_choices
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +146,7 @@ def evaluate(run: Run) -> dict:
         tokenizer = load_tokenizer(run.tokenizer_dir)
         token_bytes = token_byte_lengths(tokenizer)
         moe, _ = load_assembled(run.model_dir)
-        anchor = load_dense(cfg.model, vocab_size(run), run.shared_dir)
+        anchor = load_dense(cfg.model, run.vocab_size(), run.shared_dir)
         moe.eval(), anchor.eval()
         data = PreparedData(run.data_dir)
         modes = set(cfg.evaluate.routing_modes) | {"anchor", "token", "oracle"}

@@ -181,3 +181,23 @@ def read_metadata(path: str | Path) -> dict[str, str]:
             return f.metadata() or {}
     except Exception as e:
         raise DataError(f"cannot read {path}: {e}") from None
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a training run's `metrics.jsonl` (none when it does not exist)."""
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in metric_lines(Path(path))]
+
+
+def metric_lines(path: Path) -> list[str]:
+    """The lines of a metrics file, less a last line torn by a crash in mid-write (resuming writes it again)."""
+    lines = [line for line in path.read_text().splitlines() if line]
+    if lines:
+        try:
+            torn = not isinstance(json.loads(lines[-1]), dict)
+        except json.JSONDecodeError:
+            torn = True
+        if torn:
+            lines.pop()
+    return lines

@@ -12,9 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from modularforge.files import atomic_path, write_json, write_text  # noqa: E402
+from modularforge.files import atomic_path, read_metrics, write_json, write_text  # noqa: E402
 from modularforge.runs import Run  # noqa: E402
-from modularforge.train.loop import read_metrics  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,17 @@ and 0.53 in layer 0. Ridge routers then put 2-3 points more tokens on their part
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from modularforge.files import load_tensors, save_tensors
+from modularforge.model.weights import gate_key
+
+if TYPE_CHECKING:
+    from modularforge.config import Config
 
 RIDGE_SCALE = 10.0
 
@@ -111,3 +119,49 @@ def router_from_stats(method: str, stats: LayerStats, lam: float, centred: bool,
         bias = -0.5 * (weight * means).sum(1)
         return fold_bias(weight, bias, fold_direction(stats)).float()
     raise ValueError(f"unknown router method {method}")
+
+
+# The router-statistics file (experts/expert_XX/router_stats.safetensors): float64 tensors per layer i,
+# `layers.{i}.count` (n_e), `layers.{i}.sum` (s_e, hidden) and `layers.{i}.xtx` (S_e, hidden x hidden).
+
+def stat_names(layer: int) -> tuple[str, str, str]:
+    """The names of layer `layer`'s count, sum and X^T X in a router-statistics file."""
+    return f"layers.{layer}.count", f"layers.{layer}.sum", f"layers.{layer}.xtx"
+
+
+def stats_shapes(num_layers: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    """The table of a router-statistics file, in file order: name -> shape."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i in range(num_layers):
+        count, total, xtx = stat_names(i)
+        shapes |= {count: (), total: (hidden,), xtx: (hidden, hidden)}
+    return shapes
+
+
+def empty_stats(num_layers: int, hidden: int) -> dict[str, torch.Tensor]:
+    """Zeroed float64 statistics of every layer, to accumulate into and then `save_stats`."""
+    return {name: torch.zeros(shape, dtype=torch.float64) for name, shape in stats_shapes(num_layers, hidden).items()}
+
+
+def save_stats(path: str | Path, stats: dict[str, torch.Tensor], metadata: dict[str, Any]) -> str:
+    return save_tensors(path, stats, metadata)
+
+
+def layer_stats(stats_paths: list[Path], layer: int, hidden: int) -> LayerStats:
+    """One layer's statistics pooled over experts, reading one expert's file at a time."""
+    pooled = LayerStats(hidden)
+    names = stat_names(layer)
+    for path in stats_paths:
+        s = load_tensors(path, list(names))
+        pooled.add(*(s[name] for name in names))
+    return pooled
+
+
+def compute_routers(cfg: Config, stats_paths: list[Path]) -> dict[str, torch.Tensor]:
+    """Router rows of every layer (`assemble.router`), in closed form from the experts' statistics files."""
+    generator = torch.Generator().manual_seed(cfg.run.seed)
+    return {
+        gate_key(i): router_from_stats(cfg.assemble.router, layer_stats(stats_paths, i, cfg.model.hidden_size),
+                                       cfg.assemble.ridge_lambda, cfg.assemble.centred, generator)
+        for i in range(cfg.model.num_layers)
+    }

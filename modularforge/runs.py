@@ -56,6 +56,7 @@ _STAGE_KEYS: dict[str, list[str]] = {
 }
 
 
+EXPERT_FILES = {"expert": "expert.safetensors", "stats": "router_stats.safetensors"}  # role -> name in expert_XX/
 MARKER = ".modularforge-run"
 LOCK = ".lock"
 LOCK_FD_ENV = "MODULARFORGE_RUN_LOCK_FD"  # a child of `run`: the inherited descriptor that holds the lock
@@ -86,6 +87,14 @@ class Run:
     def expert_dir(self, index: int) -> Path:
         return self.experts_dir / f"expert_{index:02d}"
 
+    def expert_files(self, index: int) -> dict[str, Path]:
+        """The files expert `index` is shipped as: its weights ("expert") and its router statistics ("stats")."""
+        return {role: self.expert_dir(index) / name for role, name in EXPERT_FILES.items()}
+
+    def vocab_size(self) -> int:
+        """The vocabulary size that prepare recorded with the token shards."""
+        return read_json(self.data_dir / "shards.json")["vocab_size"]
+
     def manifest(self) -> dict[str, Any]:
         return read_json(self.manifest_path) if self.manifest_path.exists() else {"stages": {}}
 
@@ -106,7 +115,7 @@ class Run:
     def outputs(self, stage: str) -> list[Path]:
         """The files and folders `stage` writes (a later stage may rewrite some: calibrate rewrites model/)."""
         experts = [self.expert_dir(k) / name for k in range(self.cfg.model.num_experts)
-                   for name in ("expert.safetensors", "router_stats.safetensors", "done.json")]
+                   for name in (*EXPERT_FILES.values(), "done.json")]
         return {
             "prepare": [self.tokenizer_dir, self.data_dir],
             "train-shared": [self.shared_dir / "shared.safetensors", self.shared_dir / "anchor.safetensors"],
@@ -253,6 +262,9 @@ class Run:
         The yielded dict collects extra facts (sizes, checksums) stored with the stage. An OSError in the stage
         that names no file (a write on a full disk) becomes a FileSystemError naming the run directory.
         """
+        from modularforge.device import resolve_device  # torch: imported only when a stage runs
+
+        resolve_device(self.cfg)  # a device this machine cannot use fails before anything is written
         with self.lock():
             index = STAGES.index(name)
             if index:

@@ -167,10 +167,9 @@ def test_read_tensors_gives_the_stored_tensors_in_their_own_memory(tmp_path):
 
 
 def test_calibration_skips_the_temperature_at_top_1(run_copy):
-    from modularforge.assemble import compute_routers
     from modularforge.calibrate import calibrate
+    from modularforge.routers import compute_routers
     from modularforge.runs import Run
-    from modularforge.train.experts import expert_files
 
     cfg = run_copy.cfg.model_copy(update={"model": run_copy.cfg.model.model_copy(update={"top_k": 1})})
     run = Run(cfg, run_copy.dir)
@@ -178,5 +177,5 @@ def test_calibration_skips_the_temperature_at_top_1(run_copy):
     assert calibrate(run)["temperature"] is None
     gate = "model.layers.0.block_sparse_moe.gate.weight"
     shard = run.model_dir / read_json(run.model_dir / "model.safetensors.index.json")["weight_map"][gate]
-    stats = [Path(expert_files(run, k)["stats"]) for k in range(cfg.model.num_experts)]
-    torch.testing.assert_close(load_tensors(shard)[gate], compute_routers(run, stats)[gate])
+    stats = [run.expert_files(k)["stats"] for k in range(cfg.model.num_experts)]
+    torch.testing.assert_close(load_tensors(shard)[gate], compute_routers(cfg, stats)[gate])

@@ -4,7 +4,8 @@ import torch
 
 from modularforge.config import ModelConfig
 from modularforge.model.transformer import CausalLM
-from modularforge.train.loop import autocast, model_loss
+from modularforge.device import autocast
+from modularforge.train.loop import model_loss
 
 CFG = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, max_seq_len=32,
                   num_experts=4, top_k=2)
@@ -46,7 +47,7 @@ def test_compiled_loss_and_gradients_match_eager():
 
 
 def test_bf16_frozen_matrices_give_the_same_loss_under_autocast():
-    from modularforge.train.experts import frozen_linears_to_bf16
+    from modularforge.train.expert import frozen_linears_to_bf16
 
     model = _model()
     batch = torch.randint(0, 300, (2, 33), generator=torch.Generator().manual_seed(3))

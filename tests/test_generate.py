@@ -3,7 +3,7 @@ import torch
 
 from modularforge.config import ModelConfig
 from modularforge.data.tokenizer import load_tokenizer
-from modularforge.generate import (
+from modularforge.sampling import (
     Sampling,
     choose_expert,
     filter_logits,

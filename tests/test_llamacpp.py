@@ -14,7 +14,7 @@ import torch
 
 from modularforge.data.tokenizer import eos_id, load_tokenizer
 from modularforge.export import export
-from modularforge.generate import Sampling, generate_ids
+from modularforge.sampling import Sampling, generate_ids
 from modularforge.model.hf import load_assembled
 
 pytestmark = [

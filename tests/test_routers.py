@@ -6,9 +6,9 @@ import torch
 
 from modularforge.config import ModelConfig
 from modularforge.evaluate import window_nll
-from modularforge.generate import sequence_choices
 from modularforge.model.transformer import CausalLM
 from modularforge.routers import RIDGE_SCALE, LayerStats, fold_bias, fold_direction, router_from_stats
+from modularforge.sampling import sequence_choices
 
 
 def _clusters(seed=0, experts=3, per=400, hidden=8, mean=5.0, spread=2.0):

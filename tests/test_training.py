@@ -124,10 +124,9 @@ def test_branched_wsd_shared_phase_equals_a_run_of_its_own(make_config):
 
 
 def test_frozen_shared_weights_get_no_gradients_in_the_expert_phase(trained_run):
-    from modularforge.train.experts import expert_model
-    from modularforge.train.shared import vocab_size
+    from modularforge.train.expert import expert_model
 
-    model = expert_model(trained_run.cfg, vocab_size(trained_run), trained_run, 0)
+    model = expert_model(trained_run.cfg, trained_run.vocab_size(), trained_run, 0)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".mlp." in n for n in trainable)
     batch = torch.randint(0, 500, (2, 17))
@@ -159,11 +158,10 @@ def test_expert_options_train_and_assemble(make_config, experts):
 
 
 def test_with_anchor_keeps_the_anchor_and_its_router_row_frozen(trained_run, make_config):
-    from modularforge.train.experts import expert_model
-    from modularforge.train.shared import vocab_size
+    from modularforge.train.expert import expert_model
 
     cfg = make_config(experts={"mode": "with_anchor", "init": "scratch"})  # an anchor copy gives the gate no gradient
-    model = expert_model(cfg, vocab_size(trained_run), trained_run, 0)
+    model = expert_model(cfg, trained_run.vocab_size(), trained_run, 0)
     pair = model.model.layers[0].mlp
     model.loss(torch.randint(0, 500, (2, 17))).backward()
     assert pair.gate.weight.grad[0].abs().sum() == 0 and pair.gate.weight.grad[1].abs().sum() > 0

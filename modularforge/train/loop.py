@@ -24,33 +24,15 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from modularforge.config import TrainConfig
+from modularforge.device import autocast, autocast_dtype
 from modularforge.errors import TrainingError
-from modularforge.files import atomic_path, load_tensors, read_metadata, save_tensors
+from modularforge.files import atomic_path, load_tensors, metric_lines, read_metadata, read_metrics, save_tensors
 from modularforge.train.cross_entropy import linear_cross_entropy
 from modularforge.train.optimizer import FusedAdamW
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]  # (micro_batch, T + 1) window batch -> scalar loss
-
-
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """bf16 when asked, or under `auto` on CPUs with native bf16 matrix units; None means fp32."""
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "auto" and _cpu_has_native_bf16():
-        return torch.bfloat16
-    return None
-
-
-def _cpu_has_native_bf16() -> bool:
-    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool((check and check()) or (amx and amx()))
-
-
-def autocast(dtype: torch.dtype | None):
-    return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
 
 
 def model_loss(model: nn.Module, compile: bool, loss_chunks: int = 1) -> LossFn:
@@ -315,25 +297,6 @@ def _trim_metrics(path: Path, step: int) -> None:
     """Drop metrics lines written after the checkpoint we resume from (they will be written again)."""
     if not path.exists():
         return
-    kept = [line for line in _metric_lines(path) if json.loads(line)["step"] <= step]
+    kept = [line for line in metric_lines(path) if json.loads(line)["step"] <= step]
     with atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in kept))
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not Path(path).exists():
-        return []
-    return [json.loads(line) for line in _metric_lines(Path(path))]
-
-
-def _metric_lines(path: Path) -> list[str]:
-    """The lines of a metrics file, less a last line torn by a crash in mid-write (resuming writes it again)."""
-    lines = [line for line in path.read_text().splitlines() if line]
-    if lines:
-        try:
-            torn = not isinstance(json.loads(lines[-1]), dict)
-        except json.JSONDecodeError:
-            torn = True
-        if torn:
-            lines.pop()
-    return lines

@@ -41,7 +41,7 @@ def train_experts_on_ray(run: Run) -> list[dict]:
     is already connected to Ray, that connection is used as it is.
     """
     ray = _import_ray()
-    from modularforge.train.experts import finished_expert
+    from modularforge.train.expert import finished_expert
 
     cfg = run.cfg
     summaries = {k: s for k in range(cfg.model.num_experts) if (s := finished_expert(run, k)) is not None}
@@ -109,7 +109,7 @@ def train_expert_task(run_dir: str, config: dict, k: int) -> dict:
     import torch
 
     from modularforge.config import config_from_dict
-    from modularforge.train.experts import train_expert
+    from modularforge.train.expert import train_expert
 
     cfg = config_from_dict(config)
     torch.set_num_threads(task_threads(cfg))

@@ -12,7 +12,7 @@ from torch import nn
 from modularforge.data.batches import PreparedData, batch_rng, fixed_batches, split_labels
 from modularforge.data.shards import TRAIN, VAL
 from modularforge.errors import TrainingError
-from modularforge.files import read_json, save_tensors
+from modularforge.files import save_tensors
 from modularforge.model.transformer import CausalLM, count_parameters
 from modularforge.model.weights import split_shared
 from modularforge.runs import Run
@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 SHARED_STREAM = 1_000_000  # batch stream id of the shared phase; experts use their index
 
 
-def vocab_size(run: Run) -> int:
-    return read_json(run.data_dir / "shards.json")["vocab_size"]
+def vocab_size(run: Run) -> int:  # old import path, kept while benchmarks run: use run.vocab_size()
+    return run.vocab_size()
 
 
 class DomainProbe(nn.Module):
@@ -73,7 +73,7 @@ def train_shared(run: Run, stop_after: int | None = None) -> None:
     cfg = run.cfg
     with run.stage("train-shared") as facts:
         data = PreparedData(run.data_dir)
-        model = CausalLM(cfg.model, vocab_size(run), moe=False)
+        model = CausalLM(cfg.model, run.vocab_size(), moe=False)
         model.init_weights(torch.Generator().manual_seed(cfg.run.seed))
         model.activation_checkpointing = cfg.train.activation_checkpointing
         seq_len, micro = cfg.seq_len(cfg.train), cfg.train.micro_batch

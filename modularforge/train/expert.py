@@ -1,0 +1,269 @@
+"""Training one expert, the body that both executors of stage 3 (train-experts) run, in this process or as a
+Ray task: one FFN stack per partition beside the frozen shared part.
+
+Each expert is a dense run with everything but its FFN frozen (`mode: alone`, the seed's harness),
+or a two-expert MoE of the frozen anchor and the trainable expert with that expert's router row
+(`mode: with_anchor`, as FlexOlmo does). It starts from the anchor FFN (`init: anchor`, as
+Branch-Train-MiX does) or from random weights (`init: scratch`). At the end it records, over its
+partition's calibration documents and with itself in place, the router-input statistics of
+DESIGN.md section 3: count, sum and X^T X of the post-attention-norm hidden state per layer.
+
+Only one expert's training state exists at a time; a finished expert is skipped on rerun and an
+interrupted one resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from modularforge.config import Config
+from modularforge.data.batches import PreparedData, Windows, batch_rng, fixed_batches, spread_batches
+from modularforge.data.shards import CALIB, TRAIN, VAL
+from modularforge.device import autocast, autocast_dtype
+from modularforge.files import read_json, save_tensors, sha256_file, write_json
+from modularforge.model.layers import SwiGLU
+from modularforge.model.moe import SparseMoE
+from modularforge.model.transformer import CausalLM
+from modularforge.model.weights import FFN_WEIGHTS, build_model, expert_key, ffn_from_weights, ffn_key
+from modularforge.routers import empty_stats, save_stats, stat_names
+from modularforge.runs import Run
+from modularforge.safetensors_stream import read_tensors
+from modularforge.train.loop import model_loss, train_loop
+
+log = logging.getLogger(__name__)
+
+SWAP_STREAM = 10_000  # random stream of anchor-swap draws (expert k uses SWAP_STREAM + k)
+
+
+def finished_expert(run: Run, k: int) -> dict | None:
+    """The summary of expert k if it finished under the current config and its files are intact."""
+    done = run.expert_dir(k) / "done.json"
+    if not done.exists():
+        return None
+    summary = read_json(done)
+    if summary.get("fingerprint") != run.fingerprint("train-experts"):
+        return None
+    damaged = [name for name, path in run.expert_files(k).items()
+               if not path.is_file() or sha256_file(path) != summary.get("sha256", {}).get(name)]
+    if damaged:
+        log.warning("expert %d: %s missing or changed since it was trained; training it again", k + 1,
+                    " and ".join(damaged))
+        return None
+    return summary
+
+
+def train_expert(run: Run, k: int, stop_after: int | None = None) -> dict:
+    cfg = run.cfg
+    if (summary := finished_expert(run, k)) is not None:
+        log.info("expert %d/%d already trained; skipping", k + 1, cfg.model.num_experts)
+        return summary
+    out = run.expert_dir(k)
+    data = PreparedData(run.data_dir)
+    model = expert_model(cfg, run.vocab_size(), run, k)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    tcfg = cfg.expert_train
+    seq_len, micro = cfg.seq_len(tcfg), tcfg.micro_batch
+    train_windows = data.windows(TRAIN, k)
+    val_batches = fixed_batches(selection_windows(data, k) if cfg.experts.keep_best else data.windows(VAL, k),
+                                tcfg.eval_batches * micro, seq_len, micro)
+
+    def sample_batch(step: int) -> torch.Tensor:
+        swaps = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, AnchorSwap)]
+        if swaps:  # which layers run the anchor this step: a function of the step, so resuming repeats it
+            draws = batch_rng(cfg.run.seed, SWAP_STREAM + k, step).random(len(swaps))
+            use_anchor = draws < cfg.experts.anchor_swap
+            use_anchor[draws.argmax()] = False  # at least one layer trains every step
+            for swap, flag in zip(swaps, use_anchor):
+                swap.use_anchor = bool(flag)
+        return train_windows.sample(batch_rng(cfg.run.seed, k, step), tcfg.batch_size, seq_len)
+
+    result = train_loop(
+        trainable,
+        model_loss(model, tcfg.compile, tcfg.loss_chunks),
+        sample_batch,
+        val_batches,
+        tcfg,
+        cfg.expert_steps,
+        out,
+        f"expert {k + 1}/{cfg.model.num_experts}",
+        fingerprint=run.fingerprint("train-experts"),
+        no_decay=lambda name: name.endswith("gate.weight"),
+        stop_after=stop_after,
+        keep_best=cfg.experts.keep_best,
+    )
+    if cfg.experts.keep_best:
+        _log_against_anchor(k, cfg.model.num_experts, result)
+    stats = router_statistics(model, data.held_out(k, cfg.experts.stats_tokens), cfg.experts.stats_tokens, seq_len, micro,
+                              autocast_dtype(tcfg.precision))
+    tokens = result.steps * cfg.tokens_per_step(tcfg)
+    provenance = {"stage": "train-experts", "expert": k, "fingerprint": run.fingerprint("train-experts"),
+                  "tokens": tokens}
+    files = run.expert_files(k)
+    save_tensors(files["expert"], expert_tensors(model, k), provenance)
+    save_stats(files["stats"], stats, provenance)
+    summary = {
+        "expert": k,
+        "fingerprint": run.fingerprint("train-experts"),
+        "steps": result.steps,
+        "tokens": tokens,
+        "train_loss": result.train_loss,
+        "val_loss": result.val_loss,
+        "seconds": round(result.seconds, 1),
+        "sha256": {name: sha256_file(path) for name, path in files.items()},
+    }
+    if cfg.experts.keep_best:
+        summary["selection"] = {
+            "text": "held-out calibration documents of the partition",
+            "anchor_loss": result.initial_val_loss, "best_loss": result.best_val_loss, "best_step": result.best_step,
+            "beats_anchor": result.best_step != 0,
+        }
+    write_json(out / "done.json", summary)
+    for leftover in ("ckpt.safetensors", "best.safetensors"):  # the finished files supersede them
+        (out / leftover).unlink(missing_ok=True)
+    return summary
+
+
+def selection_windows(data: PreparedData, k: int) -> Windows:
+    """Text an expert is chosen on: its partition's calibration documents, held out from training and from the
+    validation split the report scores, so the choice does not flatter the reported numbers. A partition
+    whose calibration split is shorter than two tokens falls back to its validation split."""
+    calib = data.windows(CALIB, k) if (data.partition[data.split == CALIB] == k).any() else None
+    return calib if calib is not None and calib.total >= 2 else data.windows(VAL, k)
+
+
+def _log_against_anchor(k: int, experts: int, result) -> None:
+    gain = 1 - math.exp(result.best_val_loss - result.initial_val_loss)
+    if result.best_step == 0:
+        log.warning("expert %d/%d did not beat its anchor on held-out text of its partition (loss %.4f at step 0, "
+                    "never lower in training): it ships as the anchor FFN", k + 1, experts, result.initial_val_loss)
+    else:
+        log.info("expert %d/%d: held-out loss %.4f (anchor) -> %.4f at step %d, perplexity %.1f%% lower",
+                 k + 1, experts, result.initial_val_loss, result.best_val_loss, result.best_step, 100 * gain)
+
+
+def expert_model(cfg: Config, vocab: int, run: Run, k: int) -> CausalLM:
+    """Frozen shared part + this expert's trainable FFN (beside the frozen anchor in with_anchor mode)."""
+    shared = read_tensors(run.shared_dir / "shared.safetensors")
+    keeps_anchor = cfg.experts.mode == "with_anchor" or cfg.experts.anchor_swap > 0
+    needs_anchor = keeps_anchor or cfg.experts.init == "anchor"
+    anchor = read_tensors(run.shared_dir / "anchor.safetensors") if needs_anchor else {}
+    if cfg.experts.init == "anchor":  # the loaded tensors are ours: copy them only if the anchor stays too
+        ffn = {name: t.clone() for name, t in anchor.items()} if keeps_anchor else anchor
+    else:
+        ffn = scratch_ffn(cfg, k)
+    model = build_model(cfg.model, vocab, moe=False, tensors=shared | ffn)
+    del shared
+    if cfg.experts.frozen_bf16 and autocast_dtype(cfg.expert_train.precision) == torch.bfloat16:
+        frozen_linears_to_bf16(model)
+    model.activation_checkpointing = cfg.experts.train.activation_checkpointing
+    for layer in model.model.layers:
+        layer.mlp.requires_grad_(True)
+    for i, layer in enumerate(model.model.layers if keeps_anchor else []):
+        frozen = {w: anchor[ffn_key(i, w)] for w in FFN_WEIGHTS}
+        if cfg.experts.mode == "with_anchor":
+            layer.mlp = anchored_pair(layer.mlp, frozen, cfg.model.hidden_size)
+        else:
+            layer.mlp = AnchorSwap(layer.mlp, ffn_from_weights(frozen))
+    return model
+
+
+def frozen_linears_to_bf16(model: CausalLM) -> None:
+    """Store the frozen attention projections and LM head in bf16. Under bf16 autocast a Linear casts its
+    weight to bf16 before the product, so the results are unchanged and the fp32 copies are not needed."""
+    linears = [layer.self_attn for layer in model.model.layers]
+    heads = [] if model.cfg.tie_embeddings else [model.lm_head]
+    for module in [m for attn in linears for m in attn.children()] + heads:
+        module.weight.data = module.weight.data.to(torch.bfloat16)
+
+
+class AnchorSwap(nn.Module):
+    """The expert FFN, which a training step may replace by the frozen anchor FFN (`experts.anchor_swap`),
+    so that the expert's other layers learn to work on hidden states another FFN produced, as they will
+    in the assembled MoE."""
+
+    def __init__(self, expert: SwiGLU, anchor: SwiGLU):
+        super().__init__()
+        self.expert, self.anchor = expert, anchor
+        self.use_anchor = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.anchor(x) if self.use_anchor and self.training else self.expert(x)
+
+
+def scratch_ffn(cfg: Config, k: int) -> dict[str, torch.Tensor]:
+    m = cfg.model
+    g = torch.Generator().manual_seed(cfg.run.seed * 1000 + k + 1)
+    out_std = m.init_std * (2 * m.num_layers) ** -0.5
+    ffn = {}
+    for i in range(m.num_layers):
+        ffn[ffn_key(i, "w1")] = torch.randn(m.intermediate_size, m.hidden_size, generator=g) * m.init_std
+        ffn[ffn_key(i, "w3")] = torch.randn(m.intermediate_size, m.hidden_size, generator=g) * m.init_std
+        ffn[ffn_key(i, "w2")] = torch.randn(m.hidden_size, m.intermediate_size, generator=g) * out_std
+    return ffn
+
+
+def anchored_pair(expert: SwiGLU, anchor: dict[str, torch.Tensor], hidden: int) -> SparseMoE:
+    """FlexOlmo's training unit: MoE of [frozen anchor, trainable expert] with top-2 of 2 and a router
+    whose anchor row stays zero (its gradient is masked and it has no weight decay)."""
+    with torch.device("meta"):
+        pair = SparseMoE(hidden, expert.w1.out_features, num_experts=2, top_k=2)
+    pair.experts[0] = ffn_from_weights(anchor)
+    pair.experts[1] = expert
+    pair.gate.weight = nn.Parameter(torch.zeros(2, hidden))
+    mask = torch.tensor([[0.0], [1.0]])
+    pair.gate.weight.register_hook(lambda grad: grad * mask)
+    return pair
+
+
+def expert_ffn(layer: nn.Module) -> SwiGLU:
+    if isinstance(layer.mlp, SparseMoE):
+        return layer.mlp.experts[1]
+    return layer.mlp.expert if isinstance(layer.mlp, AnchorSwap) else layer.mlp
+
+
+def expert_tensors(model: CausalLM, k: int) -> dict[str, torch.Tensor]:
+    """The trained FFN under its final Mixtral names; in with_anchor mode also its router row."""
+    out = {}
+    for i, layer in enumerate(model.model.layers):
+        ffn = expert_ffn(layer)
+        for w in FFN_WEIGHTS:
+            out[expert_key(i, k, w)] = getattr(ffn, w).weight.detach()
+        if isinstance(layer.mlp, SparseMoE):
+            out[f"router_row.layers.{i}"] = layer.mlp.gate.weight.detach()[1].clone()
+    return out
+
+
+@torch.no_grad()
+def router_statistics(
+    model: CausalLM, windows: Windows, tokens: int, seq_len: int, micro: int, dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """count, sum and X^T X (float64) of each layer's router input over about `tokens` tokens of `windows`, in
+    windows spread evenly over them."""
+    hidden = model.cfg.hidden_size
+    stats = empty_stats(len(model.model.layers), hidden)
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+
+        def accumulate(module, args, output, names=stat_names(i)):
+            x = output.detach().reshape(-1, hidden).double()
+            count, total, xtx = names
+            stats[count] += x.shape[0]
+            stats[total] += x.sum(0)
+            stats[xtx] += x.T @ x
+
+        hooks.append(layer.post_attention_layernorm.register_forward_hook(accumulate))
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in spread_batches(windows, tokens, seq_len, micro):
+            with autocast(dtype):
+                model(batch[:, :-1])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return stats
