@@ -9,7 +9,6 @@ parsed as YAML, so `--set model.top_k=1` gives an int and `--set data.sources=[a
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import math
 from importlib import resources
@@ -462,12 +461,6 @@ class Config(Section):
             return self.experts.train
         final = self.train.lr * self.train.min_lr_ratio
         return self.experts.train.model_copy(update={"lr": final * self.experts.lr_from_trunk})
-
-    def fingerprint(self, *sections: str) -> str:
-        """Stable hash of the named sections (all when none are named)."""
-        dump = self.model_dump(mode="json")
-        picked = {s: dump[s] for s in (sections or dump.keys())}
-        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -126,9 +126,6 @@ class CausalLM(nn.Module):
     def moe_blocks(self) -> list[SparseMoE]:
         return [layer.block_sparse_moe for layer in self.model.layers if hasattr(layer, "block_sparse_moe")]
 
-    def ffns(self) -> list[SwiGLU]:
-        return [layer.mlp for layer in self.model.layers]
-
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

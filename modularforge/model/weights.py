@@ -118,16 +118,6 @@ def load_dense(cfg: ModelConfig, vocab_size: int, shared_dir: Path, ffn: dict[st
     return build_model(cfg, vocab_size, moe=False, tensors=tensors)
 
 
-def expert_as_ffn(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An expert file's tensors renamed to the dense FFN slot (model.layers.{i}.mlp.w*)."""
-    out = {}
-    for name, t in tensors.items():
-        match = re.fullmatch(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.\d+\.(w[123])\.weight", name)
-        if match:
-            out[ffn_key(int(match[1]), match[2])] = t
-    return out
-
-
 def ffn_from_weights(weights: dict[str, torch.Tensor], trainable: bool = False) -> SwiGLU:
     """A SwiGLU FFN whose w1/w2/w3 are the given tensors (no copy)."""
     with torch.device("meta"):
