@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 def calibration_batches(run: Run, tokens_per_partition: int) -> list[torch.Tensor]:
     cfg = run.cfg
     data = PreparedData(run.data_dir)
-    seq_len, micro = cfg.model.max_seq_len, cfg.experts.train.micro_batch
+    seq_len, micro = cfg.model.max_seq_len, cfg.calibrate.micro_batch_size
     batches = []
     for p in range(cfg.model.num_experts):
         batches += spread_batches(data.held_out(p, tokens_per_partition), tokens_per_partition, seq_len, micro)

@@ -312,10 +312,15 @@ class CalibrateConfig(Section):
     expert_cache: int | None = Field(
         None, ge=1, le=1 << 20, description="Run calibration with at most this many expert FFNs in memory (None = all)."
     )
+    micro_batch_size: int = Field(8, ge=1, le=1 << 16, description="Calibration windows per forward pass.")
 
 
 class EvaluateConfig(Section):
     eval_tokens: int = Field(32_768, ge=256, le=10**12, description="Validation tokens scored per partition.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Compute precision of the report's scoring passes (auto: bf16 on CPUs with native bf16)."
+    )
+    micro_batch_size: int = Field(8, ge=1, le=1 << 16, description="Report windows per forward pass.")
     window: int | None = Field(
         None, ge=2, le=1 << 20, description="Window length in tokens for `evaluate --data`; None = the model's context."
     )

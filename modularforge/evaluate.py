@@ -150,7 +150,7 @@ def evaluate(run: Run) -> dict:
         moe.eval(), anchor.eval()
         data = PreparedData(run.data_dir)
         modes = set(cfg.evaluate.routing_modes) | {"anchor", "token", "oracle"}
-        dtype = autocast_dtype(cfg.experts.train.precision)
+        dtype = autocast_dtype(cfg.evaluate.precision)
         prefix = cfg.evaluate.prefix_len
         full = {m: Tally() for m in ("anchor", "token")}
         own_partition = {m: [Tally() for _ in range(cfg.model.num_experts)] for m in ("anchor", "oracle")}
@@ -159,7 +159,7 @@ def evaluate(run: Run) -> dict:
         blocks = moe.moe_blocks()
         for p in range(data.num_partitions):
             for batch in _batches(data.windows(VAL, p), cfg.model.max_seq_len, cfg.evaluate.eval_tokens,
-                                  cfg.experts.train.micro_batch):
+                                  cfg.evaluate.micro_batch_size):
                 for b in blocks:
                     b.record = []
                 with autocast(dtype):
