@@ -222,9 +222,11 @@ class BudgetConfig(Section):
         return value
 
 
-# (tokens per dense parameter, best share of the tokens for the shared phase at equal tokens), measured; `auto`
-# interpolates in log(tokens per parameter) and holds the end values beyond the measured range
-SHARED_FRACTION_CURVE: tuple[tuple[float, float], ...] = ((0.32, 0.95), (0.9, 0.95))
+# (tokens per dense parameter, best share of the tokens for the shared phase at equal tokens), measured:
+# benchmarks/quality.py at 0.32 (7.6M parameters; 19/20 beat 5/6, 2/3, 1/3), benchmarks/parallel.py at 0.42, 1.26
+# and 4.2 (0.48M parameters; 0.95 beat 0.8 and 0.5 at each). `auto` interpolates in log(tokens per parameter)
+# and holds the end values beyond the measured range. 0.95 is the top of both grids, so the optimum may be higher.
+SHARED_FRACTION_CURVE: tuple[tuple[float, float], ...] = ((0.32, 0.95), (0.42, 0.95), (1.26, 0.95), (4.2, 0.95))
 
 
 def auto_shared_fraction(tokens_per_parameter: float) -> float:
