@@ -21,7 +21,7 @@ from modularforge.model.transformer import CausalLM, KVCache
 
 def supports_decode_step(model: CausalLM) -> bool:
     blocks = model.moe_blocks()
-    return getattr(model, "decode_dtype", None) is not None and all(b.record is None for b in blocks)
+    return model.decode_dtype is not None and all(b.record is None for b in blocks)
 
 
 class RotaryRows:

@@ -85,7 +85,8 @@ def for_decoding(module: nn.Module, dtype: str) -> nn.Module:
         for m in module.modules():
             if isinstance(m, nn.Linear) and id(m.weight) not in tied and m.weight.is_contiguous():
                 m.weight = nn.Parameter(m.weight.detach().t().contiguous().t(), requires_grad=False)
-    module.decode_dtype = dtype
+    if isinstance(module, CausalLM):
+        module.decode_dtype = dtype
     return module
 
 

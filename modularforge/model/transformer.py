@@ -68,6 +68,8 @@ class CausalLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False
+        self.decode_dtype: str | None = None  # the layout `inference.for_decoding` gave the weights, if any
+        self.expert_cache = None  # `inference.ExpertCache` of a model opened with a bound on experts in memory
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Normal(0, init_std) for matrices; residual output projections scaled by 1/sqrt(2 * layers)."""
