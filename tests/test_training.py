@@ -11,7 +11,7 @@ from modularforge.files import load_tensors, read_json
 from modularforge.prepare import prepare
 from modularforge.runs import Run
 from modularforge.train.experts import train_experts
-from modularforge.train.loop import Interrupted, branch_checkpoint, lr_at, stable_steps, train_loop
+from modularforge.train.loop import Interrupted, LoopPlan, Objective, branch_checkpoint, lr_at, stable_steps, train_loop
 from modularforge.train.shared import train_shared
 
 
@@ -70,7 +70,8 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
 
     cfg = TrainConfig(batch_size=2, eval_interval=100, log_interval=100, checkpoint_interval=100)
     with pytest.raises(TrainingError, match="non-finite loss .* at step 4"):
-        train_loop({"w": weight}, loss_fn, lambda step: torch.ones(2, 5), [], cfg, 10, tmp_path, "t", "fp")
+        train_loop(Objective(params={"w": weight}, loss_fn=loss_fn, sample_batch=lambda step: torch.ones(2, 5),
+                             val_batches=[]), cfg, LoopPlan(steps=10, out_dir=tmp_path, label="t", fingerprint="fp"))
 
 
 def test_gradient_accumulation_equals_the_full_batch(tmp_path):
@@ -81,8 +82,9 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
         weight = torch.nn.Parameter(torch.ones(5))
         cfg = TrainConfig(batch_size=8, micro_batch_size=micro, eval_interval=100, log_interval=100,
                           checkpoint_interval=100, precision="fp32", grad_clip=0)
-        train_loop({"w": weight}, lambda b: ((b @ weight) ** 2).mean(), lambda s: data, [], cfg, 3,
-                   tmp_path / str(micro), "t", "fp")
+        train_loop(Objective(params={"w": weight}, loss_fn=lambda b: ((b @ weight) ** 2).mean(),
+                             sample_batch=lambda s: data, val_batches=[]),
+                   cfg, LoopPlan(steps=3, out_dir=tmp_path / str(micro), label="t", fingerprint="fp"))
         return weight.detach()
 
     torch.testing.assert_close(run(8), run(2), atol=1e-6, rtol=1e-6)
@@ -221,8 +223,10 @@ def _pass_through_target(tmp_path, name, stop_after=None):
     cfg = TrainConfig(batch_size=1, lr=0.1, warmup_steps=0, schedule="wsd", decay_fraction=0.1, eval_interval=2,
                       log_interval=100, checkpoint_interval=3, precision="fp32", grad_clip=0, weight_decay=0)
     loss = lambda b: ((weight - b.float().mean()) ** 2).sum()  # noqa: E731
-    result = train_loop({"w": weight}, loss, lambda step: torch.full((1, 2), 2), [torch.ones(1, 2)], cfg, 30,
-                        tmp_path / name, "t", "fp", stop_after=stop_after, keep_best=True)
+    result = train_loop(Objective(params={"w": weight}, loss_fn=loss, sample_batch=lambda step: torch.full((1, 2), 2),
+                                  val_batches=[torch.ones(1, 2)]),
+                        cfg, LoopPlan(steps=30, out_dir=tmp_path / name, label="t", fingerprint="fp",
+                                      stop_after=stop_after, keep_best=True))
     return weight.detach().clone(), result
 
 
@@ -246,8 +250,9 @@ def test_keep_best_keeps_the_starting_point_when_training_only_hurts(tmp_path):
     cfg = TrainConfig(batch_size=1, lr=0.1, eval_interval=1, log_interval=100, checkpoint_interval=100,
                       precision="fp32", grad_clip=0, weight_decay=0)
     loss = lambda b: ((weight - b.float().mean()) ** 2).sum()  # noqa: E731
-    result = train_loop({"w": weight}, loss, lambda step: torch.full((1, 2), 5), [torch.ones(1, 2)], cfg, 10,
-                        tmp_path, "t", "fp", keep_best=True)
+    result = train_loop(Objective(params={"w": weight}, loss_fn=loss, sample_batch=lambda step: torch.full((1, 2), 5),
+                                  val_batches=[torch.ones(1, 2)]),
+                        cfg, LoopPlan(steps=10, out_dir=tmp_path, label="t", fingerprint="fp", keep_best=True))
     assert result.best_step == 0 and float(weight.detach()) == 1.0
 
 

@@ -32,7 +32,7 @@ from modularforge.model.weights import FFN_WEIGHTS, build_model, expert_key, ffn
 from modularforge.routers import empty_stats, save_stats, stat_names
 from modularforge.runs import Run
 from modularforge.safetensors_stream import read_tensors
-from modularforge.train.loop import model_loss, train_loop
+from modularforge.train.loop import LoopPlan, Objective, model_loss, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +82,13 @@ def train_expert(run: Run, k: int, stop_after: int | None = None) -> dict:
         return train_windows.sample(batch_rng(cfg.run.seed, k, step), tcfg.batch_size, seq_len)
 
     result = train_loop(
-        trainable,
-        model_loss(model, tcfg.compile, tcfg.loss_chunks),
-        sample_batch,
-        val_batches,
+        Objective(params=trainable, loss_fn=model_loss(model, tcfg.compile, tcfg.loss_chunks),
+                  sample_batch=sample_batch, val_batches=val_batches,
+                  no_decay=lambda name: name.endswith("gate.weight")),
         tcfg,
-        cfg.expert_steps,
-        out,
-        f"expert {k + 1}/{cfg.model.num_experts}",
-        fingerprint=run.fingerprint("train-experts"),
-        no_decay=lambda name: name.endswith("gate.weight"),
-        stop_after=stop_after,
-        keep_best=cfg.experts.keep_best,
+        LoopPlan(steps=cfg.expert_steps, out_dir=out, label=f"expert {k + 1}/{cfg.model.num_experts}",
+                 fingerprint=run.fingerprint("train-experts"), stop_after=stop_after,
+                 keep_best=cfg.experts.keep_best),
     )
     if cfg.experts.keep_best:
         _log_against_anchor(k, cfg.model.num_experts, result)

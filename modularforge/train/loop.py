@@ -86,109 +86,150 @@ class Interrupted(Exception):
     """Raised by `stop_after`: the loop stopped early after saving a checkpoint, as a crash would."""
 
 
-def train_loop(
-    params: dict[str, nn.Parameter],
-    loss_fn: LossFn,
-    sample_batch: Callable[[int], torch.Tensor],
-    val_batches: Sequence[torch.Tensor],
-    cfg: TrainConfig,
-    steps: int,
-    out_dir: Path,
-    label: str,
-    fingerprint: str,
-    no_decay: Callable[[str], bool] = lambda name: False,
-    stop_after: int | None = None,
-    keep_best: bool = False,
-) -> LoopResult:
-    """Train `params` for `steps` optimizer steps; resume from `out_dir/ckpt.safetensors` if it matches.
+@dataclass(kw_only=True, slots=True)
+class Objective:
+    """What a loop trains: the parameters, their loss, and the data it is computed on."""
 
-    sample_batch(step) returns that step's (batch_size, T + 1) windows; the loop splits it into micro-batches.
-    With `keep_best`, `val_batches` are also scored before the first step, every validation that improves on
-    the best so far saves the parameters to `out_dir/best.safetensors`, and at the end `params` hold the best
-    of those (the starting point included).
+    params: dict[str, nn.Parameter]
+    loss_fn: LossFn
+    sample_batch: Callable[[int], torch.Tensor]  # step -> that step's (batch_size, T + 1) windows
+    val_batches: Sequence[torch.Tensor]
+    no_decay: Callable[[str], bool] = lambda name: False  # parameters (by name) without weight decay
+
+
+@dataclass(kw_only=True, slots=True)
+class LoopPlan:
+    """How long a loop trains, where its files go and what identifies them."""
+
+    steps: int
+    out_dir: Path
+    label: str  # the name in log lines and on the progress bar
+    fingerprint: str  # a checkpoint written under another one is not resumed
+    stop_after: int | None = None  # save a checkpoint and raise Interrupted after this step (tests)
+    keep_best: bool = False
+
+
+def train_loop(job: Objective, cfg: TrainConfig, plan: LoopPlan) -> LoopResult:
+    """Train `job.params` for `plan.steps` optimizer steps; resume from `out_dir/ckpt.safetensors` if it matches.
+
+    The loop splits each step's batch into micro-batches of `cfg.micro_batch`. With `keep_best`, `val_batches`
+    are also scored before the first step, every validation that improves on the best so far saves the
+    parameters to `out_dir/best.safetensors`, and at the end `params` hold the best of those (the starting
+    point included).
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, metrics_path = out_dir / "ckpt.safetensors", out_dir / "metrics.jsonl"
-    best_path = out_dir / "best.safetensors"
-    decay = [p for n, p in params.items() if p.dim() >= 2 and not no_decay(n)]
-    rest = [p for n, p in params.items() if not (p.dim() >= 2 and not no_decay(n))]
-    optimizer = FusedAdamW([(decay, cfg.weight_decay), (rest, 0.0)], betas=(cfg.beta1, cfg.beta2))
-    start = _resume(ckpt_path, params, optimizer, fingerprint, steps)
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, metrics_path = plan.out_dir / "ckpt.safetensors", plan.out_dir / "metrics.jsonl"
+    optimizer = _optimizer(job, cfg)
+    start = _resume(ckpt_path, job.params, optimizer, plan.fingerprint, plan.steps)
     _trim_metrics(metrics_path, start)
     dtype = autocast_dtype(cfg.precision)
-    best = _Best(best_path, fingerprint) if keep_best else None
-    if best is not None:
-        if start == 0:
-            initial = evaluate_loss(loss_fn, val_batches, dtype)
-            best.offer(0, initial, params)
-            best.initial = initial
-            _append_metrics(metrics_path, {"step": 0, "val_loss": round(initial, 5)})
-            log.info("%s | step 0/%d | val %.3f (the starting point)", label, steps, initial)
-        else:
-            best.restore(ckpt_path)
-    micro = cfg.micro_batch
-    accum = cfg.batch_size // micro
-    trainable = list(params.values())
-    process = psutil.Process()
-
-    val_loss = None
-    interval_tokens, interval_start, last_loss = 0, time.perf_counter(), float("nan")
+    best = _start_best(job, plan, start, dtype) if plan.keep_best else None
+    interval = _Interval()
+    val_loss, last_loss = None, float("nan")
     loop_start = time.perf_counter()
-    bar = tqdm(total=steps, initial=start, desc=label, unit="step", disable=None, leave=False)
+    bar = tqdm(total=plan.steps, initial=start, desc=plan.label, unit="step", disable=None, leave=False)
     with logging_redirect_tqdm():
-        for step in range(start, steps):
-            lr = lr_at(step, steps, cfg)
-            batch = sample_batch(step)
-            loss_sum = 0.0
-            for m in range(accum):
-                with autocast(dtype):
-                    loss = loss_fn(batch[m * micro : (m + 1) * micro])
-                (loss / accum).backward()
-                loss_sum += loss.item()
-            last_loss = loss_sum / accum
+        for step in range(start, plan.steps):
+            lr = lr_at(step, plan.steps, cfg)
+            batch = job.sample_batch(step)
+            last_loss = train_step(job, optimizer, cfg, batch, lr, dtype)
             if not math.isfinite(last_loss):
-                raise TrainingError(f"{label}: non-finite loss ({last_loss}) at step {step + 1}; lower the learning rate")
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            optimizer.step(lr)
-            optimizer.zero_grad()
+                raise TrainingError(f"{plan.label}: non-finite loss ({last_loss}) at step {step + 1}; "
+                                    "lower the learning rate")
             done = step + 1
-            tokens = batch.shape[0] * (batch.shape[1] - 1)
-            interval_tokens += tokens
+            interval.tokens += batch.shape[0] * (batch.shape[1] - 1)
             bar.update(1)
-            record = None
-            if done % cfg.eval_interval == 0 or done == steps:
-                val_loss = evaluate_loss(loss_fn, val_batches, dtype)
-                record = {"val_loss": round(val_loss, 5)}
+            validated = None  # this step's validation loss, if it has one
+            if done % cfg.eval_interval == 0 or done == plan.steps:
+                val_loss = validated = evaluate_loss(job.loss_fn, job.val_batches, dtype)
                 if best is not None:
-                    best.offer(done, val_loss, params)
-            if done % cfg.log_interval == 0 or done == steps or record:
-                now = time.perf_counter()
-                rate = interval_tokens / max(now - interval_start, 1e-9)
-                rss = process.memory_info().rss / 2**30
-                log.info(
-                    "%s | step %d/%d | loss %.3f | lr %.1e | %.1fk tok/s | rss %.2f GiB%s",
-                    label, done, steps, last_loss, lr, rate / 1e3, rss,
-                    f" | val {val_loss:.3f}" if record else "",
-                )
-                _append_metrics(metrics_path, {
-                    "step": done, "loss": round(last_loss, 5), "lr": lr, "tokens_per_s": round(rate, 1),
-                    "rss_gib": round(rss, 3), **(record or {}),
-                })
-                interval_tokens, interval_start = 0, now
-            if done % cfg.checkpoint_interval == 0 or done == steps or done == stop_after:
-                _save_checkpoint(ckpt_path, params, optimizer, done, fingerprint, best)
-            if done == stop_after and done < steps:
+                    best.offer(done, val_loss, job.params)
+            if done % cfg.log_interval == 0 or done == plan.steps or validated is not None:
+                log_interval(metrics_path, plan, interval, done, last_loss, lr, validated)
+            if done % cfg.checkpoint_interval == 0 or done == plan.steps or done == plan.stop_after:
+                _save_checkpoint(ckpt_path, job.params, optimizer, done, plan.fingerprint, best)
+            if done == plan.stop_after and done < plan.steps:
                 bar.close()
-                raise Interrupted(f"{label}: stopped after step {done}")
+                raise Interrupted(f"{plan.label}: stopped after step {done}")
     bar.close()
-    result = LoopResult(steps, last_loss, val_loss, time.perf_counter() - loop_start)
+    result = LoopResult(plan.steps, last_loss, val_loss, time.perf_counter() - loop_start)
     if best is not None:
-        if best.step != steps:
-            best.load_into(params)
-            log.info("%s: keeping step %d (val %.3f), the best validation of the run", label, best.step, best.loss)
+        if best.step != plan.steps:
+            best.load_into(job.params)
+            log.info("%s: keeping step %d (val %.3f), the best validation of the run", plan.label, best.step,
+                     best.loss)
         result.initial_val_loss, result.best_step, result.best_val_loss = best.initial, best.step, best.loss
     return result
+
+
+def _optimizer(job: Objective, cfg: TrainConfig) -> FusedAdamW:
+    """AdamW with weight decay on the matrices (`no_decay` exempts some), none on vectors."""
+    decays = {n: p.dim() >= 2 and not job.no_decay(n) for n, p in job.params.items()}
+    decay = [p for n, p in job.params.items() if decays[n]]
+    rest = [p for n, p in job.params.items() if not decays[n]]
+    return FusedAdamW([(decay, cfg.weight_decay), (rest, 0.0)], betas=(cfg.beta1, cfg.beta2))
+
+
+def train_step(job: Objective, optimizer: FusedAdamW, cfg: TrainConfig, batch: torch.Tensor, lr: float,
+               dtype: torch.dtype | None) -> float:
+    """One optimizer step on `batch` (batch_size, T + 1), accumulated over micro-batches; the mean loss."""
+    micro = cfg.micro_batch
+    accum = cfg.batch_size // micro
+    loss_sum = 0.0
+    for m in range(accum):
+        with autocast(dtype):
+            loss = job.loss_fn(batch[m * micro : (m + 1) * micro])
+        (loss / accum).backward()
+        loss_sum += loss.item()
+    mean = loss_sum / accum
+    if not math.isfinite(mean):  # the caller raises; clipping or stepping on it would only spread the NaN
+        return mean
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(list(job.params.values()), cfg.grad_clip)
+    optimizer.step(lr)
+    optimizer.zero_grad()
+    return mean
+
+
+class _Interval:
+    """Tokens trained and wall time since the last log line."""
+
+    def __init__(self):
+        self.tokens, self.start = 0, time.perf_counter()
+        self.process = psutil.Process()
+
+
+def log_interval(metrics_path: Path, plan: LoopPlan, interval: _Interval, done: int, loss: float, lr: float,
+                 val_loss: float | None) -> None:
+    """One log line and one metrics.jsonl record for the steps since the last (`val_loss`: this step's validation)."""
+    record = {} if val_loss is None else {"val_loss": round(val_loss, 5)}
+    now = time.perf_counter()
+    rate = interval.tokens / max(now - interval.start, 1e-9)
+    rss = interval.process.memory_info().rss / 2**30
+    log.info(
+        "%s | step %d/%d | loss %.3f | lr %.1e | %.1fk tok/s | rss %.2f GiB%s",
+        plan.label, done, plan.steps, loss, lr, rate / 1e3, rss,
+        f" | val {val_loss:.3f}" if val_loss is not None else "",
+    )
+    _append_metrics(metrics_path, {
+        "step": done, "loss": round(loss, 5), "lr": lr, "tokens_per_s": round(rate, 1),
+        "rss_gib": round(rss, 3), **record,
+    })
+    interval.tokens, interval.start = 0, now
+
+
+def _start_best(job: Objective, plan: LoopPlan, start: int, dtype: torch.dtype | None) -> _Best:
+    """keep_best: the best so far, scored at step 0 on a fresh run and read from the checkpoint on a resumed one."""
+    best = _Best(plan.out_dir / "best.safetensors", plan.fingerprint)
+    if start == 0:
+        initial = evaluate_loss(job.loss_fn, job.val_batches, dtype)
+        best.offer(0, initial, job.params)
+        best.initial = initial
+        _append_metrics(plan.out_dir / "metrics.jsonl", {"step": 0, "val_loss": round(initial, 5)})
+        log.info("%s | step 0/%d | val %.3f (the starting point)", plan.label, plan.steps, initial)
+    else:
+        best.restore(plan.out_dir / "ckpt.safetensors")
+    return best
 
 
 class _Best:

@@ -16,7 +16,7 @@ from modularforge.files import save_tensors
 from modularforge.model.transformer import CausalLM, count_parameters
 from modularforge.model.weights import split_shared
 from modularforge.runs import Run
-from modularforge.train.loop import LossFn, model_loss, train_loop
+from modularforge.train.loop import LoopPlan, LossFn, Objective, model_loss, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +101,10 @@ def train_shared(run: Run, stop_after: int | None = None) -> None:
             return train_windows.sample_labelled(rng, cfg.train.batch_size, seq_len, data.partition)
 
         result = train_loop(
-            params,
-            loss,
-            sample_batch,
-            val_batches,
+            Objective(params=params, loss_fn=loss, sample_batch=sample_batch, val_batches=val_batches),
             cfg.train,
-            cfg.shared_steps,
-            run.shared_dir,
-            "shared",
-            fingerprint=run.fingerprint("train-shared"),
-            stop_after=stop_after,
+            LoopPlan(steps=cfg.shared_steps, out_dir=run.shared_dir, label="shared",
+                     fingerprint=run.fingerprint("train-shared"), stop_after=stop_after),
         )
         state = model.state_dict()
         if cfg.model.tie_embeddings:
