@@ -1,5 +1,6 @@
 """Command line: one subcommand per pipeline stage, plus `run` (all stages, skipping finished ones),
-`generate`, `export` and `config`. Only this module turns exceptions into a message and an exit code.
+`generate`, `export` and `config`, all from one table (`COMMANDS`: subcommand -> function, help, flags). Only
+this module turns exceptions into a message and an exit code.
 
 `run` starts every stage as a child process: memory is returned between stages, and each stage's
 peak RSS in the manifest is that stage's own.
@@ -8,11 +9,14 @@ peak RSS in the manifest is that stage's own.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from modularforge.config import Config, describe_keys, load_config, preset_names, preset_path
@@ -98,12 +102,15 @@ def cmd_prepare(args) -> None:
     prepare(resolve(args))
 
 
-def cmd_train_shared(args) -> None:
-    from modularforge.train.shared import train_shared
+def _stage_command(module: str, function: str) -> Callable[[argparse.Namespace], None]:
+    """A command that runs one stage function `function(run)` of `module` (imported when it runs)."""
 
-    run = resolve(args)
-    _apply_runtime(run)
-    train_shared(run)
+    def command(args: argparse.Namespace) -> None:
+        run = resolve(args)
+        _apply_runtime(run)
+        getattr(importlib.import_module(module), function)(run)
+
+    return command
 
 
 def cmd_train_experts(args) -> None:
@@ -116,22 +123,6 @@ def cmd_train_experts(args) -> None:
     run = resolve(args)
     _apply_runtime(run)
     train_experts(run)
-
-
-def cmd_assemble(args) -> None:
-    from modularforge.assemble import assemble
-
-    run = resolve(args)
-    _apply_runtime(run)
-    assemble(run)
-
-
-def cmd_calibrate(args) -> None:
-    from modularforge.calibrate import calibrate
-
-    run = resolve(args)
-    _apply_runtime(run)
-    calibrate(run)
 
 
 def cmd_evaluate(args) -> None:
@@ -254,38 +245,25 @@ def cmd_config(args) -> None:
     print(resolve(args).cfg.to_yaml(), end="")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="modularforge",
-        description="Train a Mixture-of-Experts language model one expert at a time, under a memory bound, "
-        "and assemble it into a standard Mixtral checkpoint without retraining.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add(name: str, func, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
-        _add_config_args(p)
-        p.set_defaults(func=func)
-        return p
-
-    p = add("prepare", cmd_prepare, "load text, train the BPE tokenizer, write token shards and partitions")
+def _dataset_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="Hugging Face dataset name or alias, e.g. wikitext-103 (data.dataset)")
-    add("train-shared", cmd_train_shared, "train embeddings, attention, norms, LM head and the anchor FFN")
-    p = add("train-experts", cmd_train_experts, "train one expert FFN per partition beside the frozen shared part")
+
+
+def _train_experts_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", choices=["local", "ray"], help="where experts train (experts.executor)")
     p.add_argument("--ray-address", help="Ray cluster address (experts.ray_address)")
-    add("assemble", cmd_assemble, "stream shared part and experts into a Mixtral folder; routers without training")
-    add("calibrate", cmd_calibrate, "router temperature and norm gains of the assembled model, without training")
-    p = add("evaluate", cmd_evaluate, "write reports/ for the run, or score a text file with --data")
+
+
+def _evaluate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, help="evaluate on this UTF-8 text file instead")
     p.add_argument("--model", type=Path, help="assembled model folder (default: the run's model/)")
     p.add_argument("--window", type=int, help="window length in tokens (default: the model's context)")
     p.add_argument("--stride", type=int, help="window stride (default: evaluate.stride or the window)")
     p.add_argument("--routing", choices=["token", "sequence"], default="token", help="routing mode for --data")
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32", help="compute precision")
-    p = add("generate", cmd_generate, "generate text, streamed to stdout")
+
+
+def _generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--model", type=Path, help="assembled model folder (default: the run's model/)")
     p.add_argument("--temperature", type=float)
@@ -299,15 +277,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revise-every", type=int, help="sequence routing: re-choose the expert every N new tokens (0 = never)")
     p.add_argument("--expert-cache", type=int, help="keep at most N expert FFNs in memory (LRU)")
     p.add_argument("--dtype", choices=["float32", "float16"], help="weight precision for generation")
-    p = add("run", cmd_run, "run every stage in order, skipping the ones already finished")
-    p.add_argument("--dataset", help="Hugging Face dataset name or alias, e.g. wikitext-103 (data.dataset)")
-    p = add("export", cmd_export, "export the assembled model (gguf for llama.cpp)")
+
+
+def _export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["gguf"], default="gguf")
     p.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16")
     p.add_argument("--out", type=Path, help="output file (default: <run>/model.<dtype>.gguf)")
     p.add_argument("--model", type=Path, help="assembled model folder (default: the run's model/)")
-    p = add("config", cmd_config, "print the resolved config, or every key with --keys")
+
+
+def _config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keys", action="store_true", help="list every config key with its default and meaning")
+
+
+@dataclass(frozen=True)
+class Command:
+    func: Callable[[argparse.Namespace], None]
+    help: str
+    flags: Callable[[argparse.ArgumentParser], None] | None = None  # its own flags, beside the configuration's
+
+
+# subcommand -> command, in the order `-h` lists them (the pipeline's, then the tools)
+COMMANDS: dict[str, Command] = {
+    "prepare": Command(cmd_prepare, "load text, train the BPE tokenizer, write token shards and partitions",
+                       _dataset_flag),
+    "train-shared": Command(_stage_command("modularforge.train.shared", "train_shared"),
+                            "train embeddings, attention, norms, LM head and the anchor FFN"),
+    "train-experts": Command(cmd_train_experts, "train one expert FFN per partition beside the frozen shared part",
+                             _train_experts_flags),
+    "assemble": Command(_stage_command("modularforge.assemble", "assemble"),
+                        "stream shared part and experts into a Mixtral folder; routers without training"),
+    "calibrate": Command(_stage_command("modularforge.calibrate", "calibrate"),
+                         "router temperature and norm gains of the assembled model, without training"),
+    "evaluate": Command(cmd_evaluate, "write reports/ for the run, or score a text file with --data", _evaluate_flags),
+    "generate": Command(cmd_generate, "generate text, streamed to stdout", _generate_flags),
+    "run": Command(cmd_run, "run every stage in order, skipping the ones already finished", _dataset_flag),
+    "export": Command(cmd_export, "export the assembled model (gguf for llama.cpp)", _export_flags),
+    "config": Command(cmd_config, "print the resolved config, or every key with --keys", _config_flags),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modularforge",
+        description="Train a Mixture-of-Experts language model one expert at a time, under a memory bound, "
+        "and assemble it into a standard Mixtral checkpoint without retraining.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        _add_config_args(p)
+        if command.flags is not None:
+            command.flags(p)
+        p.set_defaults(func=command.func)
     return parser
 
 
