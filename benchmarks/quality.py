@@ -308,8 +308,7 @@ class MoEUnderTest:
         self.run = run
         tensors = load_tensors(run.shared_dir / "shared.safetensors")
         for k in range(cfg.model.num_experts):
-            tensors |= {n: t for n, t in load_tensors(run.expert_files(k)["expert"]).items()
-                        if not n.startswith("router_row.")}
+            tensors |= load_tensors(run.expert_files(k)["expert"])
         for i in range(cfg.model.num_layers):
             tensors[gate_key(i)] = torch.zeros(cfg.model.num_experts, cfg.model.hidden_size)
         self.model = build_model(cfg.model, run.vocab_size(), moe=True, tensors=tensors).eval()

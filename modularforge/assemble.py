@@ -108,7 +108,7 @@ def validate_inputs(run: Run) -> Inputs:
             expert_key(i, k, w): shapes[f"model.layers.{i}.mlp.{w}.weight"]
             for i in range(cfg.model.num_layers) for w in FFN_WEIGHTS
         }
-        table = _checked_table(files["expert"], expected, done["sha256"]["expert"], allow_extra="router_row.")
+        table = _checked_table(files["expert"], expected, done["sha256"]["expert"])
         stats_table = stats_shapes(cfg.model.num_layers, cfg.model.hidden_size)
         _checked_table(files["stats"], stats_table, done["sha256"]["stats"])
         inputs.experts.append(files["expert"])
@@ -117,9 +117,7 @@ def validate_inputs(run: Run) -> Inputs:
     return inputs
 
 
-def _checked_table(
-    path: Path, expected: dict[str, tuple[int, ...]], sha256: str | None, allow_extra: str | None = None
-) -> dict[str, TensorInfo]:
+def _checked_table(path: Path, expected: dict[str, tuple[int, ...]], sha256: str | None) -> dict[str, TensorInfo]:
     if not path.is_file():
         raise AssemblyError(f"missing input: {path}")
     try:
@@ -127,7 +125,7 @@ def _checked_table(
     except DataError as e:
         raise AssemblyError(str(e)) from None
     missing = sorted(set(expected) - set(table))
-    extra = sorted(n for n in set(table) - set(expected) if not (allow_extra and n.startswith(allow_extra)))
+    extra = sorted(set(table) - set(expected))
     if missing or extra:
         raise AssemblyError(f"{path} does not match the config: missing {missing[:3]}, unexpected {extra[:3]}")
     for name, shape in expected.items():
@@ -162,9 +160,8 @@ def write_weights(
         weight_map |= {t.name: name for t in group}
     for k, (path, table) in enumerate(zip(inputs.experts, inputs.expert_tables)):
         name = names[len(groups) + k]
-        infos = [t for t in table.values() if not t.name.startswith("router_row.")]
-        total_bytes += write_streaming(out / name, [from_file(path, t, on_read) for t in infos], meta)
-        weight_map |= {t.name: name for t in infos}
+        total_bytes += write_streaming(out / name, [from_file(path, t, on_read) for t in table.values()], meta)
+        weight_map |= {t.name: name for t in table.values()}
     last = names[-1]
     norm_tensors = load_tensors(inputs.shared, norms) if norms else {}
     sources = [from_tensor(n, t) for n, t in (routers | norm_tensors).items()]

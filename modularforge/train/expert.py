@@ -221,14 +221,13 @@ def expert_ffn(layer: nn.Module) -> SwiGLU:
 
 
 def expert_tensors(model: CausalLM, k: int) -> dict[str, torch.Tensor]:
-    """The trained FFN under its final Mixtral names; in with_anchor mode also its router row."""
+    """The trained FFN under its final Mixtral names. In with_anchor mode the pair's router row is not kept:
+    assembly computes every router from the statistics."""
     out = {}
     for i, layer in enumerate(model.model.layers):
         ffn = expert_ffn(layer)
         for w in FFN_WEIGHTS:
             out[expert_key(i, k, w)] = getattr(ffn, w).weight.detach()
-        if isinstance(layer.mlp, SparseMoE):
-            out[f"router_row.layers.{i}"] = layer.mlp.gate.weight.detach()[1].clone()
     return out
 
 
