@@ -57,16 +57,17 @@ from modularforge.assemble import assemble  # noqa: E402
 from modularforge.calibrate import calibrate  # noqa: E402
 from modularforge.config import Config, apply_override, config_from_dict  # noqa: E402
 from modularforge.data.tokenizer import load_tokenizer, token_byte_lengths  # noqa: E402
+from modularforge.device import autocast_dtype  # noqa: E402
 from modularforge.evaluate import evaluate  # noqa: E402
-from modularforge.files import read_json, read_metadata, sha256_file, write_json  # noqa: E402
+from modularforge.files import read_json, read_metadata, read_metrics, sha256_file, write_json  # noqa: E402
 from modularforge.model.hf import load_assembled  # noqa: E402
 from modularforge.model.transformer import CausalLM, count_parameters  # noqa: E402
 from modularforge.model.weights import load_dense  # noqa: E402
 from modularforge.prepare import prepare  # noqa: E402
 from modularforge.runs import Run  # noqa: E402
 from modularforge.train.experts import train_experts  # noqa: E402
-from modularforge.train.loop import Interrupted, autocast_dtype, read_metrics, stable_steps  # noqa: E402
-from modularforge.train.shared import train_shared, vocab_size  # noqa: E402
+from modularforge.train.loop import Interrupted, stable_steps  # noqa: E402
+from modularforge.train.shared import train_shared  # noqa: E402
 
 log = logging.getLogger("parallel")
 
@@ -329,7 +330,7 @@ def main() -> None:
     timings.ensure(base, "prepare", prepare, "prepare")
     for run in [*plan.dense.values(), *plan.shared.values()]:
         Q._link_prepared(ws, run, base)
-    vocab = vocab_size(base)
+    vocab = base.vocab_size()
     dense_model = CausalLM(base_cfg.model, vocab, moe=False)
     params = count_parameters(dense_model)
     embedding = dense_model.model.embed_tokens.weight.numel() + (

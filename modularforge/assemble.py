@@ -25,9 +25,8 @@ import torch
 from modularforge.errors import AssemblyError, DataError
 from modularforge.files import atomic_dir, load_tensors, read_json, sha256_file, write_json
 from modularforge.model.hf import mixtral_config
-from modularforge.model.weights import FFN_WEIGHTS, dense_shapes, expert_key, gate_key
+from modularforge.model.weights import FFN_WEIGHTS, dense_shapes, expert_key
 from modularforge.routers import compute_routers, stats_shapes
-from modularforge.routers import layer_stats  # noqa: F401  old import path, kept while benchmarks run
 from modularforge.runs import Run
 from modularforge.safetensors_stream import TensorInfo, from_file, from_tensor, read_header, write_streaming
 

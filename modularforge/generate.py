@@ -8,17 +8,6 @@ from __future__ import annotations
 
 import sys
 
-# old import paths, kept while benchmarks run
-from modularforge.sampling import (  # noqa: F401
-    Sampling,
-    choose_expert,
-    filter_logits,
-    generate_ids,
-    generate_text,
-    sample_token,
-    sequence_choices,
-)
-
 
 def stream_to_stdout(piece: str) -> None:
     sys.stdout.write(piece)

@@ -8,12 +8,6 @@ import gc
 
 from modularforge.runs import Run
 from modularforge.train.expert import train_expert
-# old import paths, kept while benchmarks run
-from modularforge.train.expert import expert_model, finished_expert, frozen_linears_to_bf16  # noqa: F401
-
-
-def expert_files(run: Run, k: int) -> dict:  # old import path, kept while benchmarks run: use run.expert_files(k)
-    return run.expert_files(k)
 
 
 def train_experts(run: Run, stop_at: tuple[int, int] | None = None) -> None:

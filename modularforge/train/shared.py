@@ -23,10 +23,6 @@ log = logging.getLogger(__name__)
 SHARED_STREAM = 1_000_000  # batch stream id of the shared phase; experts use their index
 
 
-def vocab_size(run: Run) -> int:  # old import path, kept while benchmarks run: use run.vocab_size()
-    return run.vocab_size()
-
-
 class DomainProbe(nn.Module):
     """Per layer, a linear classifier of each token's partition from the state that layer's router reads (the
     post-attention norm's output), trained beside the shared phase when `train.domain_probe_weight` > 0 and
