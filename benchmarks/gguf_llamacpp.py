@@ -32,7 +32,7 @@ import torch
 
 from modularforge.data.tokenizer import eos_id, load_tokenizer
 from modularforge.export import export
-from modularforge.model.hf import load_assembled
+from modularforge.inference import AssembledFolder, open_model
 from modularforge.sampling import Sampling, generate_ids
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,8 @@ def main() -> int:
         return 2
     import llama_cpp
 
-    model, config = load_assembled(model_dir)
+    folder = AssembledFolder(model_dir)
+    model, config = open_model(folder), folder.config
     model.eval()
     tokenizer = load_tokenizer(model_dir)
     budget = config["max_position_embeddings"] - NEW_TOKENS

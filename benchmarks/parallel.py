@@ -60,7 +60,7 @@ from modularforge.data.tokenizer import load_tokenizer, token_byte_lengths  # no
 from modularforge.device import autocast_dtype  # noqa: E402
 from modularforge.evaluate import evaluate  # noqa: E402
 from modularforge.files import read_json, read_metadata, read_metrics, sha256_file, write_json  # noqa: E402
-from modularforge.model.hf import load_assembled  # noqa: E402
+from modularforge.inference import open_model  # noqa: E402
 from modularforge.model.transformer import CausalLM, count_parameters  # noqa: E402
 from modularforge.model.weights import load_dense  # noqa: E402
 from modularforge.prepare import prepare  # noqa: E402
@@ -372,7 +372,7 @@ def main() -> None:
                 for stage, fn in (("train-experts", train_experts), ("assemble", assemble),
                                   ("calibrate", calibrate), ("evaluate", evaluate)):
                     timings.ensure(run, stage, fn, f"{stage} {run.dir.name}")
-                model, _ = load_assembled(run.model_dir)
+                model = open_model(run.model_dir)
                 calibration = read_json(run.model_dir / "modularforge.json")["calibration"]
                 cell[kind] = {"ppl": rows.moe(model, f"T={t} f={f} {kind}", group=kind, budget=t, fraction=f),
                               "expert_tokens": run.cfg.expert_steps * run.cfg.tokens_per_step(run.cfg.expert_train),

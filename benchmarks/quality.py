@@ -56,7 +56,7 @@ from modularforge.data.tokenizer import eos_id, load_tokenizer, token_byte_lengt
 from modularforge.device import autocast
 from modularforge.evaluate import window_nll
 from modularforge.files import load_tensors, read_json, read_metadata, write_json
-from modularforge.model.hf import load_assembled
+from modularforge.inference import open_model
 from modularforge.model.transformer import CausalLM
 from modularforge.model.weights import (
     FFN_WEIGHTS,
@@ -533,7 +533,7 @@ def main() -> None:
 
     # The best recipe through the real assembly: the exported folder must score the same.
     exported = _assemble_best(ws, main_split, best_variant, variants[best_variant], recipe, lam, base)
-    model, _ = load_assembled(exported.model_dir)
+    model = open_model(exported.model_dir)
     record("exported folder (modularforge assemble, best recipe)", "exported",
            scorer.plain(model.eval(), dev, route_stats=True), scorer.plain(model, extra) if extra else None)
 

@@ -23,7 +23,7 @@ import torch
 from modularforge.data.batches import PreparedData, spread_batches
 from modularforge.device import autocast, autocast_dtype
 from modularforge.files import atomic_path, load_tensors, read_json, write_json
-from modularforge.inference import open_model
+from modularforge.inference import AssembledFolder, open_model
 from modularforge.model.transformer import CausalLM
 from modularforge.model.weights import gate_key
 from modularforge.routers import compute_routers, layer_stats
@@ -57,7 +57,8 @@ def mean_loss(model: CausalLM, batches: list[torch.Tensor], dtype: torch.dtype |
 def calibrate(run: Run) -> dict:
     cfg = run.cfg
     with run.stage("calibrate") as facts:
-        model = open_model(run.model_dir, expert_cache=cfg.calibrate.expert_cache)
+        folder = AssembledFolder(run.model_dir)
+        model = open_model(folder, expert_cache=cfg.calibrate.expert_cache)
         stats_paths = [run.expert_files(k)["stats"] for k in range(cfg.model.num_experts)]
         reset_uncalibrated(model, run, stats_paths)
         result = {"temperature": None, "norm": cfg.calibrate.norm}
@@ -79,7 +80,7 @@ def calibrate(run: Run) -> dict:
             result["calib_loss_after"] = mean_loss(model, batches, dtype)
             log.info("calibration: loss %.4f -> %.4f (temperature %s, norm %s)", result["calib_loss_before"],
                      result["calib_loss_after"], result["temperature"], cfg.calibrate.norm)
-        write_calibration_shard(run.model_dir, model)
+        write_calibration_shard(folder, model)
         info = read_json(run.model_dir / "modularforge.json")
         write_json(run.model_dir / "modularforge.json", {**info, "calibration": result})
         facts["calibration"] = result
@@ -166,10 +167,9 @@ def recalibrate_norms(
         norm.weight.mul_(torch.sqrt(targets[i] / observed.clamp_min(1e-12)))
 
 
-def write_calibration_shard(model_dir: Path, model: CausalLM) -> None:
-    index = read_json(model_dir / "model.safetensors.index.json")
-    shard = index["weight_map"][gate_key(0)]
+def write_calibration_shard(folder: AssembledFolder, model: CausalLM) -> None:
+    shard = folder.files[gate_key(0)]
     state = {n: p for n, p in model.named_parameters()}
-    names = [n for n, f in index["weight_map"].items() if f == shard]
-    with atomic_path(model_dir / shard) as tmp:
+    names = [n for n, f in folder.files.items() if f == shard]
+    with atomic_path(folder.dir / shard) as tmp:
         write_streaming(tmp, [from_tensor(n, state[n]) for n in names], {"calibrated": "true"})

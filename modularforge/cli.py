@@ -126,7 +126,8 @@ def cmd_train_experts(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    _flags_to_overrides(args, {"window": "evaluate.window", "stride": "evaluate.stride"})
+    _flags_to_overrides(args, {"window": "evaluate.window", "stride": "evaluate.stride",
+                               "expert_cache": "evaluate.expert_cache"})
     run = resolve(args)
     _apply_runtime(run)
     if args.data:
@@ -134,7 +135,8 @@ def cmd_evaluate(args) -> None:
 
         e = run.cfg.evaluate
         result = evaluate_file(args.model or run.model_dir, args.data, e.window, e.stride, args.routing, e.prefix_len,
-                               args.precision, e.sequence_revise_every, text_field=run.cfg.data.text_field)
+                               args.precision, e.sequence_revise_every, text_field=run.cfg.data.text_field,
+                               expert_cache=e.expert_cache)
         print(json.dumps(result, indent=2))
         return
     from modularforge.evaluate import evaluate
@@ -261,6 +263,7 @@ def _evaluate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, help="window stride (default: evaluate.stride or the window)")
     p.add_argument("--routing", choices=["token", "sequence"], default="token", help="routing mode for --data")
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32", help="compute precision")
+    p.add_argument("--expert-cache", type=int, help="keep at most N expert FFNs in memory (LRU) (evaluate.expert_cache)")
 
 
 def _generate_flags(p: argparse.ArgumentParser) -> None:

@@ -323,6 +323,9 @@ class EvaluateConfig(Section):
         "auto", description="Compute precision of the report's scoring passes (auto: bf16 on CPUs with native bf16)."
     )
     micro_batch_size: int = Field(8, ge=1, le=1 << 16, description="Report windows per forward pass.")
+    expert_cache: int | None = Field(
+        None, ge=1, le=1 << 20, description="Evaluate with at most this many expert FFNs in memory (LRU; None = all)."
+    )
     window: int | None = Field(
         None, ge=2, le=1 << 20, description="Window length in tokens for `evaluate --data`; None = the model's context."
     )

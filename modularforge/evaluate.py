@@ -40,7 +40,7 @@ from modularforge.data.tokenizer import eos_id, load_tokenizer, token_byte_lengt
 from modularforge.device import autocast, autocast_dtype
 from modularforge.errors import DataError
 from modularforge.files import read_json
-from modularforge.model.hf import load_assembled
+from modularforge.inference import open_model
 from modularforge.model.transformer import CausalLM
 from modularforge.model.weights import load_dense
 from modularforge.report import write_report
@@ -145,7 +145,7 @@ def evaluate(run: Run) -> dict:
     with run.stage("evaluate") as facts:
         tokenizer = load_tokenizer(run.tokenizer_dir)
         token_bytes = token_byte_lengths(tokenizer)
-        moe, _ = load_assembled(run.model_dir)
+        moe = open_model(run.model_dir, expert_cache=cfg.evaluate.expert_cache)
         anchor = load_dense(cfg.model, run.vocab_size(), run.shared_dir)
         moe.eval(), anchor.eval()
         data = PreparedData(run.data_dir)
@@ -252,7 +252,7 @@ TEXT_BATCH_CHARS = 1 << 20  # characters of text tokenized per call
 
 def evaluate_file(model_dir: Path, path: Path, window: int | None, stride: int | None, routing: str,
                   prefix_len: int, precision: str = "fp32", revise_every: int | None = None,
-                  text_field: str = "text") -> dict:
+                  text_field: str = "text", expert_cache: int | None = None) -> dict:
     """Perplexity of the model in `model_dir` on a file, in windows of `window` tokens (default: the model's
     context) every `stride` tokens (default: window). The first window scores every position it can predict; a
     later one only the tokens no earlier window predicted (its last `stride`, or `stride - 1` when stride ==
@@ -261,13 +261,14 @@ def evaluate_file(model_dir: Path, path: Path, window: int | None, stride: int |
 
     .jsonl(.gz) / .parquet files are read as `prepare` reads them (the `text_field` of each record, stripped,
     documents separated by EOS); other files as UTF-8 text (.gz: compressed). The file is tokenized and scored
-    as a stream, so memory holds a few MB of text, one batch of windows and the model, whatever its size."""
+    as a stream, so memory holds a few MB of text, one batch of windows and the model, whatever its size
+    (with `expert_cache`, at most that many expert FFNs of it)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} is a folder; give a text file" if path.is_dir() else f"evaluation file not found: {path}")
-    model, config = load_assembled(model_dir)
+    model = open_model(model_dir, expert_cache=expert_cache)
     model.eval()
-    context = config["max_position_embeddings"]
+    context = model.cfg.max_seq_len
     window = window or context
     stride = stride or window
     check_windowing(window, stride, context, routing, prefix_len)

@@ -13,7 +13,8 @@ which also converts Mixtral) and the key and tensor names of its `gguf` Python p
 - the tokenizer is a `gpt2` (byte-level BPE) vocabulary with its merges, token types, BOS/EOS/PAD
   and no automatic BOS, under the pre-tokenizer name llama.cpp maps to GPT-2's regex.
 
-Memory stays bounded: headers are read first to plan every tensor, the GGUF header is written, and
+The folder is read through `inference.AssembledFolder`, which checks it first. Memory stays bounded:
+headers are read first to plan every tensor, the GGUF header is written, and
 then tensor data is streamed in file order, one tensor (one layer's experts for a stacked tensor)
 at a time.
 """
@@ -27,14 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from modularforge.errors import ConfigError, DataError, ModularForgeError
 from modularforge.data.tokenizer import PRE_TOKENIZER_NAME
-from modularforge.files import atomic_path, read_json
-from modularforge.model.hf import model_config_from_hf, weight_map
-from modularforge.model.weights import dense_shapes, expert_key, ffn_to_expert, gate_key, is_ffn
-from modularforge.safetensors_stream import read_header
+from modularforge.files import atomic_path
+from modularforge.inference import AssembledFolder
+from modularforge.model.weights import expert_key
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +53,6 @@ LAYER_TENSORS = {
 }
 EXPERT_TENSORS = {"w1": "FFN_GATE_EXP", "w3": "FFN_UP_EXP", "w2": "FFN_DOWN_EXP"}
 GLOBAL_TENSORS = {"model.embed_tokens.weight": "TOKEN_EMBD", "model.norm.weight": "OUTPUT_NORM", "lm_head.weight": "OUTPUT"}
-
-
-@dataclass
-class Assembled:
-    """An assembled folder, read as far as its headers: config, tensor shapes and files, tokenizer."""
-
-    dir: Path
-    config: dict
-    files: dict[str, str]  # tensor name -> shard file
-    shapes: dict[str, tuple[int, ...]]
-    tokenizer: dict
-
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor as float32; the shard is mapped only while it is read."""
-        path = self.dir / self.files[name]
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return f.get_tensor(name).float()
-        except Exception as e:  # safetensors raises several types for a damaged header or body
-            raise DataError(f"cannot read {name} from {path}: {e}") from None
 
 
 @dataclass
@@ -97,7 +76,8 @@ def export(model_dir: Path, fmt: str, out: Path | None, dtype: str) -> Path:
         raise ConfigError(f"unknown GGUF dtype '{dtype}'; supported: {', '.join(DTYPES)}")
     gguf = _import_gguf()
     model_dir = Path(model_dir)
-    model = open_assembled(model_dir)
+    model = AssembledFolder(model_dir)
+    _check_tokenizer(model)
     out = Path(out) if out is not None else model_dir.resolve().parent / f"model.{dtype}.gguf"
     plan = tensor_plan(model, dtype, gguf)
     with atomic_path(out) as tmp:
@@ -114,68 +94,7 @@ def _import_gguf():
     return gguf
 
 
-def open_assembled(model_dir: Path) -> Assembled:
-    """Read config, shard headers and tokenizer of an assembled folder; a folder that is not one is a DataError."""
-    if not model_dir.is_dir():
-        raise DataError(f"{model_dir} is not a folder; give an assembled model folder (runs/<name>/model)")
-    if not (model_dir / "config.json").is_file():
-        raise DataError(f"{model_dir} has no config.json; is it an assembled model folder (runs/<name>/model)?")
-    config = _read_config(model_dir / "config.json")
-    files = weight_map(model_dir)
-    shapes = {}
-    for file in sorted(set(files.values())):
-        table, _ = read_header(model_dir / file)
-        shapes |= {name: info.shape for name, info in table.items()}
-    tokenizer_path = model_dir / "tokenizer.json"
-    if not tokenizer_path.is_file():
-        raise DataError(f"{model_dir} has no tokenizer.json; is it an assembled model folder?")
-    model = Assembled(model_dir, config, files, shapes, read_json(tokenizer_path))
-    _check_tensors(model)
-    _check_tokenizer(model)
-    return model
-
-
-def _read_config(path: Path) -> dict:
-    config = read_json(path)
-    try:
-        model_config_from_hf(config)
-        missing = [key for key in ("vocab_size", "eos_token_id") if key not in config]
-        if missing:
-            raise KeyError(missing[0])
-    except (KeyError, ValueError) as e:  # a missing key, or a value our model config rejects
-        raise DataError(f"{path} is not a ModularForge Mixtral config ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0]})") from None
-    return config
-
-
-def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor an assembled Mixtral folder must hold, with its shape: the dense model's, each FFN
-    repeated for every expert, and a router per layer."""
-    cfg = model_config_from_hf(config)
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name, shape in dense_shapes(cfg, config["vocab_size"]).items():
-        if is_ffn(name):
-            shapes |= {ffn_to_expert(name, e): shape for e in range(cfg.num_experts)}
-        else:
-            shapes[name] = shape
-    return shapes | {gate_key(i): (cfg.num_experts, cfg.hidden_size) for i in range(cfg.num_layers)}
-
-
-def _check_tensors(model: Assembled) -> None:
-    expected = expected_shapes(model.config)
-    for name, shape in expected.items():
-        if name not in model.files:
-            raise DataError(f"{model.dir} lacks tensor {name}; is it a complete assembled model folder?")
-        if name not in model.shapes:
-            raise DataError(f"{model.dir / model.files[name]} does not hold {name} although the index says it does")
-        if model.shapes[name] != shape:
-            raise DataError(f"{model.dir}: {name} has shape {list(model.shapes[name])}, config.json implies {list(shape)}")
-    unmapped = sorted(set(model.files) - set(expected))
-    if unmapped:  # dropping a tensor would give llama.cpp a different model
-        raise DataError(f"{model.dir} holds tensors the GGUF llama layout has no place for: {', '.join(unmapped[:3])}")
-
-
-def _check_tokenizer(model: Assembled) -> None:
+def _check_tokenizer(model: AssembledFolder) -> None:
     """The pre-tokenizer name we declare must describe the tokenizer: byte-level BPE with GPT-2's regex."""
     tok = model.tokenizer
     pre = tok.get("pre_tokenizer") or {}
@@ -209,16 +128,16 @@ def storage_type(gguf, kind: str, shape: tuple[int, ...], dtype: str):
     return Q.F16
 
 
-def tensor_plan(model: Assembled, dtype: str, gguf) -> list[Planned]:
+def tensor_plan(model: AssembledFolder, dtype: str, gguf) -> list[Planned]:
     """Every GGUF tensor in file order, planned from headers alone (no tensor data is read here)."""
-    cfg = model_config_from_hf(model.config)
+    cfg = model.cfg
 
     def planned(kind: str, shape: tuple[int, ...], load: Callable[[], torch.Tensor], bid: int | None = None) -> Planned:
         name = gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, kind)].format(bid=bid) + ".weight"
         return Planned(name, shape, storage_type(gguf, kind, shape, dtype), lambda: load().numpy())
 
     def whole(hf_name: str) -> Planned:
-        return planned(GLOBAL_TENSORS[hf_name], model.shapes[hf_name], lambda: model.read(hf_name))
+        return planned(GLOBAL_TENSORS[hf_name], model.shapes[hf_name], lambda: model.read(hf_name).float())
 
     plan = [whole("model.embed_tokens.weight")]
     for i in range(cfg.num_layers):
@@ -229,7 +148,7 @@ def tensor_plan(model: Assembled, dtype: str, gguf) -> list[Planned]:
         for w, kind in EXPERT_TENSORS.items():
             names = [expert_key(i, e, w) for e in range(cfg.num_experts)]
             shape = (cfg.num_experts, *model.shapes[names[0]])
-            plan.append(planned(kind, shape, lambda names=names: torch.stack([model.read(n) for n in names]), i))
+            plan.append(planned(kind, shape, lambda names=names: torch.stack([model.read(n).float() for n in names]), i))
     plan.append(whole("model.norm.weight"))
     if not cfg.tie_embeddings:  # llama.cpp reuses token_embd when `output` is absent
         plan.append(whole("lm_head.weight"))
@@ -240,10 +159,10 @@ def _rotary_heads(suffix: str, cfg) -> int | None:
     return {"self_attn.q_proj.weight": cfg.num_heads, "self_attn.k_proj.weight": cfg.kv_heads}.get(suffix)
 
 
-def _loader(model: Assembled, name: str, rotary_heads: int | None) -> Callable[[], torch.Tensor]:
+def _loader(model: AssembledFolder, name: str, rotary_heads: int | None) -> Callable[[], torch.Tensor]:
     if rotary_heads is None:
-        return lambda: model.read(name)
-    return lambda: permute_rotary(model.read(name), rotary_heads)
+        return lambda: model.read(name).float()
+    return lambda: permute_rotary(model.read(name).float(), rotary_heads)
 
 
 def encode(data: np.ndarray, qtype, gguf) -> np.ndarray:
@@ -256,7 +175,7 @@ def stored_nbytes(shape: tuple[int, ...], qtype, gguf) -> int:
     return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * type_size
 
 
-def write_gguf(path: Path, model: Assembled, plan: list[Planned], dtype: str, gguf) -> None:
+def write_gguf(path: Path, model: AssembledFolder, plan: list[Planned], dtype: str, gguf) -> None:
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     add_hyperparameters(writer, model, dtype, gguf)
     add_tokenizer(writer, model, gguf)
@@ -278,8 +197,8 @@ def write_gguf(path: Path, model: Assembled, plan: list[Planned], dtype: str, gg
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}
 
 
-def add_hyperparameters(writer, model: Assembled, dtype: str, gguf) -> None:
-    cfg = model_config_from_hf(model.config)
+def add_hyperparameters(writer, model: AssembledFolder, dtype: str, gguf) -> None:
+    cfg = model.cfg
     writer.add_name(model.dir.resolve().parent.name or "modularforge")
     writer.add_vocab_size(model.config["vocab_size"])
     writer.add_block_count(cfg.num_layers)
@@ -320,7 +239,7 @@ def merges(tokenizer: dict) -> list[str]:
     return [m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"].get("merges", [])]
 
 
-def add_tokenizer(writer, model: Assembled, gguf) -> None:
+def add_tokenizer(writer, model: AssembledFolder, gguf) -> None:
     tokens, types = vocabulary(model.tokenizer, model.config["vocab_size"], gguf)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(PRE_TOKENIZER_NAME)

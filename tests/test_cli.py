@@ -57,6 +57,25 @@ def test_evaluate_data_on_an_unseen_file_reports_windowing(trained_run, tmp_path
     assert result["perplexity"] > 1 and result["bits_per_byte"] > 0
 
 
+def test_evaluate_with_an_expert_cache_scores_as_the_full_model(run_copy, tmp_path, capsys, monkeypatch):
+    from modularforge import evaluate
+
+    opened = []
+    open_model = evaluate.open_model
+    monkeypatch.setattr(evaluate, "open_model", lambda *a, **k: opened.append(k["expert_cache"]) or open_model(*a, **k))
+    path = tmp_path / "unseen.txt"
+    path.write_text("Fellow citizens, a hacker is a person who enjoys exploring the details of systems. " * 8)
+    scores, reports = [], []
+    for cache in ([], ["--expert-cache", "1"]):
+        assert main(["evaluate", "--run-dir", str(run_copy.dir), "--data", str(path), *cache]) == 0
+        scores.append(json.loads(capsys.readouterr().out))
+        assert main(["evaluate", "--run-dir", str(run_copy.dir), *cache]) == 0
+        report = json.loads((run_copy.reports_dir / "report.json").read_text())
+        reports.append({k: report[k] for k in ("headline", "routing_modes", "routing", "experts", "samples")})
+    assert opened == [None, None, 1, 1]
+    assert scores[0] == scores[1] and reports[0] == reports[1]
+
+
 def test_generate_streams_text_to_stdout(trained_run, capsys):
     assert main(["generate", "--run-dir", str(trained_run.dir), "--prompt", "The", "--max-new-tokens", "5",
                  "--expert-cache", "2"]) == 0

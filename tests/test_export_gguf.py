@@ -12,7 +12,7 @@ gguf = pytest.importorskip("gguf")
 from modularforge.cli import main  # noqa: E402
 from modularforge.errors import ConfigError, DataError  # noqa: E402
 from modularforge.export import export, permute_rotary, unpermute_rotary  # noqa: E402
-from modularforge.model.hf import load_assembled  # noqa: E402
+from modularforge.inference import AssembledFolder, open_model  # noqa: E402
 from modularforge.model.layers import apply_rotary, rotary_tables  # noqa: E402
 
 DTYPES = ("f32", "f16", "q8_0")
@@ -26,7 +26,8 @@ def exported(trained_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ours(trained_run):
-    model, config = load_assembled(trained_run.model_dir)
+    folder = AssembledFolder(trained_run.model_dir)
+    model, config = open_model(folder), folder.config
     return {k: v.detach().float() for k, v in model.state_dict().items()}, config
 
 
@@ -166,9 +167,9 @@ def test_export_reads_each_tensor_once_and_plans_from_headers_alone(trained_run,
     from modularforge import export as export_module
 
     reads = []
-    original = export_module.Assembled.read
-    monkeypatch.setattr(export_module.Assembled, "read", lambda self, name: reads.append(name) or original(self, name))
-    model = export_module.open_assembled(trained_run.model_dir)
+    original = AssembledFolder.read
+    monkeypatch.setattr(AssembledFolder, "read", lambda self, name: reads.append(name) or original(self, name))
+    model = AssembledFolder(trained_run.model_dir)
     plan = export_module.tensor_plan(model, "f16", gguf)
     assert reads == [] and len(plan) == len({p.name for p in plan})
     export(trained_run.model_dir, "gguf", tmp_path / "m.gguf", "f16")

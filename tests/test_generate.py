@@ -12,7 +12,6 @@ from modularforge.sampling import (
     sample_token,
 )
 from modularforge.inference import open_model
-from modularforge.model.hf import load_assembled
 from modularforge.model.transformer import CausalLM
 
 CFG = ModelConfig(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, max_seq_len=24,
@@ -62,7 +61,7 @@ def test_top_k_and_top_p_filters():
 
 
 def test_expert_cache_gives_the_same_logits_and_tokens_as_the_full_model(trained_run):
-    full, _ = load_assembled(trained_run.model_dir)
+    full = open_model(trained_run.model_dir)
     cached = open_model(trained_run.model_dir, expert_cache=2)
     ids = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -73,7 +72,7 @@ def test_expert_cache_gives_the_same_logits_and_tokens_as_the_full_model(trained
 
 
 def test_streamed_pieces_make_up_the_returned_text(trained_run):
-    model, _ = load_assembled(trained_run.model_dir)
+    model = open_model(trained_run.model_dir)
     tokenizer = load_tokenizer(trained_run.model_dir)
     pieces = []
     text = generate_text(model, tokenizer, "The", Sampling(max_new_tokens=15, seed=0), on_text=pieces.append)
@@ -93,7 +92,7 @@ def test_min_new_tokens_keeps_end_of_text_from_being_sampled_early():
 
 
 def test_decoding_layouts_keep_the_logits_and_the_expert_cache_uses_them(trained_run):
-    full, _ = load_assembled(trained_run.model_dir)
+    full = open_model(trained_run.model_dir)
     ids = torch.randint(0, 500, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = full.eval()(ids)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from modularforge.files import read_json
-from modularforge.model.hf import load_assembled
+from modularforge.inference import open_model
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_run.json"
 TOLERANCE = 1e-5
@@ -32,7 +32,7 @@ def _curve(path: Path) -> list[dict]:
 
 
 def _logits_summary(model_dir: Path) -> dict:
-    model, _ = load_assembled(model_dir)
+    model = open_model(model_dir)
     vocab = read_json(model_dir / "config.json")["vocab_size"]
     batch = (torch.arange(2 * 16).reshape(2, 16) * 37 + 11) % vocab  # (B, T) fixed token ids
     with torch.no_grad():

@@ -7,7 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from modularforge.evaluate import evaluate_file  # noqa: E402
-from modularforge.model.hf import load_assembled  # noqa: E402
+from modularforge.inference import open_model  # noqa: E402
 
 PROMPT = "Fellow citizens of the Senate: a hacker is a person who enjoys exploring the details of programmable systems."
 
@@ -22,7 +22,7 @@ def test_transformers_loads_it_as_mixtral_and_logits_match(trained_run, hf_model
     assert type(hf_model).__name__ == "MixtralForCausalLM"
     tokenizer = transformers.AutoTokenizer.from_pretrained(trained_run.model_dir)
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids[:, :32]
-    ours, _ = load_assembled(trained_run.model_dir)
+    ours = open_model(trained_run.model_dir)
     with torch.no_grad():
         theirs = hf_model(ids).logits
         mine = ours.eval()(ids)
@@ -30,7 +30,7 @@ def test_transformers_loads_it_as_mixtral_and_logits_match(trained_run, hf_model
 
 
 def test_routers_are_not_trivial_so_parity_covers_routing(trained_run):
-    ours, _ = load_assembled(trained_run.model_dir)
+    ours = open_model(trained_run.model_dir)
     gates = [b.gate.weight for b in ours.moe_blocks()]
     assert all(g.abs().sum() > 0 for g in gates)
 

@@ -15,7 +15,7 @@ import torch
 from modularforge.data.tokenizer import eos_id, load_tokenizer
 from modularforge.export import export
 from modularforge.sampling import Sampling, generate_ids
-from modularforge.model.hf import load_assembled
+from modularforge.inference import AssembledFolder, open_model
 
 pytestmark = [
     pytest.mark.llamacpp,
@@ -38,7 +38,8 @@ def llama_cpp():
 @pytest.fixture(scope="module")
 def reference(trained_run):
     """Our logits on the prompt and our greedy continuation, filling the model's context."""
-    model, config = load_assembled(trained_run.model_dir)
+    folder = AssembledFolder(trained_run.model_dir)
+    model, config = open_model(folder), folder.config
     model.eval()
     tokenizer = load_tokenizer(trained_run.model_dir)
     prompt = tokenizer.encode(TEXT, add_special_tokens=False).ids[:PROMPT_TOKENS]

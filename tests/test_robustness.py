@@ -23,7 +23,7 @@ from modularforge.cli import main
 from modularforge.config import describe_keys
 from modularforge.errors import DataError
 from modularforge.files import LEFTOVER, atomic_path, read_json
-from modularforge.model.hf import load_assembled
+from modularforge.inference import open_model
 from modularforge.runs import Run
 
 
@@ -429,5 +429,5 @@ def test_fuzz_calibration_never_writes_a_nan(run_copy, overrides, capsys):
     sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
     code = main(["calibrate", "--run-dir", str(run_copy.dir), *sets])
     _check_outcome(code, capsys)
-    model, _ = load_assembled(run_copy.model_dir)
+    model = open_model(run_copy.model_dir)
     assert all(torch.isfinite(p).all() for p in model.parameters())

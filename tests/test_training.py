@@ -143,7 +143,7 @@ def test_frozen_shared_weights_get_no_gradients_in_the_expert_phase(trained_run)
 ])
 def test_expert_options_train_and_assemble(make_config, experts):
     from modularforge.assemble import assemble
-    from modularforge.model.hf import load_assembled
+    from modularforge.inference import open_model
 
     run = Run(make_config(experts=experts))
     prepare(run)
@@ -155,7 +155,7 @@ def test_expert_options_train_and_assemble(make_config, experts):
     anchor = load_tensors(run.shared_dir / "anchor.safetensors")
     w1 = tensors["model.layers.0.block_sparse_moe.experts.0.w1.weight"]
     assert not torch.equal(w1, anchor["model.layers.0.mlp.w1.weight"])  # it trained (or started elsewhere)
-    model, _ = load_assembled(run.model_dir)
+    model = open_model(run.model_dir)
     assert torch.isfinite(model(torch.randint(0, 500, (1, 16)))).all()
 
 

@@ -1,24 +1,13 @@
-"""The Hugging Face side of the format: Mixtral `config.json`, and loading an assembled folder back.
+"""The Hugging Face side of the format: Mixtral `config.json`, written by assembly and read back.
 
 An assembled folder is self-contained: `config.json` gives the architecture, the index maps every
-tensor to its shard, and `tokenizer.json` the vocabulary. Loading builds the model on the meta
-device and assigns the tensors.
+tensor to its shard, and `tokenizer.json` the vocabulary. `modularforge.inference` reads such folders.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from pathlib import Path
-
-import torch
-from safetensors import safe_open
-
 from modularforge.config import ModelConfig
 from modularforge.errors import DataError
-from modularforge.files import read_json
-from modularforge.model.transformer import CausalLM
-from modularforge.model.weights import build_model
-from modularforge.safetensors_stream import read_tensors
 
 
 def mixtral_config(cfg: ModelConfig, vocab_size: int, eos_id: int) -> dict:
@@ -72,43 +61,3 @@ def model_config_from_hf(config: dict) -> ModelConfig:
         tie_embeddings=config.get("tie_word_embeddings", False),
         init_std=config.get("initializer_range", 0.02),
     )
-
-
-def weight_map(model_dir: Path) -> dict[str, str]:
-    index = Path(model_dir) / "model.safetensors.index.json"
-    if index.exists():
-        return read_json(index)["weight_map"]
-    single = Path(model_dir) / "model.safetensors"
-    if not single.exists():
-        raise DataError(f"{model_dir} holds no model.safetensors(.index.json); is it an assembled model folder?")
-    with safe_open(str(single), framework="pt") as f:
-        return {k: "model.safetensors" for k in f.keys()}
-
-
-def read_weights(model_dir: Path, names: Iterable[str] | None = None, mapped: bool = True) -> dict[str, torch.Tensor]:
-    """The named tensors (default: all) of an assembled folder. `mapped` tensors are views of the
-    memory-mapped files (pages load as they are touched); otherwise each is read into its own memory, which
-    a caller that replaces the tensors (a new layout or dtype) needs, so that the old bytes do not stay
-    resident beside the new ones."""
-    files = weight_map(model_dir)
-    by_file: dict[str, list[str]] = {}
-    for name in files if names is None else names:
-        by_file.setdefault(files[name], []).append(name)
-    tensors: dict[str, torch.Tensor] = {}
-    for file, in_file in by_file.items():
-        if not mapped:
-            tensors |= read_tensors(Path(model_dir) / file, in_file)
-            continue
-        try:
-            with safe_open(str(Path(model_dir) / file), framework="pt") as f:
-                tensors |= {n: f.get_tensor(n) for n in in_file}
-        except Exception as e:
-            raise DataError(f"cannot read {Path(model_dir) / file}: {e}") from None
-    return tensors
-
-
-def load_assembled(model_dir: Path, mapped: bool = True) -> tuple[CausalLM, dict]:
-    """Load an assembled folder fully into memory (`read_weights`); returns (model, config.json dict)."""
-    config = read_json(Path(model_dir) / "config.json")
-    tensors = read_weights(model_dir, mapped=mapped)
-    return build_model(model_config_from_hf(config), config["vocab_size"], moe=True, tensors=tensors), config
