@@ -164,7 +164,7 @@ def new_run(config: Path, run_dir: Path, overrides: list[str]) -> Run:
     run = Run(cfg, run_dir)
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    run.claim()  # the run-directory marker: a folder without it is refused by every stage
     run.save_config()
     return run
 
@@ -218,7 +218,7 @@ def clone_experts(source: Run, target_dir: Path, count: int) -> Run:
     run = Run(cfg, target_dir)
     if target_dir.exists():
         shutil.rmtree(target_dir)
-    target_dir.mkdir(parents=True)
+    run.claim()
     for folder in ("tokenizer", "data", "shared"):
         os.symlink(source.dir.resolve() / folder, target_dir / folder)
     run.save_config()

@@ -236,8 +236,9 @@ def open_model(model_dir: Path | AssembledFolder, expert_cache: int | None = Non
     folder = model_dir if isinstance(model_dir, AssembledFolder) else AssembledFolder(model_dir)
     cfg = folder.cfg
     if expert_cache is None:
-        tensors = folder.read_many(mapped=decode_dtype is None)
-        model = build_model(cfg, folder.vocab_size, moe=True, tensors=tensors)
+        model = build_model(cfg, folder.vocab_size, moe=True, tensors=folder.read_many(mapped=decode_dtype is None))
+        # no reference to the loaded tensors may outlive build_model: for_decoding re-lays every weight, and the
+        # originals must be freed as it goes, or the model exists twice at the peak
         return model if decode_dtype is None else for_decoding(model, decode_dtype)
     is_expert = {expert_key(i, e, w) for i in range(cfg.num_layers) for e in range(cfg.num_experts) for w in FFN_WEIGHTS}
     tensors = folder.read_many([n for n in folder.files if n not in is_expert], mapped=decode_dtype is None)
@@ -249,5 +250,6 @@ def open_model(model_dir: Path | AssembledFolder, expert_cache: int | None = Non
             block.experts = LazyExperts(cache, i, cfg.num_experts)
 
     model = build_model(cfg, folder.vocab_size, moe=True, tensors=tensors, customize=lazy)
+    del tensors  # as above: for_decoding must be able to free each original weight
     model.expert_cache = cache
     return (model if decode_dtype is None else for_decoding(model, decode_dtype)).eval()
