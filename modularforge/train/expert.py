@@ -24,6 +24,7 @@ from modularforge.config import Config
 from modularforge.data.batches import PreparedData, Windows, batch_rng, fixed_batches, spread_batches
 from modularforge.data.shards import CALIB, TRAIN, VAL
 from modularforge.device import autocast, autocast_dtype
+from modularforge.errors import DataError
 from modularforge.files import read_json, save_tensors, sha256_file, write_json
 from modularforge.model.layers import SwiGLU
 from modularforge.model.moe import SparseMoE
@@ -126,8 +127,11 @@ def selection_windows(data: PreparedData, k: int) -> Windows:
     """Text an expert is chosen on: its partition's calibration documents, held out from training and from the
     validation split the report scores, so the choice does not flatter the reported numbers. A partition
     whose calibration split is shorter than two tokens falls back to its validation split."""
-    calib = data.windows(CALIB, k) if (data.partition[data.split == CALIB] == k).any() else None
-    return calib if calib is not None and calib.total >= 2 else data.windows(VAL, k)
+    try:
+        calib = data.windows(CALIB, k)
+    except DataError:  # no calibration document in this partition
+        return data.windows(VAL, k)
+    return calib if calib.total >= 2 else data.windows(VAL, k)
 
 
 def _log_against_anchor(k: int, experts: int, result) -> None:
