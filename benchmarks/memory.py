@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from modularforge.config import Config, load_config, preset_path  # noqa: E402
 from modularforge.device import autocast, autocast_dtype  # noqa: E402
-from modularforge.files import load_tensors, read_json, save_tensors, sha256_file, write_json  # noqa: E402
+from modularforge.files import read_json, sha256_file, write_json  # noqa: E402
 from modularforge.model.transformer import CausalLM  # noqa: E402
 from modularforge.runs import Run  # noqa: E402
 
@@ -225,18 +225,13 @@ def clone_experts(source: Run, target_dir: Path, count: int) -> Run:
     manifest = {"stages": {s: {**source.manifest()["stages"][s], "fingerprint": run.fingerprint(s)}
                            for s in ("prepare", "train-shared", "train-experts")}}
     write_json(run.manifest_path, manifest)
-    fingerprint = run.fingerprint("train-experts")
-    for k in range(count):
+    for k, spec in enumerate(run.experts()):
         src = source.expert_dir(k % source.cfg.model.num_experts)
-        dst = run.expert_dir(k)
+        dst = run.expert_dir(spec.name)
         dst.mkdir(parents=True)
-        tensors = load_tensors(src / "expert.safetensors")
-        renamed = {n.replace(f".experts.{k % source.cfg.model.num_experts}.", f".experts.{k}."): t
-                   for n, t in tensors.items()}
-        save_tensors(dst / "expert.safetensors", renamed)
-        del tensors, renamed
-        shutil.copy2(src / "router_stats.safetensors", dst / "router_stats.safetensors")
-        write_json(dst / "done.json", {"expert": k, "fingerprint": fingerprint, "sha256": {
+        for name in ("expert.safetensors", "router_stats.safetensors"):  # an expert file holds its dense FFN names
+            shutil.copy2(src / name, dst / name)
+        write_json(dst / "done.json", {"name": spec.name, "fingerprint": run.expert_fingerprint(spec), "sha256": {
             "expert": sha256_file(dst / "expert.safetensors"), "stats": sha256_file(dst / "router_stats.safetensors")}})
     return run
 

@@ -63,6 +63,7 @@ from modularforge.model.weights import (
     build_model,
     ffn_from_weights,
     ffn_key,
+    ffn_to_expert,
     gate_key,
     load_dense,
 )
@@ -307,8 +308,8 @@ class MoEUnderTest:
         cfg = run.cfg
         self.run = run
         tensors = load_tensors(run.shared_dir / "shared.safetensors")
-        for k in range(cfg.model.num_experts):
-            tensors |= load_tensors(run.expert_files(k)["expert"])
+        for k in range(cfg.model.num_experts):  # an expert file holds its dense FFN names
+            tensors |= {ffn_to_expert(n, k): t for n, t in load_tensors(run.expert_files(k)["expert"]).items()}
         for i in range(cfg.model.num_layers):
             tensors[gate_key(i)] = torch.zeros(cfg.model.num_experts, cfg.model.hidden_size)
         self.model = build_model(cfg.model, run.vocab_size(), moe=True, tensors=tensors).eval()

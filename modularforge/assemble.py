@@ -1,12 +1,14 @@
-"""Stage 4, assemble: stream the shared part and every expert into one Mixtral folder (DESIGN.md section 4).
+"""Stage 4, assemble: stream the shared part and every expert of the run's set into one Mixtral folder
+(DESIGN.md section 4).
 
 1. Validate everything before writing anything: files present, headers readable, names, shapes and
-   dtypes as the config says, checksums as recorded when they were written, experts trained under
-   this run's config. A problem is an AssemblyError that names the file; no output is left behind.
+   dtypes as the config says, checksums as recorded when they were written, each expert trained under
+   its own fingerprint. A problem is an AssemblyError that names the file; no output is left behind.
 2. Compute the routers in closed form from the experts' statistics, one expert's statistics at a time.
 3. Write into a temporary folder, tensor by tensor with bounded buffers: shared shards, one shard per
-   expert, and a last small shard with the routers and the post-attention norms (the only tensors the
-   `calibrate` stage changes). Then write config, index and tokenizer, and rename into place.
+   expert (its bytes copied as they are, its FFN named by its position in the set), and a last small
+   shard with the routers and the post-attention norms (the only tensors the `calibrate` stage changes).
+   Then write config (with the experts' names), index and tokenizer, and rename into place.
 
 Peak memory is the routers and statistics of one layer and a copy buffer, never an expert, whatever the
 number of experts. The model is not loaded; calibration, which runs it, is the next stage.
@@ -25,7 +27,7 @@ import torch
 from modularforge.errors import AssemblyError, DataError
 from modularforge.files import atomic_dir, load_tensors, read_json, sha256_file, write_json
 from modularforge.model.hf import mixtral_config
-from modularforge.model.weights import FFN_WEIGHTS, dense_shapes, expert_key
+from modularforge.model.weights import dense_shapes, ffn_to_expert
 from modularforge.routers import compute_routers, stats_shapes
 from modularforge.runs import Run
 from modularforge.safetensors_stream import TensorInfo, from_file, from_tensor, read_header, write_streaming
@@ -38,10 +40,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 @dataclass
 class Inputs:
-    """Validated inputs: every file with its tensor table."""
+    """Validated inputs: every file with its tensor table, the experts in the set's order."""
 
     shared: Path
     shared_table: dict[str, TensorInfo]
+    names: list[str] = field(default_factory=list)
     experts: list[Path] = field(default_factory=list)
     expert_tables: list[dict[str, TensorInfo]] = field(default_factory=list)
     stats: list[Path] = field(default_factory=list)
@@ -53,19 +56,21 @@ def assemble(run: Run, on_read: OnRead | None = None) -> None:
     with run.stage("assemble") as facts:
         inputs = validate_inputs(run)
         routers = compute_routers(cfg, inputs.stats)
+        model = cfg.model.model_copy(update={"num_experts": len(inputs.names)})
         with atomic_dir(run.model_dir) as tmp:
             files = write_weights(tmp, run, inputs, routers, on_read)
-            write_json(tmp / "config.json", mixtral_config(cfg.model, run.vocab_size(), _eos(run)))
+            write_json(tmp / "config.json", mixtral_config(model, run.vocab_size(), _eos(run), inputs.names))
             write_json(tmp / "generation_config.json", _generation_config(run))
             for name in TOKENIZER_FILES:
                 shutil.copy2(run.tokenizer_dir / name, tmp / name)
             write_json(tmp / "modularforge.json", {
                 "router": cfg.assemble.router, "centred": cfg.assemble.centred,
-                "experts": cfg.model.num_experts, "calibration": None,
+                "experts": inputs.names, "calibration": None,
                 "fingerprint": run.fingerprint("assemble"),
             })
-        facts.update(shards=len(files))
-        log.info("assembled %d experts into %s (%d shards)", cfg.model.num_experts, run.model_dir, len(files))
+        facts.update(shards=len(files), experts=inputs.names)
+        log.info("assembled %d experts (%s) into %s (%d shards)", len(inputs.names), ", ".join(inputs.names),
+                 run.model_dir, len(files))
 
 
 def _eos(run: Run) -> int:
@@ -94,22 +99,25 @@ def validate_inputs(run: Run) -> Inputs:
         shared, {k: v for k, v in shapes.items() if ".mlp." not in k}, shared_facts.get("shared_sha256")
     )
     inputs = Inputs(shared, shared_table)
-    fingerprint = run.fingerprint("train-experts")
-    for k in range(cfg.model.num_experts):
-        files = run.expert_files(k)
-        done_path = run.expert_dir(k) / "done.json"
+    experts = run.experts()
+    if cfg.model.top_k > len(experts):
+        raise AssemblyError(f"model.top_k={cfg.model.top_k} exceeds the {len(experts)} experts of the run; lower "
+                            "model.top_k (--set model.top_k=N) or add experts")
+    ffn_shapes = {name: shape for name, shape in shapes.items() if ".mlp." in name}
+    stats_table = stats_shapes(cfg.model.num_layers, cfg.model.hidden_size)
+    for spec in experts:
+        files = run.expert_files(spec.name)
+        done_path = run.expert_dir(spec.name) / "done.json"
         if not done_path.exists():
-            raise AssemblyError(f"expert {k} is missing: {done_path} not found; run `modularforge train-experts`")
+            raise AssemblyError(f"expert {spec.name} is missing: {done_path} not found; run `modularforge "
+                                "train-experts`")
         done = read_json(done_path)
-        if done.get("fingerprint") != fingerprint:
-            raise AssemblyError(f"{done_path}: expert {k} was trained under a different config; retrain it")
-        expected = {
-            expert_key(i, k, w): shapes[f"model.layers.{i}.mlp.{w}.weight"]
-            for i in range(cfg.model.num_layers) for w in FFN_WEIGHTS
-        }
-        table = _checked_table(files["expert"], expected, done["sha256"]["expert"])
-        stats_table = stats_shapes(cfg.model.num_layers, cfg.model.hidden_size)
+        if done.get("fingerprint") != run.expert_fingerprint(spec):
+            raise AssemblyError(f"{done_path}: expert {spec.name} was trained under a different config or trunk; "
+                                "run `modularforge train-experts` to retrain it")
+        table = _checked_table(files["expert"], ffn_shapes, done["sha256"]["expert"])
         _checked_table(files["stats"], stats_table, done["sha256"]["stats"])
+        inputs.names.append(spec.name)
         inputs.experts.append(files["expert"])
         inputs.expert_tables.append(table)
         inputs.stats.append(files["stats"])
@@ -159,8 +167,10 @@ def write_weights(
         weight_map |= {t.name: name for t in group}
     for k, (path, table) in enumerate(zip(inputs.experts, inputs.expert_tables)):
         name = names[len(groups) + k]
-        total_bytes += write_streaming(out / name, [from_file(path, t, on_read) for t in table.values()], meta)
-        weight_map |= {t.name: name for t in table.values()}
+        renamed = {t.name: ffn_to_expert(t.name, k) for t in table.values()}
+        total_bytes += write_streaming(out / name, [from_file(path, t, on_read, renamed[t.name]) for t in table.values()],
+                                       meta)
+        weight_map |= {new: name for new in renamed.values()}
     last = names[-1]
     norm_tensors = load_tensors(inputs.shared, norms) if norms else {}
     sources = [from_tensor(n, t) for n, t in (routers | norm_tensors).items()]

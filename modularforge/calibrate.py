@@ -34,12 +34,16 @@ log = logging.getLogger(__name__)
 
 
 def calibration_batches(run: Run, tokens_per_partition: int) -> list[torch.Tensor]:
+    """Held-out windows of every partition of the run's text (`Run.partitions`: the prepared ones and the text of
+    each added expert), about `tokens_per_partition` tokens of each."""
     cfg = run.cfg
-    data = PreparedData(run.data_dir)
     seq_len, micro = cfg.model.max_seq_len, cfg.calibrate.micro_batch_size
+    data: dict[str, PreparedData] = {}
     batches = []
-    for p in range(cfg.model.num_experts):
-        batches += spread_batches(data.held_out(p, tokens_per_partition), tokens_per_partition, seq_len, micro)
+    for part in run.partitions():
+        prepared = data.setdefault(part.data, PreparedData(run.dir / part.data))
+        batches += spread_batches(prepared.held_out(part.index, tokens_per_partition), tokens_per_partition, seq_len,
+                                  micro)
     return batches
 
 
@@ -59,12 +63,12 @@ def calibrate(run: Run) -> dict:
     with run.stage("calibrate") as facts:
         folder = AssembledFolder(run.model_dir)
         model = open_model(folder, expert_cache=cfg.calibrate.expert_cache)
-        stats_paths = [run.expert_files(k)["stats"] for k in range(cfg.model.num_experts)]
+        stats_paths = [run.expert_files(s.name)["stats"] for s in run.experts()]
         reset_uncalibrated(model, run, stats_paths)
         result = {"temperature": None, "norm": cfg.calibrate.norm}
         if cfg.calibrate.temperature or cfg.calibrate.norm:
             dtype = autocast_dtype(cfg.calibrate.precision)
-            batches = calibration_batches(run, max(1, cfg.calibrate.calib_tokens // cfg.model.num_experts))
+            batches = calibration_batches(run, max(1, cfg.calibrate.calib_tokens // len(run.partitions())))
             result["calib_loss_before"] = mean_loss(model, batches, dtype)
             if cfg.calibrate.norm:
                 targets = [torch.stack(layer_stats(stats_paths, i, cfg.model.hidden_size).diag).mean(0).float()

@@ -80,27 +80,28 @@ class Tally:
 class RoutingTally:
     layers: int
     experts: int
-    partitions: int
+    oracle: list[int | None]  # per partition, the expert trained on it (None: none in the set)
     top1: np.ndarray = field(init=False)  # (layers, partitions, experts) counts of top-1 choices
     load: np.ndarray = field(init=False)  # (layers, experts) counts of all k slots
 
     def __post_init__(self):
-        self.top1 = np.zeros((self.layers, self.partitions, self.experts), dtype=np.int64)
+        self.top1 = np.zeros((self.layers, len(self.oracle), self.experts), dtype=np.int64)
         self.load = np.zeros((self.layers, self.experts), dtype=np.int64)
 
     def add(self, records: list[torch.Tensor], partition: int) -> None:
         for layer, indices in enumerate(records):
-            self.top1[layer, partition] += np.bincount(indices[:, 0].numpy(), minlength=self.experts)
-            self.load[layer] += np.bincount(indices.reshape(-1).numpy(), minlength=self.experts)
+            self.top1[layer, partition] += np.bincount(indices[:, 0].cpu().numpy(), minlength=self.experts)
+            self.load[layer] += np.bincount(indices.reshape(-1).cpu().numpy(), minlength=self.experts)
 
     def summary(self) -> dict:
         matrix = self.top1 / np.maximum(self.top1.sum(-1, keepdims=True), 1)
-        aligned = self.partitions == self.experts
+        own = [(p, e) for p, e in enumerate(self.oracle) if e is not None]
         return {
             "load": (self.load / np.maximum(self.load.sum(-1, keepdims=True), 1)).round(4).tolist(),
             "partition_to_expert": matrix.round(4).tolist(),
             "partition_to_expert_mean": matrix.mean(0).round(4).tolist(),
-            "accuracy_per_layer": [round(float(np.trace(m) / m.shape[0]), 4) for m in matrix] if aligned else None,
+            # share of each partition's tokens whose top-1 expert is the one trained on that partition
+            "accuracy_per_layer": [round(float(np.mean([m[p, e] for p, e in own])), 4) for m in matrix] if own else None,
         }
 
 
@@ -148,22 +149,24 @@ def evaluate(run: Run) -> dict:
         moe = open_model(run.model_dir, expert_cache=cfg.evaluate.expert_cache)
         anchor = load_dense(cfg.model, run.vocab_size(), run.shared_dir)
         moe.eval(), anchor.eval()
-        data = PreparedData(run.data_dir)
+        experts, parts = run.experts(), run.partitions()
+        data: dict[str, PreparedData] = {}
         modes = set(cfg.evaluate.routing_modes) | {"anchor", "token", "oracle"}
         dtype = autocast_dtype(cfg.evaluate.precision)
         prefix = cfg.evaluate.prefix_len
         full = {m: Tally() for m in ("anchor", "token")}
-        own_partition = {m: [Tally() for _ in range(cfg.model.num_experts)] for m in ("anchor", "oracle")}
-        after_prefix = {m: [Tally() for _ in range(data.num_partitions)] for m in MODES if m in modes}
-        routing = RoutingTally(cfg.model.num_layers, cfg.model.num_experts, data.num_partitions)
+        own_partition = {m: [Tally() for _ in experts] for m in ("anchor", "oracle")}
+        after_prefix = {m: [Tally() for _ in parts] for m in MODES if m in modes}
+        routing = RoutingTally(cfg.model.num_layers, len(experts), [p.expert for p in parts])
         blocks = moe.moe_blocks()
-        for p in range(data.num_partitions):
-            for batch in _batches(data.windows(VAL, p), cfg.model.max_seq_len, cfg.evaluate.eval_tokens,
+        for p, part in enumerate(parts):
+            prepared = data.setdefault(part.data, PreparedData(run.dir / part.data))
+            for batch in _batches(prepared.windows(VAL, part.index), cfg.model.max_seq_len, cfg.evaluate.eval_tokens,
                                   cfg.evaluate.micro_batch_size):
                 for b in blocks:
                     b.record = []
                 with autocast(dtype):
-                    labels = torch.full((len(batch),), p) if p < cfg.model.num_experts else None
+                    labels = torch.full((len(batch),), part.expert) if part.expert is not None else None
                     nll = window_nll(moe, anchor, batch, labels, prefix, modes,
                                      cfg.evaluate.sequence_revise_every)
                 routing.add([b.record[0] for b in blocks], p)
@@ -172,7 +175,7 @@ def evaluate(run: Run) -> dict:
                     full[m].add(nll[m], targets, token_bytes)
                 if labels is not None:
                     for m, tallies in own_partition.items():
-                        tallies[p].add(nll[m], targets, token_bytes)
+                        tallies[part.expert].add(nll[m], targets, token_bytes)
                 for m, tallies in after_prefix.items():
                     if m in nll:
                         tallies[p].add(nll[m][:, prefix - 1 :], targets[:, prefix - 1 :], token_bytes)
@@ -188,9 +191,10 @@ def evaluate(run: Run) -> dict:
             },
             "headline": {m: t.summary() for m, t in full.items()},
             "routing_modes": {
-                m: {"overall": _merge(ts).summary(), "per_partition": [t.summary() for t in ts]}
+                m: {"overall": _merge(ts).summary(), "per_partition": [t.summary() if t.tokens else None for t in ts]}
                 for m, ts in after_prefix.items()
             },
+            "partition_labels": [part.label for part in parts],
             "routing": routing.summary(),
             "experts": expert_gains(run, own_partition),
             "samples": samples(moe, tokenizer, cfg),
@@ -199,7 +203,7 @@ def evaluate(run: Run) -> dict:
             "partitions": _partition_summary(run),
         }
         write_report(run, report)
-        worse = [e["expert"] for e in report["experts"] if e["gain"] <= 0]
+        worse = [e["expert"] for e in report["experts"] if e["gain"] is not None and e["gain"] <= 0]
         if worse:
             log.warning("expert(s) %s do not beat the anchor on their own partition's validation text",
                         ", ".join(map(str, worse)))
@@ -209,20 +213,19 @@ def evaluate(run: Run) -> dict:
 
 
 def expert_gains(run: Run, own_partition: dict[str, list[Tally]]) -> list[dict]:
-    """Per expert: its partition's validation perplexity under the anchor and under the expert alone (every
-    position but each window's first), the gain, and how training chose the expert (from its done.json)."""
+    """Per expert of the set: its partition's validation perplexity under the anchor and under the expert alone
+    (every position but each window's first), the gain, and how training chose the expert (from its done.json).
+    An expert with no partition in this run (imported) has no such numbers."""
     rows = []
-    for k, (anchor, expert) in enumerate(zip(own_partition["anchor"], own_partition["oracle"])):
-        before, after = anchor.summary(), expert.summary()
-        done = run.expert_dir(k) / "done.json"
-        rows.append({
-            "expert": k,
-            "anchor_perplexity": before["perplexity"],
-            "expert_perplexity": after["perplexity"],
-            "gain": round(1 - after["perplexity"] / before["perplexity"], 5),
-            "tokens": after["tokens"],
-            "selection": read_json(done).get("selection") if done.exists() else None,
-        })
+    for spec, anchor, expert in zip(run.experts(), own_partition["anchor"], own_partition["oracle"]):
+        done = read_json(run.expert_dir(spec.name) / "done.json")
+        row = {"expert": spec.name, "kind": spec.kind, "anchor_perplexity": None, "expert_perplexity": None,
+               "gain": None, "tokens": 0, "selection": done.get("selection")}
+        if expert.tokens:
+            before, after = anchor.summary(), expert.summary()
+            row |= {"anchor_perplexity": before["perplexity"], "expert_perplexity": after["perplexity"],
+                    "gain": round(1 - after["perplexity"] / before["perplexity"], 5), "tokens": after["tokens"]}
+        rows.append(row)
     return rows
 
 
@@ -231,8 +234,13 @@ def _merge(tallies: list[Tally]) -> Tally:
 
 
 def _partition_summary(run: Run) -> list[dict]:
-    return [{k: p[k] for k in ("partition", "train_tokens", "val_tokens", "top_terms", "sources")}
-            for p in load_report(run.data_dir)["partitions"]]
+    reports: dict[str, dict] = {}
+    rows = []
+    for part in run.partitions():
+        report = reports.setdefault(part.data, load_report(run.dir / part.data))
+        p = report["partitions"][part.index]
+        rows.append({"partition": part.label, **{k: p[k] for k in ("train_tokens", "val_tokens", "top_terms", "sources")}})
+    return rows
 
 
 def samples(model: CausalLM, tokenizer, cfg) -> list[dict]:

@@ -22,7 +22,8 @@ def write_report(run: Run, report: dict) -> None:
     out = run.reports_dir
     out.mkdir(parents=True, exist_ok=True)
     plot_losses(run, out / "loss_curves.png")
-    plot_routing(report["routing"], out / "routing.png")
+    plot_routing(report["routing"], out / "routing.png", report.get("partition_labels"),
+                 [e["expert"] for e in report.get("experts", [])])
     write_json(out / "report.json", report)
     markdown = render_markdown(report)
     write_text(out / "report.md", markdown)
@@ -54,21 +55,26 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {label} | {r['loss']:.4f} | {r['perplexity']:.2f} | {r['bits_per_byte']:.4f} | {r['tokens']} |")
     lines += _expert_lines(report.get("experts", []))
     modes = report["routing_modes"]
-    parts = len(next(iter(modes.values()))["per_partition"])
+    labels = report["partition_labels"]
     lines += [
         "",
         "## Routing modes (positions after the prefix only)",
         "",
-        "Perplexity per partition and overall; bits-per-byte overall.",
+        "Perplexity per partition and overall; bits-per-byte overall. Partitions p0, p1, ... are those `prepare` "
+        "made; a partition named after an expert is the text that expert was added with. Oracle routing needs the "
+        "partition's own expert, so it has no number where that expert was removed.",
         "",
-        "| mode | " + " | ".join(f"p{p}" for p in range(parts)) + " | overall | bits/byte |",
-        "|---|" + "---|" * (parts + 2),
+        "| mode | " + " | ".join(labels) + " | overall | bits/byte |",
+        "|---|" + "---|" * (len(labels) + 2),
     ]
     for mode, r in modes.items():
-        cells = " | ".join(f"{x['perplexity']:.2f}" for x in r["per_partition"])
+        cells = " | ".join("-" if x is None else f"{x['perplexity']:.2f}" for x in r["per_partition"])
         lines.append(f"| {mode} | {cells} | {r['overall']['perplexity']:.2f} | {r['overall']['bits_per_byte']:.4f} |")
     routing = report["routing"]
+    names = [e["expert"] for e in report.get("experts", [])]
     lines += ["", "## Routing analysis", "", "![routing](routing.png)", ""]
+    if names:
+        lines += ["Experts, in the model's order: " + ", ".join(f"{j} = {n}" for j, n in enumerate(names)), ""]
     if routing["accuracy_per_layer"] is not None:
         lines.append(
             "Share of each partition's tokens whose top-1 expert is that partition's expert, per layer: "
@@ -109,15 +115,18 @@ def _expert_lines(experts: list[dict]) -> list[str]:
         sel = e.get("selection") or {}
         kept = sel.get("best_step", "")
         calib = f"{sel['anchor_loss']:.4f} -> {sel['best_loss']:.4f}" if sel else ""
+        if e["gain"] is None:
+            lines.append(f"| {e['expert']} | - | - | no partition here ({e['kind']}) | {kept} | {calib} |")
+            continue
         lines.append(f"| {e['expert']} | {e['anchor_perplexity']:.2f} | {e['expert_perplexity']:.2f} | "
                      f"{100 * e['gain']:+.2f}% | {kept} | {calib} |")
-    worse = [str(e["expert"]) for e in experts if e["gain"] <= 0]
+    worse = [str(e["expert"]) for e in experts if e["gain"] is not None and e["gain"] <= 0]
     unchanged = [str(e["expert"]) for e in experts if (e.get("selection") or {}).get("best_step") == 0]
     if worse:
-        lines += ["", f"**Not better than the anchor on its own partition: expert {', '.join(worse)}.**"]
+        lines += ["", f"**Not better than the anchor on its own partition: {', '.join(worse)}.**"]
     if unchanged:
-        lines += ["", f"Expert {', '.join(unchanged)} never beat the anchor on held-out text in training and "
-                  "ships as the anchor FFN."]
+        lines += ["", f"{', '.join(unchanged)} never beat the anchor on held-out text in training and "
+                  "ship(s) as the anchor FFN."]
     if not worse:
         lines += ["", "Every expert beats the anchor on its own partition."]
     return lines
@@ -130,10 +139,10 @@ def plot_losses(run: Run, path) -> None:
     if shared:
         ax.plot([m["step"] for m in shared], [m["loss"] for m in shared], label="shared phase", color="black")
         offset = shared[-1]["step"]
-    for k in range(run.cfg.model.num_experts):
-        metrics = [m for m in read_metrics(run.expert_dir(k) / "metrics.jsonl") if "loss" in m]
+    for spec in run.experts():
+        metrics = [m for m in read_metrics(run.expert_dir(spec.name) / "metrics.jsonl") if "loss" in m]
         if metrics:
-            ax.plot([offset + m["step"] for m in metrics], [m["loss"] for m in metrics], label=f"expert {k}")
+            ax.plot([offset + m["step"] for m in metrics], [m["loss"] for m in metrics], label=spec.name)
     ax.set_xlabel("step (experts start where the shared phase ends)")
     ax.set_ylabel("training loss (nats/token)")
     ax.legend(fontsize=7, ncol=2)
@@ -141,7 +150,7 @@ def plot_losses(run: Run, path) -> None:
     _save(fig, path)
 
 
-def plot_routing(routing: dict, path) -> None:
+def plot_routing(routing: dict, path, partitions: list[str] | None = None, experts: list[str] | None = None) -> None:
     matrix = np.asarray(routing["partition_to_expert_mean"])
     load = np.asarray(routing["load"])
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -156,8 +165,11 @@ def plot_routing(routing: dict, path) -> None:
     right.set_title("expert load (share of top-k slots)")
     fig.colorbar(image, ax=right)
     for ax, (rows, cols) in ((left, matrix.shape), (right, load.shape)):
-        ax.set_xticks(range(cols))
+        ax.set_xticks(range(cols), experts if experts and len(experts) == cols else range(cols),
+                      rotation=45 if experts else 0, fontsize=7)
         ax.set_yticks(range(rows))
+    if partitions:
+        left.set_yticks(range(matrix.shape[0]), partitions, fontsize=7)
     _save(fig, path)
 
 

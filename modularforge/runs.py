@@ -5,7 +5,11 @@
     runs/<name>/config.yaml          resolved config
     runs/<name>/manifest.json        per stage: status, fingerprint, the sha256 of every file it wrote, wall
                                      time, peak RSS
-    runs/<name>/tokenizer/  data/  shared/  experts/expert_XX/  model/  reports/
+    runs/<name>/tokenizer/  data/  shared/  experts/<expert>/  added/<expert>/  model/  reports/
+
+Experts have identity (DESIGN.md section 7b): the run's expert set (`expert_set`) names them, each has a folder
+`experts/<name>/` and a fingerprint of its own (trunk, data, recipe, steps), so adding, importing or removing
+one never retrains another. Text added after `prepare` lives in `added/<expert>/`, laid out as `data/` is.
 
 A stage's fingerprint hashes the config sections it reads plus the fingerprint of the stage before
 it, so changing `train.lr` reruns the shared phase and everything after it, but not `prepare`.
@@ -29,11 +33,13 @@ import resource
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from modularforge.config import Config
 from modularforge.errors import RunDirectoryError, StageOrderError, os_error
+from modularforge.expert_set import PREPARED, ExpertSpec, Registry, partition_expert_name
 from modularforge.files import LEFTOVER, read_json, remove_leftovers, sha256_file, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -49,14 +55,18 @@ _STAGE_KEYS: dict[str, list[str]] = {
         "experts.init", "experts.mode", "experts.anchor_swap", "experts.stats_tokens", "experts.train", "experts.lr_from_trunk",
         "experts.keep_best", "budget",
         "model", "run.seed",
-    ],
+    ],  # and the expert set, each expert with its own fingerprint
     "assemble": ["assemble", "model.top_k"],
     "calibrate": ["calibrate"],
     "evaluate": ["evaluate"],
 }
 
 
-EXPERT_FILES = {"expert": "expert.safetensors", "stats": "router_stats.safetensors"}  # role -> name in expert_XX/
+# What one expert's fingerprint covers beside its trunk, its text and its steps
+_EXPERT_RECIPE = ["experts.init", "experts.mode", "experts.anchor_swap", "experts.stats_tokens", "experts.train",
+                  "experts.lr_from_trunk", "experts.keep_best", "run.seed"]
+
+EXPERT_FILES = {"expert": "expert.safetensors", "stats": "router_stats.safetensors"}  # role -> name in experts/<name>/
 MARKER = ".modularforge-run"
 LOCK = ".lock"
 LOCK_FD_ENV = "MODULARFORGE_RUN_LOCK_FD"  # a child of `run`: the inherited descriptor that holds the lock
@@ -84,12 +94,69 @@ class Run:
     marker_path = property(lambda self: self.dir / MARKER)
     lock_path = property(lambda self: self.dir / LOCK)
 
-    def expert_dir(self, index: int) -> Path:
-        return self.experts_dir / f"expert_{index:02d}"
+    added_dir = property(lambda self: self.dir / "added")
 
-    def expert_files(self, index: int) -> dict[str, Path]:
-        """The files expert `index` is shipped as: its weights ("expert") and its router statistics ("stats")."""
-        return {role: self.expert_dir(index) / name for role, name in EXPERT_FILES.items()}
+    def expert_dir(self, expert: int | str) -> Path:
+        """The folder of an expert, by name, or by partition for the partition experts."""
+        return self.experts_dir / (expert if isinstance(expert, str) else partition_expert_name(expert))
+
+    def expert_files(self, expert: int | str) -> dict[str, Path]:
+        """The files an expert is shipped as: its weights ("expert") and its router statistics ("stats")."""
+        return {role: self.expert_dir(expert) / name for role, name in EXPERT_FILES.items()}
+
+    def registry(self) -> Registry:
+        return Registry.load(self.experts_dir)
+
+    def experts(self) -> list[ExpertSpec]:
+        """The expert set, in the order of the assembled model's experts."""
+        return self.registry().experts(self.cfg.model.num_experts)
+
+    def expert(self, name: str) -> ExpertSpec:
+        for spec in self.experts():
+            if spec.name == name:
+                return spec
+        raise RunDirectoryError(f"{self.dir} has no expert named {name!r}; its experts: "
+                                f"{', '.join(s.name for s in self.experts())}")
+
+    def expert_steps(self, spec: ExpertSpec) -> int:
+        if spec.tokens is None:
+            return self.cfg.expert_steps
+        return max(1, round(spec.tokens / self.cfg.tokens_per_step(self.cfg.expert_train)))
+
+    def expert_stream(self, spec: ExpertSpec) -> int:
+        """The random stream of an expert's batches (and scratch initialisation): its partition for the partition
+        experts, else a number taken from its text, so that the same text added twice trains the same expert."""
+        if spec.data_sha256 is None:
+            return spec.partition
+        return int(spec.data_sha256[:12], 16) * 1024 + spec.partition
+
+    def expert_fingerprint(self, spec: ExpertSpec) -> str:
+        """What one expert is: its trunk (the shared phase's fingerprint, which covers the prepared data), its text,
+        its recipe and its steps. An imported expert keeps the fingerprint it was trained under."""
+        if spec.kind == "imported":
+            return spec.fingerprint
+        dump = self.cfg.model_dump(mode="json")
+        blob = json.dumps({
+            "recipe": {key: _lookup(dump, key) for key in _EXPERT_RECIPE},
+            "steps": self.expert_steps(spec),
+            "trunk": self.fingerprint("train-shared"),
+            "text": {"partition": spec.partition, "added": spec.data_sha256},
+        }, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def trunk_identity(self) -> dict[str, str]:
+        """The sha256 of the trunk's files and of the tokenizer: an expert trained from another trunk has others."""
+        facts = self.manifest()["stages"].get("train-shared", {})
+        return {"shared": facts.get("shared_sha256"), "anchor": facts.get("anchor_sha256"),
+                "tokenizer": _checksum(self.tokenizer_dir / "tokenizer.json")}
+
+    def partitions(self) -> list[PartitionRef]:
+        """The text the run is evaluated and calibrated on: every partition `prepare` made, then the text of each
+        added expert; with the position of the expert trained on it, if that expert is in the set."""
+        position = {(s.data, s.partition): j for j, s in enumerate(self.experts())}
+        refs = [PartitionRef(f"p{k}", PREPARED, k, position.get((PREPARED, k))) for k in range(self.cfg.model.num_experts)]
+        return refs + [PartitionRef(s.name, s.data, s.partition, position[(s.data, s.partition)])
+                       for s in self.experts() if s.kind == "added"]
 
     def vocab_size(self) -> int:
         """The vocabulary size that prepare recorded with the token shards."""
@@ -107,6 +174,8 @@ class Run:
             picked["budget"] = {**picked["budget"], "shared_fraction": self.cfg.shared_fraction}
         if "model" in picked:  # top_k matters only from assembly on (listed there)
             picked["model"] = {k: v for k, v in picked["model"].items() if k != "top_k"}
+        if stage == "train-experts":
+            picked["expert set"] = [[s.name, self.expert_fingerprint(s)] for s in self.experts()]
         index = STAGES.index(stage)
         upstream = self.fingerprint(STAGES[index - 1]) if index else ""
         blob = json.dumps({"keys": picked, "upstream": upstream}, sort_keys=True)
@@ -114,8 +183,7 @@ class Run:
 
     def outputs(self, stage: str) -> list[Path]:
         """The files and folders `stage` writes (a later stage may rewrite some: calibrate rewrites model/)."""
-        experts = [self.expert_dir(k) / name for k in range(self.cfg.model.num_experts)
-                   for name in (*EXPERT_FILES.values(), "done.json")]
+        experts = [self.expert_dir(s.name) / name for s in self.experts() for name in (*EXPERT_FILES.values(), "done.json")]
         return {
             "prepare": [self.tokenizer_dir, self.data_dir],
             "train-shared": [self.shared_dir / "shared.safetensors", self.shared_dir / "anchor.safetensors"],
@@ -298,6 +366,17 @@ class Run:
                 },
             )
             log.info("%s done in %.1fs (peak RSS %.0f MB)", name, wall, peak_rss_mb())
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionRef:
+    """One partition of the run's text: its label in reports, its data folder (relative to the run directory) and
+    index there, and the position in the expert set of the expert trained on it (None if it was removed)."""
+
+    label: str
+    data: str
+    index: int
+    expert: int | None
 
 
 def _checksum(path: Path) -> str | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -119,8 +119,9 @@ def read_tensors(path: str | Path, names: Iterable[str] | None = None) -> dict[s
 Source = tuple[TensorInfo, Callable[[BinaryIO], None]]  # what to write, and a function writing its bytes
 
 
-def from_file(path: str | Path, info: TensorInfo, on_read: Callable[[Path, str], None] | None = None) -> Source:
-    """A source that copies `info`'s bytes from `path` in CHUNK_BYTES pieces."""
+def from_file(path: str | Path, info: TensorInfo, on_read: Callable[[Path, str], None] | None = None,
+              name: str | None = None) -> Source:
+    """A source that copies `info`'s bytes from `path` in CHUNK_BYTES pieces, under `name` (default: its own)."""
 
     def copy(out: BinaryIO) -> None:
         if on_read is not None:
@@ -135,7 +136,7 @@ def from_file(path: str | Path, info: TensorInfo, on_read: Callable[[Path, str],
                 out.write(chunk)
                 left -= len(chunk)
 
-    return info, copy
+    return (info if name is None else replace(info, name=name)), copy
 
 
 def from_tensor(name: str, tensor: torch.Tensor) -> Source:

@@ -10,7 +10,7 @@ from modularforge.config import ModelConfig
 from modularforge.errors import AssemblyError, DataError
 from modularforge.files import load_tensors, read_json
 from modularforge.model.transformer import CausalLM
-from modularforge.model.weights import dense_shapes, expert_key
+from modularforge.model.weights import dense_shapes, ffn_key, ffn_to_expert
 
 
 def _all_output_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -30,8 +30,8 @@ def test_streaming_assembly_writes_back_bit_for_bit_what_it_read(trained_run):
         assert torch.equal(out[name], tensor), name
     for k in range(trained_run.cfg.model.num_experts):
         expert = load_tensors(trained_run.expert_dir(k) / "expert.safetensors")
-        for name, tensor in expert.items():
-            assert torch.equal(out[name], tensor), name
+        for name, tensor in expert.items():  # the expert's dense FFN, named by its position in the set
+            assert torch.equal(out[ffn_to_expert(name, k)], tensor), name
     num_layers, experts = trained_run.cfg.model.num_layers, trained_run.cfg.model.num_experts
     assert out[f"model.layers.{num_layers - 1}.block_sparse_moe.gate.weight"].shape == (experts, 32)
     index = read_json(trained_run.model_dir / "model.safetensors.index.json")
@@ -109,7 +109,7 @@ def test_expert_of_another_shape_is_a_config_mismatch_naming_the_file(run_copy):
 
     path = run_copy.expert_dir(3) / "expert.safetensors"
     tensors = load_tensors(path)
-    name = expert_key(0, 3, "w1")
+    name = ffn_key(0, "w1")
     tensors[name] = torch.zeros(7, 32)
     save_tensors(path, tensors)
     with pytest.raises(AssemblyError, match=r"expert_03/expert.safetensors.*shape \[7, 32\]"):

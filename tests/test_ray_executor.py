@@ -72,15 +72,15 @@ def test_progress_line_shows_each_running_experts_last_step(make_config):
     run = Run(make_config())
     run.expert_dir(1).mkdir(parents=True)
     (run.expert_dir(1) / "metrics.jsonl").write_text('{"step": 3, "loss": 5.25}\n{"step": 4, "lo')  # being written
-    line = progress_line(run, [1, 2], done=1)
-    assert line == f"experts 1/4 done | expert 2: step 3/{run.cfg.expert_steps} loss 5.250 | expert 3: no step yet"
-    stale = progress_line(run, [1], done=1, since=time.time() + 60)  # metrics left from an earlier run
-    assert stale == "experts 1/4 done | expert 2: no step yet"
+    line = progress_line(run, ["expert_01", "expert_02"], done=1)
+    assert line == f"experts 1/4 done | expert_01: step 3/{run.cfg.expert_steps} loss 5.250 | expert_02: no step yet"
+    stale = progress_line(run, ["expert_01"], done=1, since=time.time() + 60)  # metrics left from an earlier run
+    assert stale == "experts 1/4 done | expert_01: no step yet"
 
 
 def test_an_error_inside_a_task_fails_the_stage_with_its_one_line_message(ray, make_config):
     run = Run(make_config(experts=ON_RAY))  # nothing prepared: every task fails reading the token shards
-    with pytest.raises(DataError, match=r"^expert \d/4: "):
+    with pytest.raises(DataError, match=r"^expert_\d\d: "):
         train_experts_on_ray(run)
     assert not ray.is_initialized()
 
@@ -96,7 +96,8 @@ def test_ray_executor_writes_the_same_expert_files_as_the_local_executor(ray, ma
     train_experts(on_ray)
     assert not ray.is_initialized()  # the local instance it started is stopped again
     manifest = read_json(on_ray.manifest_path)["stages"]["train-experts"]
-    assert manifest["status"] == "done" and [s["expert"] for s in manifest["experts"]] == [0, 1, 2, 3]
+    assert manifest["status"] == "done" and [s["name"] for s in manifest["experts"]] == [
+        "expert_00", "expert_01", "expert_02", "expert_03"]
     for k in range(4):
         for name in EXPERT_FILES:
             assert (on_ray.expert_dir(k) / name).read_bytes() == (local.expert_dir(k) / name).read_bytes(), (k, name)

@@ -53,7 +53,7 @@ def test_interrupted_expert_phase_resumes_at_the_expert_and_step(make_config, ca
     assert load_tensors(resumed.expert_dir(1) / "ckpt.safetensors") and not resumed.expert_dir(2).exists()
     caplog.set_level("INFO", logger="modularforge")
     train_experts(resumed)
-    assert "expert 1/4 already trained; skipping" in caplog.text
+    assert "expert_00 already trained; skipping" in caplog.text
     assert "resuming" in caplog.text and "at step 3/" in caplog.text
     for k in range(4):
         for name in ("expert.safetensors", "router_stats.safetensors"):
@@ -153,7 +153,7 @@ def test_expert_options_train_and_assemble(make_config, experts):
     tensors = load_tensors(run.expert_dir(0) / "expert.safetensors")
     assert not any(k.startswith("router_row.") for k in tensors)  # the with_anchor pair's router row is not kept
     anchor = load_tensors(run.shared_dir / "anchor.safetensors")
-    w1 = tensors["model.layers.0.block_sparse_moe.experts.0.w1.weight"]
+    w1 = tensors["model.layers.0.mlp.w1.weight"]  # an expert file holds a dense FFN stack
     assert not torch.equal(w1, anchor["model.layers.0.mlp.w1.weight"])  # it trained (or started elsewhere)
     model = open_model(run.model_dir)
     assert torch.isfinite(model(torch.randint(0, 500, (1, 16)))).all()
@@ -270,8 +270,7 @@ def test_experts_continue_the_trunk_learning_rate_and_ship_no_worse_than_the_anc
         selection = read_json(run.expert_dir(k) / "done.json")["selection"]
         assert selection["best_loss"] <= selection["anchor_loss"]
         expert = load_tensors(run.expert_dir(k) / "expert.safetensors")
-        same = torch.equal(expert[f"model.layers.0.block_sparse_moe.experts.{k}.w1.weight"],
-                           anchor["model.layers.0.mlp.w1.weight"])
+        same = torch.equal(expert["model.layers.0.mlp.w1.weight"], anchor["model.layers.0.mlp.w1.weight"])
         assert same == (selection["best_step"] == 0) == (not selection["beats_anchor"])
         assert not (run.expert_dir(k) / "best.safetensors").exists()
     assert "did not beat its anchor" in caplog.text  # 100x the trunk's final rate wrecks at least one expert
@@ -287,6 +286,6 @@ def test_a_damaged_expert_file_is_trained_again_not_trusted(make_config, caplog)
     path.write_bytes(good[:-8] + b"\0" * 8)
     caplog.set_level("INFO", logger="modularforge")
     train_experts(run)
-    assert "expert 2: expert missing or changed since it was trained; training it again" in caplog.text
-    assert "expert 1/4 already trained; skipping" in caplog.text
+    assert "expert_01: expert.safetensors missing or changed since it was trained; training it again" in caplog.text
+    assert "expert_00 already trained; skipping" in caplog.text
     assert path.read_bytes() == good

@@ -10,7 +10,10 @@ from modularforge.config import ModelConfig
 from modularforge.errors import DataError
 
 
-def mixtral_config(cfg: ModelConfig, vocab_size: int, eos_id: int) -> dict:
+def mixtral_config(cfg: ModelConfig, vocab_size: int, eos_id: int, expert_names: list[str] | None = None) -> dict:
+    """config.json of an assembled model; `expert_names` (one per expert, in order) is kept as an extra key, which
+    transformers carries along unread."""
+    names = {"expert_names": expert_names} if expert_names is not None else {}
     return {
         "architectures": ["MixtralForCausalLM"],
         "model_type": "mixtral",
@@ -41,6 +44,7 @@ def mixtral_config(cfg: ModelConfig, vocab_size: int, eos_id: int) -> dict:
         "use_cache": True,
         "torch_dtype": "float32",
         "dtype": "float32",
+        **names,
     }
 
 

@@ -24,12 +24,13 @@ from modularforge.config import Config
 from modularforge.data.batches import PreparedData, Windows, batch_rng, fixed_batches, spread_batches
 from modularforge.data.shards import CALIB, TRAIN, VAL
 from modularforge.device import autocast, autocast_dtype
-from modularforge.errors import DataError
+from modularforge.errors import DataError, TrainingError
+from modularforge.expert_set import ExpertSpec
 from modularforge.files import read_json, save_tensors, sha256_file, write_json
 from modularforge.model.layers import SwiGLU
 from modularforge.model.moe import SparseMoE
 from modularforge.model.transformer import CausalLM
-from modularforge.model.weights import FFN_WEIGHTS, build_model, expert_key, ffn_from_weights, ffn_key
+from modularforge.model.weights import FFN_WEIGHTS, build_model, ffn_from_weights, ffn_key
 from modularforge.routers import empty_stats, save_stats, stat_names
 from modularforge.runs import Run
 from modularforge.safetensors_stream import read_tensors
@@ -37,73 +38,81 @@ from modularforge.train.loop import LoopPlan, Objective, model_loss, train_loop
 
 log = logging.getLogger(__name__)
 
-SWAP_STREAM = 10_000  # random stream of anchor-swap draws (expert k uses SWAP_STREAM + k)
+SWAP_STREAM = 10_000  # random stream of anchor-swap draws (an expert of batch stream s uses SWAP_STREAM + s)
 
 
-def finished_expert(run: Run, k: int) -> dict | None:
-    """The summary of expert k if it finished under the current config and its files are intact."""
-    done = run.expert_dir(k) / "done.json"
+def finished_expert(run: Run, spec: ExpertSpec) -> dict | None:
+    """The summary of an expert if it finished under its current fingerprint and its files are intact."""
+    done = run.expert_dir(spec.name) / "done.json"
     if not done.exists():
         return None
     summary = read_json(done)
-    if summary.get("fingerprint") != run.fingerprint("train-experts"):
+    if summary.get("fingerprint") != run.expert_fingerprint(spec):
         return None
-    damaged = [name for name, path in run.expert_files(k).items()
-               if not path.is_file() or sha256_file(path) != summary.get("sha256", {}).get(name)]
+    damaged = [path.name for role, path in run.expert_files(spec.name).items()
+               if not path.is_file() or sha256_file(path) != summary.get("sha256", {}).get(role)]
     if damaged:
-        log.warning("expert %d: %s missing or changed since it was trained; training it again", k + 1,
+        log.warning("%s: %s missing or changed since it was trained; training it again", spec.name,
                     " and ".join(damaged))
         return None
     return summary
 
 
-def train_expert(run: Run, k: int, stop_after: int | None = None) -> dict:
+def train_expert(run: Run, spec: ExpertSpec, stop_after: int | None = None) -> dict:
+    """Train one expert of the set (a partition or an added expert) unless it is finished; its summary."""
     cfg = run.cfg
-    if (summary := finished_expert(run, k)) is not None:
-        log.info("expert %d/%d already trained; skipping", k + 1, cfg.model.num_experts)
+    label = spec.name
+    if (summary := finished_expert(run, spec)) is not None:
+        log.info("%s already trained; skipping", label)
         return summary
-    out = run.expert_dir(k)
-    data = PreparedData(run.data_dir)
-    model = expert_model(cfg, run.vocab_size(), run, k)
+    if spec.kind == "imported":
+        raise TrainingError(f"{label} was imported and its files in {run.expert_dir(spec.name)} are missing or "
+                            "changed, and there is no text here to train it again: import it again, or remove it")
+    out = run.expert_dir(spec.name)
+    data = PreparedData(run.dir / spec.data)
+    stream, part = run.expert_stream(spec), spec.partition
+    fingerprint = run.expert_fingerprint(spec)
+    model = expert_model(cfg, run.vocab_size(), run, stream)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     tcfg = cfg.expert_train
     seq_len, micro = cfg.seq_len(tcfg), tcfg.micro_batch
-    train_windows = data.windows(TRAIN, k)
-    val_batches = fixed_batches(selection_windows(data, k) if cfg.experts.keep_best else data.windows(VAL, k),
+    train_windows = data.windows(TRAIN, part)
+    val_batches = fixed_batches(selection_windows(data, part) if cfg.experts.keep_best else data.windows(VAL, part),
                                 tcfg.eval_batches * micro, seq_len, micro)
 
     def sample_batch(step: int) -> torch.Tensor:
         swaps = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, AnchorSwap)]
         if swaps:  # which layers run the anchor this step: a function of the step, so resuming repeats it
-            draws = batch_rng(cfg.run.seed, SWAP_STREAM + k, step).random(len(swaps))
+            draws = batch_rng(cfg.run.seed, SWAP_STREAM + stream, step).random(len(swaps))
             use_anchor = draws < cfg.experts.anchor_swap
             use_anchor[draws.argmax()] = False  # at least one layer trains every step
             for swap, flag in zip(swaps, use_anchor):
                 swap.use_anchor = bool(flag)
-        return train_windows.sample(batch_rng(cfg.run.seed, k, step), tcfg.batch_size, seq_len)
+        return train_windows.sample(batch_rng(cfg.run.seed, stream, step), tcfg.batch_size, seq_len)
 
     result = train_loop(
         Objective(params=trainable, loss_fn=model_loss(model, tcfg.compile, tcfg.loss_chunks),
                   sample_batch=sample_batch, val_batches=val_batches,
                   no_decay=lambda name: name.endswith("gate.weight")),
         tcfg,
-        LoopPlan(steps=cfg.expert_steps, out_dir=out, label=f"expert {k + 1}/{cfg.model.num_experts}",
-                 fingerprint=run.fingerprint("train-experts"), stop_after=stop_after,
-                 keep_best=cfg.experts.keep_best),
+        LoopPlan(steps=run.expert_steps(spec), out_dir=out, label=label, fingerprint=fingerprint,
+                 stop_after=stop_after, keep_best=cfg.experts.keep_best),
     )
     if cfg.experts.keep_best:
-        _log_against_anchor(k, cfg.model.num_experts, result)
-    stats = router_statistics(model, data.held_out(k, cfg.experts.stats_tokens), cfg.experts.stats_tokens, seq_len, micro,
-                              autocast_dtype(tcfg.precision))
+        _log_against_anchor(label, result)
+    stats = router_statistics(model, data.held_out(part, cfg.experts.stats_tokens), cfg.experts.stats_tokens, seq_len,
+                              micro, autocast_dtype(tcfg.precision))
     tokens = result.steps * cfg.tokens_per_step(tcfg)
-    provenance = {"stage": "train-experts", "expert": k, "fingerprint": run.fingerprint("train-experts"),
-                  "tokens": tokens}
-    files = run.expert_files(k)
-    save_tensors(files["expert"], expert_tensors(model, k), provenance)
+    provenance = {"stage": "train-experts", "expert": spec.name, "fingerprint": fingerprint, "tokens": tokens}
+    files = run.expert_files(spec.name)
+    save_tensors(files["expert"], expert_tensors(model), provenance)
     save_stats(files["stats"], stats, provenance)
     summary = {
-        "expert": k,
-        "fingerprint": run.fingerprint("train-experts"),
+        "name": spec.name,
+        "fingerprint": fingerprint,
+        "trunk": run.trunk_identity(),
+        "model": {"hidden_size": cfg.model.hidden_size, "intermediate_size": cfg.model.intermediate_size,
+                  "num_layers": cfg.model.num_layers},
         "steps": result.steps,
         "tokens": tokens,
         "train_loss": result.train_loss,
@@ -134,17 +143,17 @@ def selection_windows(data: PreparedData, k: int) -> Windows:
     return calib if calib.total >= 2 else data.windows(VAL, k)
 
 
-def _log_against_anchor(k: int, experts: int, result) -> None:
+def _log_against_anchor(label: str, result) -> None:
     gain = 1 - math.exp(result.best_val_loss - result.initial_val_loss)
     if result.best_step == 0:
-        log.warning("expert %d/%d did not beat its anchor on held-out text of its partition (loss %.4f at step 0, "
-                    "never lower in training): it ships as the anchor FFN", k + 1, experts, result.initial_val_loss)
+        log.warning("%s did not beat its anchor on held-out text of its partition (loss %.4f at step 0, "
+                    "never lower in training): it ships as the anchor FFN", label, result.initial_val_loss)
     else:
-        log.info("expert %d/%d: held-out loss %.4f (anchor) -> %.4f at step %d, perplexity %.1f%% lower",
-                 k + 1, experts, result.initial_val_loss, result.best_val_loss, result.best_step, 100 * gain)
+        log.info("%s: held-out loss %.4f (anchor) -> %.4f at step %d, perplexity %.1f%% lower",
+                 label, result.initial_val_loss, result.best_val_loss, result.best_step, 100 * gain)
 
 
-def expert_model(cfg: Config, vocab: int, run: Run, k: int) -> CausalLM:
+def expert_model(cfg: Config, vocab: int, run: Run, stream: int) -> CausalLM:
     """Frozen shared part + this expert's trainable FFN (beside the frozen anchor in with_anchor mode)."""
     shared = read_tensors(run.shared_dir / "shared.safetensors")
     keeps_anchor = cfg.experts.mode == "with_anchor" or cfg.experts.anchor_swap > 0
@@ -153,7 +162,7 @@ def expert_model(cfg: Config, vocab: int, run: Run, k: int) -> CausalLM:
     if cfg.experts.init == "anchor":  # the loaded tensors are ours: copy them only if the anchor stays too
         ffn = {name: t.clone() for name, t in anchor.items()} if keeps_anchor else anchor
     else:
-        ffn = scratch_ffn(cfg, k)
+        ffn = scratch_ffn(cfg, stream)
     model = build_model(cfg.model, vocab, moe=False, tensors=shared | ffn)
     del shared
     if cfg.experts.frozen_bf16 and autocast_dtype(cfg.expert_train.precision) == torch.bfloat16:
@@ -193,9 +202,9 @@ class AnchorSwap(nn.Module):
         return self.anchor(x) if self.use_anchor and self.training else self.expert(x)
 
 
-def scratch_ffn(cfg: Config, k: int) -> dict[str, torch.Tensor]:
+def scratch_ffn(cfg: Config, stream: int) -> dict[str, torch.Tensor]:
     m = cfg.model
-    g = torch.Generator().manual_seed(cfg.run.seed * 1000 + k + 1)
+    g = torch.Generator().manual_seed(cfg.run.seed * 1000 + stream + 1)
     out_std = m.init_std * (2 * m.num_layers) ** -0.5
     ffn = {}
     for i in range(m.num_layers):
@@ -224,14 +233,15 @@ def expert_ffn(layer: nn.Module) -> SwiGLU:
     return layer.mlp.expert if isinstance(layer.mlp, AnchorSwap) else layer.mlp
 
 
-def expert_tensors(model: CausalLM, k: int) -> dict[str, torch.Tensor]:
-    """The trained FFN under its final Mixtral names. In with_anchor mode the pair's router row is not kept:
-    assembly computes every router from the statistics."""
+def expert_tensors(model: CausalLM) -> dict[str, torch.Tensor]:
+    """The trained FFN under the dense model's names (`model.layers.{i}.mlp.w1.weight`): an expert is a dense
+    FFN stack, and assembly names it by its position in the set. In with_anchor mode the pair's router row is
+    not kept: assembly computes every router from the statistics."""
     out = {}
     for i, layer in enumerate(model.model.layers):
         ffn = expert_ffn(layer)
         for w in FFN_WEIGHTS:
-            out[expert_key(i, k, w)] = getattr(ffn, w).weight.detach()
+            out[ffn_key(i, w)] = getattr(ffn, w).weight.detach()
     return out
 
 

@@ -1,5 +1,6 @@
-"""Stage 3, train-experts: every expert not yet finished, one at a time in this process (the local executor)
-or as Ray tasks (`experts.executor: ray`, train/ray_executor.py). Both run `train.expert.train_expert`.
+"""Stage 3, train-experts: every expert of the run's set not yet finished, one at a time in this process (the
+local executor) or as Ray tasks (`experts.executor: ray`, train/ray_executor.py). Both run
+`train.expert.train_expert`. The set is the partition experts plus any that `add-expert` registered.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from modularforge.train.expert import train_expert
 
 
 def train_experts(run: Run, stop_at: tuple[int, int] | None = None) -> None:
-    """Train every expert not yet finished. stop_at=(expert, step) simulates a crash (tests)."""
+    """Train every expert not yet finished. stop_at=(position in the set, step) simulates a crash (tests)."""
     cfg = run.cfg
     with run.stage("train-experts") as facts:
         if cfg.experts.executor == "ray":
@@ -20,8 +21,8 @@ def train_experts(run: Run, stop_at: tuple[int, int] | None = None) -> None:
             summaries = train_experts_on_ray(run)
         else:
             summaries = []
-            for k in range(cfg.model.num_experts):
-                stop = stop_at[1] if stop_at and stop_at[0] == k else None
-                summaries.append(train_expert(run, k, stop_after=stop))
+            for j, spec in enumerate(run.experts()):
+                stop = stop_at[1] if stop_at and stop_at[0] == j else None
+                summaries.append(train_expert(run, spec, stop_after=stop))
                 gc.collect()
         facts["experts"] = summaries

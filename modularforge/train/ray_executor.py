@@ -41,24 +41,28 @@ def train_experts_on_ray(run: Run) -> list[dict]:
     is already connected to Ray, that connection is used as it is.
     """
     ray = _import_ray()
-    from modularforge.train.expert import finished_expert
+    from modularforge.train.expert import finished_expert, train_expert
 
     cfg = run.cfg
-    summaries = {k: s for k in range(cfg.model.num_experts) if (s := finished_expert(run, k)) is not None}
-    for k in summaries:
-        log.info("expert %d/%d already trained; skipping", k + 1, cfg.model.num_experts)
-    pending = [k for k in range(cfg.model.num_experts) if k not in summaries]
+    experts = run.experts()
+    summaries = {s.name: done for s in experts if (done := finished_expert(run, s)) is not None}
+    for name in summaries:
+        log.info("%s already trained; skipping", name)
+    pending = [s.name for s in experts if s.name not in summaries]
+    for spec in experts:
+        if spec.kind == "imported" and spec.name in pending:
+            train_expert(run, spec)  # raises: an imported expert cannot be trained here
     if pending:
         started = _connect(ray, cfg.experts)
         try:
             task = ray.remote(**task_options(cfg.experts))(train_expert_task)
             config, run_dir = cfg.model_dump(mode="json"), str(Path(run.dir).resolve())
-            refs = {task.remote(run_dir, config, k): k for k in pending}
+            refs = {task.remote(run_dir, config, name): name for name in pending}
             summaries |= _wait_for(ray, run, refs, len(summaries))
         finally:
             if started:
                 ray.shutdown()
-    return [summaries[k] for k in range(cfg.model.num_experts)]
+    return [summaries[s.name] for s in experts]
 
 
 def _import_ray():
@@ -104,8 +108,8 @@ def task_threads(cfg: Config) -> int:
     return cfg.run.threads or max(1, int(cfg.experts.ray_cpus_per_task))
 
 
-def train_expert_task(run_dir: str, config: dict, k: int) -> dict:
-    """Body of one Ray task (its name is the worker's process title): train expert k, return its summary."""
+def train_expert_task(run_dir: str, config: dict, name: str) -> dict:
+    """Body of one Ray task (its name is the worker's process title): train the named expert, return its summary."""
     import torch
 
     from modularforge.config import config_from_dict
@@ -113,13 +117,14 @@ def train_expert_task(run_dir: str, config: dict, k: int) -> dict:
 
     cfg = config_from_dict(config)
     torch.set_num_threads(task_threads(cfg))
-    return train_expert(Run(cfg, run_dir), k)
+    run = Run(cfg, run_dir)
+    return train_expert(run, run.expert(name))
 
 
-def _wait_for(ray, run: Run, refs: dict, already_done: int) -> dict[int, dict]:
+def _wait_for(ray, run: Run, refs: dict, already_done: int) -> dict[str, dict]:
     """Collect task results as they finish, showing progress; a failed task fails the stage."""
-    total = run.cfg.model.num_experts
-    summaries: dict[int, dict] = {}
+    total = len(run.experts())
+    summaries: dict[str, dict] = {}
     pending = list(refs)
     started, last_log = time.time(), time.monotonic()
     bar = tqdm(total=total, initial=already_done, desc="experts (ray)", unit="expert", disable=None)
@@ -127,10 +132,10 @@ def _wait_for(ray, run: Run, refs: dict, already_done: int) -> dict[int, dict]:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=POLL_SECONDS)
             for ref in ready:
-                k = refs[ref]
-                summaries[k] = _result(ray, ref, k, total, pending)
+                name = refs[ref]
+                summaries[name] = _result(ray, ref, name, pending)
                 bar.update(1)
-                log.info("expert %d/%d done | train loss %.3f", k + 1, total, summaries[k]["train_loss"])
+                log.info("%s done | train loss %.3f", name, summaries[name]["train_loss"])
             if pending and time.monotonic() - last_log >= LOG_SECONDS:
                 log.info("%s", progress_line(run, [refs[r] for r in pending], already_done + len(summaries), started))
                 last_log = time.monotonic()
@@ -138,16 +143,16 @@ def _wait_for(ray, run: Run, refs: dict, already_done: int) -> dict[int, dict]:
     return summaries
 
 
-def _result(ray, ref, k: int, total: int, pending: list) -> dict:
+def _result(ray, ref, name: str, pending: list) -> dict:
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as e:
         _cancel(ray, pending)
-        raise _in_expert(e.cause, f"expert {k + 1}/{total}") from None
+        raise _in_expert(e.cause, name) from None
     except ray.exceptions.RayError as e:
         _cancel(ray, pending)
         raise TrainingError(
-            f"expert {k + 1}/{total}: its Ray task was lost after all retries ({type(e).__name__}); "
+            f"{name}: its Ray task was lost after all retries ({type(e).__name__}); "
             "rerun the stage to resume from its checkpoint"
         ) from None
 
@@ -167,18 +172,18 @@ def _cancel(ray, pending: list) -> None:
         ray.cancel(ref, force=True)
 
 
-def progress_line(run: Run, running: list[int], done: int, since: float = 0.0) -> str:
-    """`experts 1/4 done | expert 2: step 40/80 loss 3.214 | expert 3: no step yet` (queued or starting).
+def progress_line(run: Run, running: list[str], done: int, since: float = 0.0) -> str:
+    """`experts 1/4 done | expert_01: step 40/80 loss 3.214 | expert_02: no step yet` (queued or starting).
 
     Metrics files last written before `since` (a time.time()) are left from an earlier run and ignored."""
-    steps = run.cfg.expert_steps
-    parts = [f"experts {done}/{run.cfg.model.num_experts} done"]
-    for k in sorted(running):
-        last = last_metrics(run.expert_dir(k) / "metrics.jsonl", since)
+    experts = {s.name: s for s in run.experts()}
+    parts = [f"experts {done}/{len(experts)} done"]
+    for name in sorted(running):
+        last = last_metrics(run.expert_dir(name) / "metrics.jsonl", since)
         if last and "loss" in last:  # the step-0 record of keep_best holds a validation loss only
-            parts.append(f"expert {k + 1}: step {last['step']}/{steps} loss {last['loss']:.3f}")
+            parts.append(f"{name}: step {last['step']}/{run.expert_steps(experts[name])} loss {last['loss']:.3f}")
         else:
-            parts.append(f"expert {k + 1}: no step yet")
+            parts.append(f"{name}: no step yet")
     return " | ".join(parts)
 
 
