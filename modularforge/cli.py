@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,20 +194,102 @@ def cmd_run(args) -> None:
     with run.lock():  # held across every stage; the children share it (`Run.child_lock`)
         run.save_config()
         log.info("run directory: %s", run.dir)
-        env, lock_fds = run.child_lock()
-        flags = [*(["-v"] if args.verbose else []), *(["--debug"] if args.debug else [])]
-        for stage in STAGES:
-            if run.is_done(stage):
-                log.info("%s: already done, skipping", stage)
-                continue
-            command = [sys.executable, "-m", "modularforge", *flags, stage, "--run-dir", str(run.dir)]
-            log.info("%s: starting", stage)
-            code = subprocess.call(command, env=env, pass_fds=lock_fds)
-            if code:
-                raise StageFailed(stage, code)
+        run_stages(run, args, STAGES)
     report = run.reports_dir / "report.md"
     log.info("done: model in %s, report in %s", run.model_dir, report)
     _print_samples(run)
+
+
+def run_stages(run: Run, args, stages: list[str]) -> None:
+    """Run each unfinished stage of `stages` as a child process, under the lock this process holds."""
+    env, lock_fds = run.child_lock()
+    flags = [*(["-v"] if args.verbose else []), *(["--debug"] if args.debug else [])]
+    for stage in stages:
+        if run.is_done(stage):
+            log.info("%s: already done, skipping", stage)
+            continue
+        command = [sys.executable, "-m", "modularforge", *flags, stage, "--run-dir", str(run.dir)]
+        log.info("%s: starting", stage)
+        code = subprocess.call(command, env=env, pass_fds=lock_fds)
+        if code:
+            raise StageFailed(stage, code)
+
+
+AFTER_EXPERTS = STAGES[STAGES.index("train-experts"):]
+
+
+def _grow(args, change: Callable[[Run], str]) -> None:
+    """Change the run's expert set under its lock, then train what is new, re-assemble, recalibrate and rewrite the
+    report. The change (reading new text, or checking and copying an expert) runs in a child process like each
+    stage, so every step's peak RSS is its own; then log what each step cost."""
+    run = resolve(args)
+    if args.run_dir is None:
+        raise ModularForgeError(f"{args.command} changes an existing run: give --run-dir RUN")
+    if not run.marker_path.is_file():
+        raise ModularForgeError(f"{run.dir} is not a ModularForge run directory; give --run-dir RUN of a finished run")
+    _apply_runtime(run)
+    if args.change_only:  # the child: the parent holds the lock and runs the stages
+        with run.lock():
+            log.info("%s", change(run))
+        return
+    with run.lock():
+        run.save_config()
+        env, lock_fds = run.child_lock()
+        started = time.perf_counter()
+        code = subprocess.call([sys.executable, "-m", "modularforge", *args.argv, "--change-only"], env=env,
+                               pass_fds=lock_fds)
+        if code:
+            raise ChildFailed(code)  # the child printed its one-line error
+        change = {"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_of_children()}
+        run_stages(run, args, AFTER_EXPERTS)
+    stages = run.manifest()["stages"]
+    costs = [f"{args.command} {change['seconds']:.0f} s (peak RSS {change['peak_rss_mb']:.0f} MB)"]
+    costs += [f"{s} {stages[s]['wall_seconds']:.0f} s (peak RSS {stages[s]['peak_rss_mb']:.0f} MB)"
+              for s in AFTER_EXPERTS if "wall_seconds" in stages.get(s, {})]
+    log.info("%s done in %.0f s: %s", args.command, time.perf_counter() - started, ", ".join(costs))
+    log.info("the model (%d experts: %s) is in %s, the report in %s", len(run.experts()),
+             ", ".join(s.name for s in run.experts()), run.model_dir, run.reports_dir / "report.md")
+
+
+def peak_rss_of_children() -> float:
+    """The largest peak RSS (MB) of the child processes waited for so far."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+class ChildFailed(ModularForgeError):
+    """A child process failed and has said why: exit with its code, adding nothing."""
+
+    def __init__(self, code: int):
+        self.code = code
+        super().__init__(f"exit code {code}")
+
+
+def cmd_add_expert(args) -> None:
+    from modularforge.grow import add_experts
+
+    def change(run: Run) -> str:
+        specs = add_experts(run, args.data or [], args.dataset, args.name, args.tokens, args.clusters)
+        return "added " + ", ".join(s.name for s in specs)
+
+    _grow(args, change)
+
+
+def cmd_import_expert(args) -> None:
+    from modularforge.grow import import_expert
+
+    _grow(args, lambda run: f"imported {import_expert(run, args.folder, args.name).name}")
+
+
+def cmd_remove_expert(args) -> None:
+    from modularforge.grow import remove_expert
+
+    def change(run: Run) -> str:
+        remove_expert(run, args.name)
+        return f"removed {args.name}"
+
+    _grow(args, change)
 
 
 class StageFailed(ModularForgeError):
@@ -289,6 +372,33 @@ def _export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="assembled model folder (default: the run's model/)")
 
 
+def _change_only_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--change-only", action="store_true", help=argparse.SUPPRESS)  # the child that changes the set
+
+
+def _add_expert_flags(p: argparse.ArgumentParser) -> None:
+    _change_only_flag(p)
+    p.add_argument("--data", action="append", metavar="PATH",
+                   help="the new text: .txt/.jsonl/.jsonl.gz/.parquet files, folders or globs, as `prepare` reads "
+                   "them (repeatable)")
+    p.add_argument("--dataset", help="or a Hugging Face dataset name (needs network or a cache)")
+    p.add_argument("--name", help="the new expert's name (default: expert_XX, the next free number); with "
+                   "--clusters K, the experts are NAME_0 ... NAME_{K-1}")
+    p.add_argument("--tokens", type=int, help="training tokens of each new expert (default: the run's tokens per expert)")
+    p.add_argument("--clusters", type=int, default=1, help="split the new text into K experts, as prepare clusters")
+
+
+def _import_expert_flags(p: argparse.ArgumentParser) -> None:
+    _change_only_flag(p)
+    p.add_argument("folder", type=Path, help="the expert's folder (experts/<name>/ of a run with the same trunk)")
+    p.add_argument("--name", help="its name here (default: the name it had)")
+
+
+def _remove_expert_flags(p: argparse.ArgumentParser) -> None:
+    _change_only_flag(p)
+    p.add_argument("name", help="the expert to remove (its files stay in experts/<name>/)")
+
+
 def _config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keys", action="store_true", help="list every config key with its default and meaning")
 
@@ -315,6 +425,11 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command(cmd_evaluate, "write reports/ for the run, or score a text file with --data", _evaluate_flags),
     "generate": Command(cmd_generate, "generate text, streamed to stdout", _generate_flags),
     "run": Command(cmd_run, "run every stage in order, skipping the ones already finished", _dataset_flag),
+    "add-expert": Command(cmd_add_expert, "train a new expert on new text beside the frozen trunk and re-assemble; "
+                          "no other expert is retrained", _add_expert_flags),
+    "import-expert": Command(cmd_import_expert, "add an expert trained elsewhere from the same trunk and re-assemble",
+                             _import_expert_flags),
+    "remove-expert": Command(cmd_remove_expert, "take an expert out of the model and re-assemble", _remove_expert_flags),
     "export": Command(cmd_export, "export the assembled model (gguf for llama.cpp)", _export_flags),
     "config": Command(cmd_config, "print the resolved config, or every key with --keys", _config_flags),
 }
@@ -340,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="[%(asctime)s] %(message)s",
@@ -350,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
+    except ChildFailed as e:
+        return e.code
     except StageFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return e.code if e.code == EXIT_INTERRUPTED else EXIT_ERROR

@@ -191,7 +191,8 @@ def evaluate(run: Run) -> dict:
             },
             "headline": {m: t.summary() for m, t in full.items()},
             "routing_modes": {
-                m: {"overall": _merge(ts).summary(), "per_partition": [t.summary() if t.tokens else None for t in ts]}
+                m: {"overall": _merge(ts).summary(), "per_partition": [t.summary() if t.tokens else None for t in ts],
+                    "partitions_scored": sum(1 for t in ts if t.tokens)}
                 for m, ts in after_prefix.items()
             },
             "partition_labels": [part.label for part in parts],

@@ -212,6 +212,8 @@ def add_hyperparameters(writer, model: AssembledFolder, dtype: str, gguf) -> Non
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_expert_count(cfg.num_experts)
     writer.add_expert_used_count(cfg.top_k)
+    if model.config.get("expert_names"):  # llama.cpp ignores keys it does not know; the names travel with the file
+        writer.add_array("modularforge.expert_names", list(model.config["expert_names"]))
     writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[dtype]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 

@@ -67,9 +67,15 @@ def render_markdown(report: dict) -> str:
         "| mode | " + " | ".join(labels) + " | overall | bits/byte |",
         "|---|" + "---|" * (len(labels) + 2),
     ]
+    partial = False
     for mode, r in modes.items():
         cells = " | ".join("-" if x is None else f"{x['perplexity']:.2f}" for x in r["per_partition"])
-        lines.append(f"| {mode} | {cells} | {r['overall']['perplexity']:.2f} | {r['overall']['bits_per_byte']:.4f} |")
+        mark = "*" if r.get("partitions_scored", len(labels)) < len(labels) else ""
+        partial |= bool(mark)
+        lines.append(f"| {mode} | {cells} | {r['overall']['perplexity']:.2f}{mark} | "
+                     f"{r['overall']['bits_per_byte']:.4f}{mark} |")
+    if partial:
+        lines += ["", "\\* over the partitions it scores only, so not comparable with the other rows."]
     routing = report["routing"]
     names = [e["expert"] for e in report.get("experts", [])]
     lines += ["", "## Routing analysis", "", "![routing](routing.png)", ""]
