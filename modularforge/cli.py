@@ -218,10 +218,11 @@ def run_stages(run: Run, args, stages: list[str]) -> None:
 AFTER_EXPERTS = STAGES[STAGES.index("train-experts"):]
 
 
-def _grow(args, change: Callable[[Run], str]) -> None:
+def _grow(args, change: Callable[[Run], None]) -> None:
     """Change the run's expert set under its lock, then train what is new, re-assemble, recalibrate and rewrite the
     report. The change (reading new text, or checking and copying an expert) runs in a child process like each
-    stage, so every step's peak RSS is its own; then log what each step cost."""
+    stage, so every step's peak RSS is its own. What changed and what each step cost go to the log and to the
+    manifest's `changes`."""
     run = resolve(args)
     if args.run_dir is None:
         raise ModularForgeError(f"{args.command} changes an existing run: give --run-dir RUN")
@@ -230,25 +231,33 @@ def _grow(args, change: Callable[[Run], str]) -> None:
     _apply_runtime(run)
     if args.change_only:  # the child: the parent holds the lock and runs the stages
         with run.lock():
-            log.info("%s", change(run))
+            change(run)
         return
     with run.lock():
         run.save_config()
+        before = [s.name for s in run.experts()]
         env, lock_fds = run.child_lock()
         started = time.perf_counter()
         code = subprocess.call([sys.executable, "-m", "modularforge", *args.argv, "--change-only"], env=env,
                                pass_fds=lock_fds)
         if code:
             raise ChildFailed(code)  # the child printed its one-line error
-        change = {"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_of_children()}
+        steps = {args.command: {"wall_seconds": round(time.perf_counter() - started, 2),
+                                "peak_rss_mb": round(peak_rss_of_children(), 1)}}
         run_stages(run, args, AFTER_EXPERTS)
-    stages = run.manifest()["stages"]
-    costs = [f"{args.command} {change['seconds']:.0f} s (peak RSS {change['peak_rss_mb']:.0f} MB)"]
-    costs += [f"{s} {stages[s]['wall_seconds']:.0f} s (peak RSS {stages[s]['peak_rss_mb']:.0f} MB)"
-              for s in AFTER_EXPERTS if "wall_seconds" in stages.get(s, {})]
-    log.info("%s done in %.0f s: %s", args.command, time.perf_counter() - started, ", ".join(costs))
-    log.info("the model (%d experts: %s) is in %s, the report in %s", len(run.experts()),
-             ", ".join(s.name for s in run.experts()), run.model_dir, run.reports_dir / "report.md")
+        after = [s.name for s in run.experts()]
+        stages = run.manifest()["stages"]
+        steps |= {s: {k: stages[s][k] for k in ("wall_seconds", "peak_rss_mb")}
+                  for s in AFTER_EXPERTS if "wall_seconds" in stages.get(s, {})}
+        entry = {"command": args.command, "added": [n for n in after if n not in before],
+                 "removed": [n for n in before if n not in after], "experts": after, "finished_at": time.time(),
+                 "wall_seconds": round(time.perf_counter() - started, 2), "steps": steps}
+        run.record_change(entry)
+    what = "; ".join(f"{k} {', '.join(entry[k])}" for k in ("added", "removed") if entry[k]) or "no change"
+    log.info("%s done in %.0f s (%s): %s", args.command, entry["wall_seconds"], what, ", ".join(
+        f"{step} {cost['wall_seconds']:.0f} s, peak RSS {cost['peak_rss_mb']:.0f} MB" for step, cost in steps.items()))
+    log.info("the model (%d experts: %s) is in %s, the report in %s", len(after), ", ".join(after), run.model_dir,
+             run.reports_dir / "report.md")
 
 
 def peak_rss_of_children() -> float:
@@ -269,27 +278,19 @@ class ChildFailed(ModularForgeError):
 def cmd_add_expert(args) -> None:
     from modularforge.grow import add_experts
 
-    def change(run: Run) -> str:
-        specs = add_experts(run, args.data or [], args.dataset, args.name, args.tokens, args.clusters)
-        return "added " + ", ".join(s.name for s in specs)
-
-    _grow(args, change)
+    _grow(args, lambda run: add_experts(run, args.data or [], args.dataset, args.name, args.tokens, args.clusters))
 
 
 def cmd_import_expert(args) -> None:
     from modularforge.grow import import_expert
 
-    _grow(args, lambda run: f"imported {import_expert(run, args.folder, args.name).name}")
+    _grow(args, lambda run: import_expert(run, args.folder, args.name))
 
 
 def cmd_remove_expert(args) -> None:
     from modularforge.grow import remove_expert
 
-    def change(run: Run) -> str:
-        remove_expert(run, args.name)
-        return f"removed {args.name}"
-
-    _grow(args, change)
+    _grow(args, lambda run: remove_expert(run, args.name))
 
 
 class StageFailed(ModularForgeError):

@@ -259,47 +259,80 @@ NLL_BATCH_TOKENS = 8192  # window tokens per forward pass of `evaluate --data`
 TEXT_BATCH_CHARS = 1 << 20  # characters of text tokenized per call
 
 
+@dataclass(frozen=True, slots=True)
+class FileScoring:
+    """How `score_file` scores a text: windows of `window` tokens (default: the model's context) every `stride`
+    (default: window), the routing (`token`: the model's own; `sequence`: one expert per window, chosen from its
+    `prefix_len`-token prefix and revised every `revise_every` tokens), or `expert`: every token to that expert
+    (oracle routing, where the text's expert is known); the precision, and the first `max_tokens` of the text."""
+
+    window: int | None = None
+    stride: int | None = None
+    routing: str = "token"
+    prefix_len: int = 32
+    revise_every: int | None = None
+    precision: str = "fp32"
+    expert: int | None = None
+    max_tokens: int | None = None
+
+
 def evaluate_file(model_dir: Path, path: Path, window: int | None, stride: int | None, routing: str,
                   prefix_len: int, precision: str = "fp32", revise_every: int | None = None,
                   text_field: str = "text", expert_cache: int | None = None) -> dict:
-    """Perplexity of the model in `model_dir` on a file, in windows of `window` tokens (default: the model's
-    context) every `stride` tokens (default: window). The first window scores every position it can predict; a
-    later one only the tokens no earlier window predicted (its last `stride`, or `stride - 1` when stride ==
-    window, whose first token has no context), so with stride < window every token but the first is scored
-    exactly once. Sequence routing scores only the positions after each window's `prefix_len`-token prefix.
-
-    .jsonl(.gz) / .parquet files are read as `prepare` reads them (the `text_field` of each record, stripped,
-    documents separated by EOS); other files as UTF-8 text (.gz: compressed). The file is tokenized and scored
-    as a stream, so memory holds a few MB of text, one batch of windows and the model, whatever its size
-    (with `expert_cache`, at most that many expert FFNs of it)."""
+    """Perplexity of the model in `model_dir` on a file (`score_file`); with `expert_cache`, at most that many
+    expert FFNs of it in memory."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} is a folder; give a text file" if path.is_dir() else f"evaluation file not found: {path}")
     model = open_model(model_dir, expert_cache=expert_cache)
+    how = FileScoring(window, stride, routing, prefix_len, revise_every, precision)
+    return score_file(model, load_tokenizer(model_dir), path, how, text_field)
+
+
+def score_file(model: CausalLM, tokenizer, path: Path, how: FileScoring = FileScoring(),
+               text_field: str = "text") -> dict:
+    """Perplexity of `model` (an assembled MoE, or a dense model with token routing) on a file, in windows of
+    `how.window` tokens every `how.stride` tokens. The first window scores every position it can predict; a later
+    one only the tokens no earlier window predicted (its last `stride`, or `stride - 1` when stride == window,
+    whose first token has no context), so with stride < window every token but the first is scored exactly once.
+    Sequence routing scores only the positions after each window's prefix.
+
+    .jsonl(.gz) / .parquet files are read as `prepare` reads them (the `text_field` of each record, stripped,
+    documents separated by EOS); other files as UTF-8 text (.gz: compressed). The file is tokenized and scored
+    as a stream, so memory holds a few MB of text, one batch of windows and the model, whatever the file's size.
+    This is the one scoring function of files: `evaluate --data` and the benchmarks use it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} is a folder; give a text file" if path.is_dir() else f"evaluation file not found: {path}")
     model.eval()
     context = model.cfg.max_seq_len
-    window = window or context
-    stride = stride or window
-    check_windowing(window, stride, context, routing, prefix_len)
-    tokenizer = load_tokenizer(model_dir)
+    window = how.window or context
+    stride = how.stride or window
+    check_windowing(window, stride, context, how.routing, how.prefix_len)
     token_bytes = token_byte_lengths(tokenizer)
-    dtype = autocast_dtype(precision)
+    dtype = autocast_dtype(how.precision)
     later_from = max(0, window - stride - 1)  # the first position whose target no earlier window predicted
-    prefix_from = prefix_len - 1 if routing == "sequence" else 0
+    prefix_from = how.prefix_len - 1 if how.routing == "sequence" else 0
     tally, windows, total = Tally(), 0, 0
     progress = tqdm(desc=f"evaluate {path.name}", unit=" tok", unit_scale=True, disable=None, leave=False)
 
     def counted(stream: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
         nonlocal total
         for ids in stream:
+            if how.max_tokens is not None:
+                ids = ids[: how.max_tokens - total]
             total += len(ids)
             yield ids
+            if how.max_tokens is not None and total >= how.max_tokens:
+                return
 
     stream = counted(file_tokens(path, tokenizer, text_field))
     for batch, starts in batched_windows(stream, window, stride, max(1, NLL_BATCH_TOKENS // window)):
         with torch.no_grad(), autocast(dtype):
-            if routing == "sequence":
-                nll = window_nll(model, None, batch, None, prefix_len, {"sequence"}, revise_every)["sequence"]
+            if how.routing == "sequence":
+                nll = window_nll(model, None, batch, None, how.prefix_len, {"sequence"}, how.revise_every)["sequence"]
+            elif how.expert is not None:
+                nll = model.token_nll(batch, expert_ids=torch.full((len(batch),), how.expert))
             else:
                 nll = model.token_nll(batch)
         before = tally.tokens
@@ -312,13 +345,15 @@ def evaluate_file(model_dir: Path, path: Path, window: int | None, stride: int |
     if total < 2:
         raise DataError(f"{path} holds {total} token(s); scoring needs at least 2")
     if not tally.tokens:
-        raise DataError(f"nothing scored in {path}: its {total} tokens all fall inside the {prefix_len}-token prefix "
+        raise DataError(f"nothing scored in {path}: its {total} tokens all fall inside the {how.prefix_len}-token prefix "
                         "that sequence routing does not score; use a longer file or --routing token")
     return {
         "file": str(path),
         "tokens_in_file": total,
-        "windowing": {"window": window, "stride": stride, "windows": windows, "routing": routing,
-                      **({"prefix_len": prefix_len, "sequence_revise_every": revise_every} if routing == "sequence" else {}),
+        "windowing": {"window": window, "stride": stride, "windows": windows, "routing": how.routing,
+                      **({"prefix_len": how.prefix_len, "sequence_revise_every": how.revise_every}
+                         if how.routing == "sequence" else {}),
+                      **({"expert": how.expert} if how.expert is not None else {}),
                       "scored": "every position of the first window; in each later one the positions whose targets "
                                 "no earlier window predicted (the first token of a window that does not overlap "
                                 "the one before it has no context and is not scored)"

@@ -317,6 +317,13 @@ class Run:
     def save_config(self) -> None:
         write_text(self.dir / "config.yaml", self.cfg.to_yaml())
 
+    def record_change(self, entry: dict[str, Any]) -> None:
+        """Append what a grow command (add-expert, import-expert, remove-expert) did and what each of its steps
+        cost to the manifest's `changes`. Under the lock."""
+        manifest = self.manifest()
+        manifest.setdefault("changes", []).append(entry)
+        write_json(self.manifest_path, manifest)
+
     def _update(self, stage: str, entry: dict[str, Any]) -> None:
         manifest = self.manifest()
         manifest["stages"][stage] = entry

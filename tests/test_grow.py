@@ -68,8 +68,12 @@ def test_add_expert_trains_only_the_new_experts_and_reassembles(trained_run, gro
             with open(grown.expert_files(spec.name)["expert"], "rb") as a, open(grown.model_dir / folder.files[stored.name], "rb") as b:
                 a.seek(info.begin), b.seek(stored.begin)
                 assert a.read(info.nbytes) == b.read(stored.nbytes), (spec.name, name)
-    manifest = read_json(grown.manifest_path)["stages"]
-    assert all(manifest[s]["status"] == "done" for s in ("train-experts", "assemble", "calibrate", "evaluate"))
+    manifest = read_json(grown.manifest_path)
+    assert all(manifest["stages"][s]["status"] == "done" for s in ("train-experts", "assemble", "calibrate", "evaluate"))
+    (change,) = manifest["changes"]  # what the command did and what each step cost
+    assert change["command"] == "add-expert" and change["added"] == ["jargon_0", "jargon_1"] and not change["removed"]
+    assert set(change["steps"]) == {"add-expert", "train-experts", "assemble", "calibrate", "evaluate"}
+    assert all(step["peak_rss_mb"] > 0 for step in change["steps"].values())
     report = read_json(grown.reports_dir / "report.json")
     assert report["partition_labels"] == ["p0", "p1", "p2", "p3", "jargon_0", "jargon_1"]
     rows = {e["expert"]: e for e in report["experts"]}
