@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from modularforge.data.batches import PreparedData, spread_batches
-from modularforge.device import autocast, autocast_dtype
+from modularforge.device import autocast, autocast_dtype, module_device, resolve_device, to_device
 from modularforge.files import atomic_path, load_tensors, read_json, write_json
 from modularforge.inference import AssembledFolder, open_model
 from modularforge.model.transformer import CausalLM
@@ -49,10 +49,11 @@ def calibration_batches(run: Run, tokens_per_partition: int) -> list[torch.Tenso
 
 @torch.no_grad()
 def mean_loss(model: CausalLM, batches: list[torch.Tensor], dtype: torch.dtype | None) -> float:
+    device = module_device(model)
     total, count = 0.0, 0
     for batch in batches:
-        with autocast(dtype):
-            nll = model.token_nll(batch)
+        with autocast(dtype, device):
+            nll = model.token_nll(to_device(batch, device))
         total += nll.sum().item()
         count += nll.numel()
     return total / count
@@ -62,16 +63,17 @@ def calibrate(run: Run) -> dict:
     cfg = run.cfg
     with run.stage("calibrate") as facts:
         folder = AssembledFolder(run.model_dir)
-        model = open_model(folder, expert_cache=cfg.calibrate.expert_cache)
+        device = resolve_device(cfg)
+        model = open_model(folder, expert_cache=cfg.calibrate.expert_cache, device=device)
         stats_paths = [run.expert_files(s.name)["stats"] for s in run.experts()]
         reset_uncalibrated(model, run, stats_paths)
         result = {"temperature": None, "norm": cfg.calibrate.norm}
         if cfg.calibrate.temperature or cfg.calibrate.norm:
-            dtype = autocast_dtype(cfg.calibrate.precision)
+            dtype = autocast_dtype(cfg.calibrate.precision, device)
             batches = calibration_batches(run, max(1, cfg.calibrate.calib_tokens // len(run.partitions())))
             result["calib_loss_before"] = mean_loss(model, batches, dtype)
             if cfg.calibrate.norm:
-                targets = [torch.stack(layer_stats(stats_paths, i, cfg.model.hidden_size).diag).mean(0).float()
+                targets = [torch.stack(layer_stats(stats_paths, i, cfg.model.hidden_size).diag).mean(0).float().to(device)
                            for i in range(cfg.model.num_layers)]
                 recalibrate_norms(model, batches, targets, dtype)
             if cfg.calibrate.temperature and cfg.model.top_k == 1:
@@ -150,6 +152,7 @@ def grid_minimum(grid: list[float], loss) -> tuple[float, float]:
 def recalibrate_norms(
     model: CausalLM, batches: list[torch.Tensor], targets: list[torch.Tensor], dtype: torch.dtype | None
 ) -> None:
+    device = module_device(model)
     for i, layer in enumerate(model.model.layers):
         norm = layer.post_attention_layernorm
         square, count = torch.zeros_like(norm.weight, dtype=torch.float64), 0
@@ -163,8 +166,8 @@ def recalibrate_norms(
         hook = norm.register_forward_hook(accumulate)
         try:
             for batch in batches:
-                with autocast(dtype):
-                    model(batch[:, :-1])
+                with autocast(dtype, device):
+                    model(to_device(batch[:, :-1], device))
         finally:
             hook.remove()
         observed = (square / count).float()
@@ -173,7 +176,7 @@ def recalibrate_norms(
 
 def write_calibration_shard(folder: AssembledFolder, model: CausalLM) -> None:
     shard = folder.files[gate_key(0)]
-    state = {n: p for n, p in model.named_parameters()}
+    state = dict(model.named_parameters())
     names = [n for n, f in folder.files.items() if f == shard]
     with atomic_path(folder.dir / shard) as tmp:
-        write_streaming(tmp, [from_tensor(n, state[n]) for n in names], {"calibrated": "true"})
+        write_streaming(tmp, [from_tensor(n, state[n].cpu()) for n in names], {"calibrated": "true"})

@@ -88,12 +88,25 @@ def _dataset_override(args) -> None:
         args.set.append(f"data.dataset={args.dataset}")
 
 
+NEVER = "never"  # a flag's word for a config key's null, where null means "never" (sequence_revise_every)
+
+
+def _int_or_never(text: str) -> int | str:
+    if text.strip().lower() in (NEVER, "null"):
+        return NEVER
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or '{NEVER}', got {text!r}") from None
+
+
 def _flags_to_overrides(args, flags: dict[str, str]) -> None:
-    """Turn command-line flags into `--set` overrides, so they are range-checked like every config value."""
+    """Turn command-line flags into `--set` overrides, so they are range-checked like every config value and mean
+    what the config key means."""
     for attr, key in flags.items():
         value = getattr(args, attr)
         if value is not None:
-            args.set.append(f"{key}={json.dumps(value)}")
+            args.set.append(f"{key}={'null' if value == NEVER else json.dumps(value)}")
 
 
 def cmd_prepare(args) -> None:
@@ -135,9 +148,11 @@ def cmd_evaluate(args) -> None:
         from modularforge.evaluate import evaluate_file
 
         e = run.cfg.evaluate
+        from modularforge.device import resolve_device
+
         result = evaluate_file(args.model or run.model_dir, args.data, e.window, e.stride, args.routing, e.prefix_len,
                                args.precision, e.sequence_revise_every, text_field=run.cfg.data.text_field,
-                               expert_cache=e.expert_cache)
+                               expert_cache=e.expert_cache, device=resolve_device(run.cfg))
         print(json.dumps(result, indent=2))
         return
     from modularforge.evaluate import evaluate
@@ -163,15 +178,14 @@ def cmd_generate(args) -> None:
     from modularforge.inference import open_model
     from modularforge.sampling import Sampling, generate_text
 
-    if args.revise_every == 0:  # the flag's "never"; the config says it with null
-        args.set.append("generate.sequence_revise_every=null")
-        args.revise_every = None
     _flags_to_overrides(args, GENERATE_FLAGS)
     run = resolve(args)
     _apply_runtime(run)
     g = run.cfg.generate
     model_dir = args.model or run.model_dir
-    model = open_model(model_dir, expert_cache=g.expert_cache, decode_dtype=g.dtype)
+    from modularforge.device import resolve_device
+
+    model = open_model(model_dir, expert_cache=g.expert_cache, decode_dtype=g.dtype, device=resolve_device(run.cfg))
     tokenizer = load_tokenizer(model_dir)
     shown = False
 
@@ -361,7 +375,9 @@ def _generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--context-window", type=int, help="sliding context window in tokens")
     p.add_argument("--routing", choices=["token", "sequence"], help="per-token routing or one expert per sequence")
-    p.add_argument("--revise-every", type=int, help="sequence routing: re-choose the expert every N new tokens (0 = never)")
+    p.add_argument("--revise-every", type=_int_or_never, metavar="N|never",
+                   help="sequence routing: re-choose the expert every N new tokens, or never "
+                   "(generate.sequence_revise_every; never = null)")
     p.add_argument("--expert-cache", type=int, help="keep at most N expert FFNs in memory (LRU)")
     p.add_argument("--dtype", choices=["float32", "float16"], help="weight precision for generation")
 

@@ -32,18 +32,21 @@ class RotaryRows:
         self.cos = model.rope_cos.to(dtype)
         sin = model.rope_sin.to(dtype)
         self.sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=1)  # rotate_half negates the first half
-        self.swap = torch.cat([torch.arange(half, 2 * half), torch.arange(half)])
+        device = self.cos.device
+        self.swap = torch.cat([torch.arange(half, 2 * half, device=device), torch.arange(half, device=device)])
 
 
 SPLIT_MIN_ELEMENTS = 1 << 17
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (1, in) times weight (out, in) transposed. MKL runs a lone float32 matrix-vector product on one core;
-    a large one is split into two halves of its outputs, which one `bmm` runs on two cores (about 1.3-1.6x
-    faster here). Every output is the same dot product; MKL picks its summation order per shape and CPU, so
-    the result is bitwise the plain product's on some CPUs and within float32 rounding on others."""
-    if weight.dtype == torch.float32 and weight.numel() >= SPLIT_MIN_ELEMENTS and weight.shape[0] % 2 == 0:
+    """x (1, in) times weight (out, in) transposed. The CPU branch: MKL runs a lone float32 matrix-vector product
+    on one core; a large one is split into two halves of its outputs, which one `bmm` runs on two cores (about
+    1.3-1.6x faster here). Every output is the same dot product; MKL picks its summation order per shape and CPU,
+    so the result is bitwise the plain product's on some CPUs and within float32 rounding on others. Other
+    devices take the plain product."""
+    if (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() >= SPLIT_MIN_ELEMENTS
+            and weight.shape[0] % 2 == 0):
         return torch.bmm(x.expand(2, 1, -1), weight.unflatten(0, (2, -1)).transpose(1, 2)).view(1, -1)
     return F.linear(x, weight)
 
@@ -69,7 +72,7 @@ def moe(h: torch.Tensor, block: SparseMoE, expert_ids: torch.Tensor | None) -> t
         chosen = [(int(expert_ids.reshape(-1)[0]), None)]
     out = None
     for e, w in chosen:
-        y = swiglu(h, block.experts[e])
+        y = swiglu(h, block.expert(e))
         y = y if w is None else y * w
         out = y if out is None else out + y
     if block.shared_expert is not None:

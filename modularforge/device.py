@@ -32,12 +32,18 @@ def resolve_device(cfg: Config) -> torch.device:
     raise ConfigError(f"run.device={name}: only the CPU is supported so far; use run.device=cpu (or auto)")
 
 
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """bf16 when asked, or under `auto` on CPUs with native bf16 matrix units; None means fp32."""
+def autocast_dtype(precision: str, device: torch.device | str = "cpu") -> torch.dtype | None:
+    """bf16 when asked, or under `auto` where `device` computes bf16 natively (a CPU with bf16 matrix units, a
+    CUDA GPU that supports it); None means fp32."""
     if precision == "bf16":
         return torch.bfloat16
-    if precision == "auto" and _cpu_has_native_bf16():
-        return torch.bfloat16
+    if precision != "auto":
+        return None
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return torch.bfloat16 if _cpu_has_native_bf16() else None
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return None
 
 
@@ -47,5 +53,21 @@ def _cpu_has_native_bf16() -> bool:
     return bool((check and check()) or (amx and amx()))
 
 
-def autocast(dtype: torch.dtype | None):
-    return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+def autocast(dtype: torch.dtype | None, device: torch.device | str = "cpu"):
+    """Autocast to `dtype` (None: off) for computations on `device`."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device a model's weights are on (the CPU for a module without any)."""
+    weight = next(module.parameters(), None)
+    return weight.device if weight is not None else torch.device("cpu")
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch of token ids (made on the CPU from the memmapped shards) on `device`; on CUDA through pinned
+    memory, so the copy does not block the host."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)

@@ -37,7 +37,7 @@ from modularforge.data.partition import load_report
 from modularforge.data.shards import VAL
 from modularforge.data.sources import iter_text_pieces
 from modularforge.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths
-from modularforge.device import autocast, autocast_dtype
+from modularforge.device import autocast, autocast_dtype, module_device, resolve_device, to_device
 from modularforge.errors import DataError
 from modularforge.files import read_json
 from modularforge.inference import open_model
@@ -123,7 +123,8 @@ def window_nll(
     if modes & {"oracle", "sequence", "sequence_fixed", "ensemble"}:
         experts = moe.moe_blocks()[0].num_experts
         B = batch.shape[0]
-        per_expert = torch.stack([moe.token_nll(batch, expert_ids=torch.full((B,), e)) for e in range(experts)])  # (E, B, T)
+        per_expert = torch.stack([moe.token_nll(batch, expert_ids=torch.full((B,), e, device=batch.device))
+                                  for e in range(experts)])  # (E, B, T)
         for mode, every in (("sequence", revise_every), ("sequence_fixed", None)):
             if mode in modes:
                 out[mode] = per_expert.gather(0, sequence_choices(per_expert, prefix_len, every)[None])[0]
@@ -146,13 +147,14 @@ def evaluate(run: Run) -> dict:
     with run.stage("evaluate") as facts:
         tokenizer = load_tokenizer(run.tokenizer_dir)
         token_bytes = token_byte_lengths(tokenizer)
-        moe = open_model(run.model_dir, expert_cache=cfg.evaluate.expert_cache)
-        anchor = load_dense(cfg.model, run.vocab_size(), run.shared_dir)
+        device = resolve_device(cfg)
+        moe = open_model(run.model_dir, expert_cache=cfg.evaluate.expert_cache, device=device)
+        anchor = load_dense(cfg.model, run.vocab_size(), run.shared_dir, device=device)
         moe.eval(), anchor.eval()
         experts, parts = run.experts(), run.partitions()
         data: dict[str, PreparedData] = {}
         modes = set(cfg.evaluate.routing_modes) | {"anchor", "token", "oracle"}
-        dtype = autocast_dtype(cfg.evaluate.precision)
+        dtype = autocast_dtype(cfg.evaluate.precision, device)
         prefix = cfg.evaluate.prefix_len
         full = {m: Tally() for m in ("anchor", "token")}
         own_partition = {m: [Tally() for _ in experts] for m in ("anchor", "oracle")}
@@ -165,9 +167,10 @@ def evaluate(run: Run) -> dict:
                                   cfg.evaluate.micro_batch_size):
                 for b in blocks:
                     b.record = []
-                with autocast(dtype):
-                    labels = torch.full((len(batch),), part.expert) if part.expert is not None else None
-                    nll = window_nll(moe, anchor, batch, labels, prefix, modes,
+                with autocast(dtype, device):
+                    labels = (torch.full((len(batch),), part.expert, device=device) if part.expert is not None
+                              else None)
+                    nll = window_nll(moe, anchor, to_device(batch, device), labels, prefix, modes,
                                      cfg.evaluate.sequence_revise_every)
                 routing.add([b.record[0] for b in blocks], p)
                 targets = batch[:, 1:]
@@ -278,13 +281,13 @@ class FileScoring:
 
 def evaluate_file(model_dir: Path, path: Path, window: int | None, stride: int | None, routing: str,
                   prefix_len: int, precision: str = "fp32", revise_every: int | None = None,
-                  text_field: str = "text", expert_cache: int | None = None) -> dict:
-    """Perplexity of the model in `model_dir` on a file (`score_file`); with `expert_cache`, at most that many
-    expert FFNs of it in memory."""
+                  text_field: str = "text", expert_cache: int | None = None, device: torch.device | str = "cpu") -> dict:
+    """Perplexity of the model in `model_dir`, opened on `device`, on a file (`score_file`); with `expert_cache`,
+    at most that many expert FFNs of it in memory."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} is a folder; give a text file" if path.is_dir() else f"evaluation file not found: {path}")
-    model = open_model(model_dir, expert_cache=expert_cache)
+    model = open_model(model_dir, expert_cache=expert_cache, device=device)
     how = FileScoring(window, stride, routing, prefix_len, revise_every, precision)
     return score_file(model, load_tokenizer(model_dir), path, how, text_field)
 
@@ -310,7 +313,8 @@ def score_file(model: CausalLM, tokenizer, path: Path, how: FileScoring = FileSc
     stride = how.stride or window
     check_windowing(window, stride, context, how.routing, how.prefix_len)
     token_bytes = token_byte_lengths(tokenizer)
-    dtype = autocast_dtype(how.precision)
+    device = module_device(model)
+    dtype = autocast_dtype(how.precision, device)
     later_from = max(0, window - stride - 1)  # the first position whose target no earlier window predicted
     prefix_from = how.prefix_len - 1 if how.routing == "sequence" else 0
     tally, windows, total = Tally(), 0, 0
@@ -328,13 +332,14 @@ def score_file(model: CausalLM, tokenizer, path: Path, how: FileScoring = FileSc
 
     stream = counted(file_tokens(path, tokenizer, text_field))
     for batch, starts in batched_windows(stream, window, stride, max(1, NLL_BATCH_TOKENS // window)):
-        with torch.no_grad(), autocast(dtype):
+        on_device = to_device(batch, device)
+        with torch.no_grad(), autocast(dtype, device):
             if how.routing == "sequence":
-                nll = window_nll(model, None, batch, None, how.prefix_len, {"sequence"}, how.revise_every)["sequence"]
+                nll = window_nll(model, None, on_device, None, how.prefix_len, {"sequence"}, how.revise_every)["sequence"]
             elif how.expert is not None:
-                nll = model.token_nll(batch, expert_ids=torch.full((len(batch),), how.expert))
+                nll = model.token_nll(on_device, expert_ids=torch.full((len(batch),), how.expert, device=device))
             else:
-                nll = model.token_nll(batch)
+                nll = model.token_nll(on_device)
         before = tally.tokens
         for row, start in enumerate(starts):
             first = max(prefix_from, 0 if start == 0 else later_from)

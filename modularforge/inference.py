@@ -7,13 +7,14 @@ and every tensor the config implies at its shape, with no other. It keeps the he
 tensors and experts on demand.
 
 `open_model` builds the model from it, fully loaded, or with `expert_cache=N` everything but the experts:
-each MoE block then gets a lazy list of experts backed by one LRU cache of at most N expert FFNs (one FFN =
+each MoE block's experts then come from its `expert_source`, one LRU cache of at most N expert FFNs (one FFN =
 one expert in one layer). A miss reads that FFN's three matrices from the expert's shard into their own
 memory (no mapping of the shard stays behind). Logits are the same as with the model fully loaded.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Iterable
 from functools import cached_property
@@ -155,8 +156,9 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 class ExpertCache:
     """LRU cache of expert FFNs read on demand from an assembled folder."""
 
-    def __init__(self, folder: AssembledFolder, capacity: int, decode_dtype: str | None = None):
-        self.folder, self.capacity, self.decode_dtype = folder, capacity, decode_dtype
+    def __init__(self, folder: AssembledFolder, capacity: int, decode_dtype: str | None = None,
+                 device: torch.device | str = "cpu"):
+        self.folder, self.capacity, self.decode_dtype, self.device = folder, capacity, decode_dtype, device
         self.cache: OrderedDict[tuple[int, int], SwiGLU] = OrderedDict()
         self.hits = self.misses = 0
 
@@ -167,26 +169,13 @@ class ExpertCache:
             self.cache.move_to_end(key)
             return self.cache[key]
         self.misses += 1
-        ffn = self.folder.expert(layer, expert)
+        ffn = self.folder.expert(layer, expert).to(self.device)  # read on the CPU, kept where the model computes
         if self.decode_dtype is not None:
             ffn = for_decoding(ffn, self.decode_dtype)
         self.cache[key] = ffn
         while len(self.cache) > self.capacity:
             self.cache.popitem(last=False)
         return ffn
-
-
-class LazyExperts:
-    """Stands in for a block's `nn.ModuleList` of experts: indexing loads through the cache."""
-
-    def __init__(self, cache: ExpertCache, layer: int, count: int):
-        self.cache, self.layer, self.count = cache, layer, count
-
-    def __getitem__(self, expert: int) -> SwiGLU:
-        return self.cache.get(self.layer, expert)
-
-    def __len__(self) -> int:
-        return self.count
 
 
 def for_decoding(module: nn.Module, dtype: str) -> nn.Module:
@@ -230,26 +219,28 @@ def _fused(linears: list[nn.Linear], transposed: bool) -> torch.Tensor:
 
 
 def open_model(model_dir: Path | AssembledFolder, expert_cache: int | None = None,
-               decode_dtype: str | None = None) -> CausalLM:
-    """The assembled model, fully loaded, or with at most `expert_cache` expert FFNs in memory.
-    `decode_dtype` (float32 or float16) lays it out for generation (`for_decoding`)."""
+               decode_dtype: str | None = None, device: torch.device | str = "cpu") -> CausalLM:
+    """The assembled model on `device`, fully loaded, or with at most `expert_cache` expert FFNs in memory (of that
+    device: the others stay on disk). `decode_dtype` (float32 or float16) lays it out for generation
+    (`for_decoding`)."""
     folder = model_dir if isinstance(model_dir, AssembledFolder) else AssembledFolder(model_dir)
     cfg = folder.cfg
     if expert_cache is None:
-        model = build_model(cfg, folder.vocab_size, moe=True, tensors=folder.read_many(mapped=decode_dtype is None))
+        model = build_model(cfg, folder.vocab_size, moe=True, tensors=folder.read_many(mapped=decode_dtype is None),
+                            device=device)
         # no reference to the loaded tensors may outlive build_model: for_decoding re-lays every weight, and the
         # originals must be freed as it goes, or the model exists twice at the peak
         return model if decode_dtype is None else for_decoding(model, decode_dtype)
     is_expert = {expert_key(i, e, w) for i in range(cfg.num_layers) for e in range(cfg.num_experts) for w in FFN_WEIGHTS}
     tensors = folder.read_many([n for n in folder.files if n not in is_expert], mapped=decode_dtype is None)
-    cache = ExpertCache(folder, expert_cache, decode_dtype)
+    cache = ExpertCache(folder, expert_cache, decode_dtype, device)
 
     def lazy(model: CausalLM) -> None:
         for i, block in enumerate(model.moe_blocks()):
-            del block.experts
-            block.experts = LazyExperts(cache, i, cfg.num_experts)
+            block.experts = nn.ModuleList()
+            block.expert_source = functools.partial(cache.get, i)
 
-    model = build_model(cfg, folder.vocab_size, moe=True, tensors=tensors, customize=lazy)
+    model = build_model(cfg, folder.vocab_size, moe=True, tensors=tensors, customize=lazy, device=device)
     del tensors  # as above: for_decoding must be able to free each original weight
     model.expert_cache = cache
     return (model if decode_dtype is None else for_decoding(model, decode_dtype)).eval()

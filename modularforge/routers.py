@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from modularforge.config import Config
 
 RIDGE_SCALE = 10.0
+CPU = "cpu"  # statistics are files and their maths a few (hidden x hidden) solves: both live on the CPU
 
 
 class LayerStats:
@@ -45,8 +46,8 @@ class LayerStats:
     def __init__(self, hidden: int):
         self.counts: list[float] = []
         self.sums: list[torch.Tensor] = []
-        self.second = torch.zeros(hidden, hidden, dtype=torch.float64)  # sum over experts of S_e
-        self.within = torch.zeros(hidden, hidden, dtype=torch.float64)  # sum over experts of S_e - n_e mu_e mu_e^T
+        self.second = torch.zeros(hidden, hidden, dtype=torch.float64, device=CPU)  # sum over experts of S_e
+        self.within = torch.zeros(hidden, hidden, dtype=torch.float64, device=CPU)  # sum of S_e - n_e mu_e mu_e^T
         self.diag: list[torch.Tensor] = []  # diag(S_e) / n_e, per-channel second moment of each expert
 
     def add(self, count: torch.Tensor, total: torch.Tensor, xtx: torch.Tensor) -> None:
@@ -72,7 +73,7 @@ class LayerStats:
 
 def _regularised(matrix: torch.Tensor, lam: float) -> torch.Tensor:
     scale = torch.trace(matrix) / matrix.shape[0]
-    return matrix + lam * scale * torch.eye(matrix.shape[0], dtype=matrix.dtype)
+    return matrix + lam * scale * torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
 
 
 FOLD_REGULARISER = 1e-3  # relative to the mean eigenvalue of S; keeps directions no token uses out of v
@@ -93,16 +94,16 @@ def router_from_stats(method: str, stats: LayerStats, lam: float, centred: bool,
     experts, hidden = len(stats.counts), stats.second.shape[0]
     mu = stats.pooled_mean
     if method == "uniform":
-        return torch.zeros(experts, hidden)
+        return torch.zeros(experts, hidden, device=CPU)
     if method == "kaiming":
-        weight = torch.empty(experts, hidden)
+        weight = torch.empty(experts, hidden, device=CPU)
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
         return weight
     if method == "data_stats":
         centroids = stats.means - (mu if centred else 0)
         return (centroids / centroids.norm(dim=1, keepdim=True).clamp_min(1e-12)).float()
     if method == "ridge":
-        counts = torch.tensor(stats.counts, dtype=torch.float64)
+        counts = torch.tensor(stats.counts, dtype=torch.float64, device=CPU)
         if centred:
             cov = stats.second - stats.n * torch.outer(mu, mu)
             cross = torch.stack(stats.sums) - counts[:, None] * mu  # sum_n (y_ne - 0) (x_n - mu)
@@ -140,7 +141,8 @@ def stats_shapes(num_layers: int, hidden: int) -> dict[str, tuple[int, ...]]:
 
 def empty_stats(num_layers: int, hidden: int) -> dict[str, torch.Tensor]:
     """Zeroed float64 statistics of every layer, to accumulate into and then `save_stats`."""
-    return {name: torch.zeros(shape, dtype=torch.float64) for name, shape in stats_shapes(num_layers, hidden).items()}
+    return {name: torch.zeros(shape, dtype=torch.float64, device=CPU)
+            for name, shape in stats_shapes(num_layers, hidden).items()}
 
 
 def save_stats(path: str | Path, stats: dict[str, torch.Tensor], metadata: dict[str, Any]) -> str:

@@ -72,7 +72,7 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
         begin, end = entry["data_offsets"]
         count = int(np.prod(entry["shape"])) if entry["shape"] else 1
-        itemsize = torch.empty((), dtype=DTYPES[entry["dtype"]]).element_size()
+        itemsize = DTYPES[entry["dtype"]].itemsize
         if begin != expected or end - begin != count * itemsize:
             raise DataError(f"{path}: tensor {name} has inconsistent offsets; the file is damaged")
         expected = end
@@ -108,7 +108,7 @@ def read_tensors(path: str | Path, names: Iterable[str] | None = None) -> dict[s
             if name not in table:
                 raise DataError(f"{path} has no tensor {name}")
             info = table[name]
-            tensor = torch.empty(info.shape, dtype=DTYPES[info.dtype])
+            tensor = torch.empty(info.shape, dtype=DTYPES[info.dtype], device="cpu")  # files are read on the CPU
             f.seek(info.begin)
             if f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != info.nbytes:
                 raise DataError(f"{path} ended early while reading {name}")

@@ -20,20 +20,26 @@ from tokenizers import Tokenizer
 from modularforge.config import GenerateConfig
 from modularforge.data.tokenizer import eos_id
 from modularforge.decode import RotaryRows, decode_step, supports_decode_step
+from modularforge.device import module_device
 from modularforge.errors import ModularForgeError
 from modularforge.model.transformer import CausalLM, KVCache
 
 
+_DEFAULTS = {name: field.default for name, field in GenerateConfig.model_fields.items()}
+
+
 @dataclass
 class Sampling:
-    temperature: float = 0.8
-    top_k: int | None = 50
-    top_p: float | None = 0.95
-    max_new_tokens: int = 200
-    seed: int = 0
-    context_window: int | None = None
-    min_new_tokens: int = 0
-    revise_every: int | None = 32
+    """The generation settings a sampler uses; the defaults are the config section's (generate.*), not copies."""
+
+    temperature: float = _DEFAULTS["temperature"]
+    top_k: int | None = _DEFAULTS["top_k"]
+    top_p: float | None = _DEFAULTS["top_p"]
+    max_new_tokens: int = _DEFAULTS["max_new_tokens"]
+    seed: int = _DEFAULTS["seed"]
+    context_window: int | None = _DEFAULTS["context_window"]
+    min_new_tokens: int = _DEFAULTS["min_new_tokens"]
+    revise_every: int | None = _DEFAULTS["sequence_revise_every"]
 
     @classmethod
     def from_config(cls, cfg: GenerateConfig) -> Sampling:
@@ -58,7 +64,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
 def sample_token(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> int:
     if s.temperature == 0:
         return int(torch.argmax(logits))
-    probs = F.softmax(filter_logits(logits.float() / s.temperature, s.top_k, s.top_p), dim=-1)
+    probs = F.softmax(filter_logits(logits.float().cpu() / s.temperature, s.top_k, s.top_p), dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
@@ -66,13 +72,14 @@ def sample_token(logits: torch.Tensor, s: Sampling, generator: torch.Generator) 
 def choose_expert(model: CausalLM, prompt: list[int]) -> int:
     """Sequence routing: the expert under which the prompt is most likely (needs 2+ tokens), else the
     expert the routers of all layers favour most over the prompt."""
-    ids = torch.tensor([prompt])
+    device = module_device(model)
+    ids = torch.tensor([prompt], device=device)
     blocks = model.moe_blocks()
     if len(prompt) >= 2:
         batch = ids.expand(blocks[0].num_experts, -1)
-        nll = model.token_nll(batch, expert_ids=torch.arange(blocks[0].num_experts))
+        nll = model.token_nll(batch, expert_ids=torch.arange(blocks[0].num_experts, device=device))
         return int(nll.sum(1).argmin())
-    scores = torch.zeros(blocks[0].num_experts)
+    scores = torch.zeros(blocks[0].num_experts, device=device)
 
     def tally(module, args, logits: torch.Tensor) -> None:  # returns None: the router's output stays as it is
         scores.add_(F.softmax(logits.float(), -1).reshape(-1, len(scores)).sum(0))
@@ -96,11 +103,11 @@ def sequence_choices(per_expert_nll: torch.Tensor, prefix_len: int, revise_every
     E, B, T = per_expert_nll.shape
     nll_before = F.pad(per_expert_nll.float().cumsum(-1), (1, 0))  # [..., t] = NLL of the positions before t
     first = min(prefix_len - 1, T)
-    positions = torch.arange(T)
+    positions = torch.arange(T, device=per_expert_nll.device)
     if revise_every:
         decided_at = first + (positions - first).clamp(min=0) // revise_every * revise_every
     else:
-        decided_at = torch.full((T,), first)
+        decided_at = torch.full((T,), first, device=per_expert_nll.device)
     return nll_before[:, :, decided_at].argmin(0)
 
 
@@ -121,15 +128,16 @@ def generate_ids(
     if window > model.cfg.max_seq_len:
         raise ModularForgeError(f"context window {window} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
     model.eval()
-    generator = torch.Generator().manual_seed(s.seed)
-    expert_ids = None if expert is None else torch.tensor([expert])
+    generator = torch.Generator().manual_seed(s.seed)  # sampling draws on the CPU, so a seed means the same everywhere
+    device = module_device(model)
+    expert_ids = None if expert is None else torch.tensor([expert], device=device)
     dtype = next(model.parameters()).dtype
-    cache = KVCache(model.cfg, 1, window, dtype)
+    cache = KVCache(model.cfg, 1, window, dtype, device)
     rotary = RotaryRows(model, dtype) if supports_decode_step(model) else None
     tokens = list(prompt)
 
     def prefill(context: list[int]) -> torch.Tensor:
-        return model(torch.tensor([context]), cache=cache, start=0, expert_ids=expert_ids)[0, -1]
+        return model(torch.tensor([context], device=device), cache=cache, start=0, expert_ids=expert_ids)[0, -1]
 
     context = tokens[-(window - 1) :] if len(tokens) >= window else tokens
     logits, position = prefill(context), len(context)
@@ -145,7 +153,7 @@ def generate_ids(
         switched = False
         if expert_ids is not None and s.revise_every and (step + 1) % s.revise_every == 0:
             best = choose_expert(model, tokens[-min(position + 1, window) :])
-            switched, expert_ids = best != int(expert_ids), torch.tensor([best])
+            switched, expert_ids = best != int(expert_ids), torch.tensor([best], device=device)
         if position >= window or switched:
             context = tokens[-(window // 2) :] if position >= window else tokens[-(position + 1) :]
             logits, position = prefill(context), len(context)
@@ -153,7 +161,8 @@ def generate_ids(
             if rotary is not None:
                 logits = decode_step(model, rotary, token, cache, position, expert_ids)
             else:
-                logits = model(torch.tensor([[token]]), cache=cache, start=position, expert_ids=expert_ids)[0, -1]
+                logits = model(torch.tensor([[token]], device=device), cache=cache, start=position,
+                               expert_ids=expert_ids)[0, -1]
             position += 1
 
 

@@ -115,5 +115,9 @@ def test_generate_flags_are_config_values(trained_run, capsys):
     assert out == "" and err.strip().splitlines() == [
         "error: invalid config value for 'generate.top_k': Input should be greater than or equal to 1 (got 0)"]
     assert main(["generate", "--run-dir", str(trained_run.dir), "--prompt", "The", "--max-new-tokens", "3",
-                 "--revise-every", "0", "--routing", "sequence"]) == 0
+                 "--revise-every", "never", "--routing", "sequence"]) == 0  # the config's null
     assert capsys.readouterr().out.startswith("The")
+    assert main(["generate", "--run-dir", str(trained_run.dir), "--prompt", "The", "--revise-every", "0"]) == 2
+    out, err = capsys.readouterr()  # 0 means what the config key's 0 means: nothing valid
+    assert out == "" and err.strip().splitlines() == ["error: invalid config value for 'generate.sequence_revise_every': "
+                                                      "Input should be greater than or equal to 1 (got 0)"]

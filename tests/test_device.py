@@ -37,3 +37,34 @@ def test_a_stage_refuses_an_unusable_device_before_writing(make_config):
 def test_fp32_precision_means_no_autocast():
     assert autocast_dtype("fp32") is None
     assert autocast_dtype("bf16") == torch.bfloat16
+
+
+def test_every_stage_and_generation_take_their_device_from_the_seam(make_config, tmp_path):
+    """With torch's default device set to `meta`, a tensor made without a device taken from its inputs or from the
+    seam lands on `meta` and fails against the CPU tensors around it; so every stage, scoring a file and
+    generating text running through means each of their tensors got its device passed in."""
+    from modularforge.assemble import assemble
+    from modularforge.calibrate import calibrate
+    from modularforge.evaluate import evaluate, evaluate_file
+    from modularforge.data.tokenizer import load_tokenizer
+    from modularforge.inference import open_model
+    from modularforge.sampling import Sampling, generate_text
+    from modularforge.train.experts import train_experts
+    from modularforge.train.shared import train_shared
+
+    run = Run(make_config(run={"device": "cpu"}, experts={"mode": "with_anchor"}))
+    text = tmp_path / "text.txt"
+    text.write_text("The Congress shall have power to lay and collect taxes. " * 40)
+    torch.set_default_device("meta")
+    try:
+        for stage in (prepare, train_shared, train_experts, assemble, calibrate, evaluate):
+            stage(run)
+        device = resolve_device(run.cfg)
+        assert evaluate_file(run.model_dir, text, None, None, "sequence", 8, device=device)["tokens"] > 0
+        for cache, dtype in ((None, "float32"), (2, "float16")):
+            model = open_model(run.model_dir, expert_cache=cache, decode_dtype=dtype, device=device)
+            assert generate_text(model, load_tokenizer(run.model_dir), "The", Sampling(max_new_tokens=6),
+                                 routing="sequence")
+    finally:
+        torch.set_default_device(None)
+    assert all(p.device.type == "cpu" for p in open_model(run.model_dir, device=device).parameters())

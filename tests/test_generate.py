@@ -104,7 +104,7 @@ def test_decoding_layouts_keep_the_logits_and_the_expert_cache_uses_them(trained
         torch.testing.assert_close(fp16(ids).float(), reference, rtol=0, atol=0.05 * reference.abs().max().item())
         cached = open_model(trained_run.model_dir, expert_cache=2, decode_dtype="float32")
         torch.testing.assert_close(cached(ids), reference, rtol=1e-5, atol=1e-5)
-        assert not cached.moe_blocks()[0].experts[0].w1.weight.is_contiguous()
+        assert not cached.moe_blocks()[0].expert(0).w1.weight.is_contiguous()
     s = Sampling(temperature=0, max_new_tokens=10)
     assert list(generate_ids(fp32, [5, 6, 7], s)) == list(generate_ids(full, [5, 6, 7], s))
 

@@ -49,9 +49,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class LayerKV:
     """Preallocated key/value cache of one layer: (B, kv_heads, capacity, head_dim)."""
 
-    def __init__(self, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype):
-        self.k = torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype)
-        self.v = torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype)
+    def __init__(self, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.k = torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[2]
@@ -84,7 +85,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, start)
             if start and T > 1:  # a chunk after cached tokens: causal within the chunk, full to the past
-                mask = torch.ones(T, start + T, dtype=torch.bool).tril(diagonal=start)
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and start == 0 and T > 1,
             enable_gqa=self.kv_heads != self.num_heads,

@@ -4,9 +4,13 @@ the k weights renormalised, and `index_add_` over the experts that received toke
 `expert_ids` overrides the router: one expert per token (or per sequence) with weight 1. That
 single switch gives oracle routing (the partition's expert) and sequence-level routing.
 An optional always-on `shared_expert` (the anchor) is mixed in with weight `shared_weight`.
+The experts are the block's `experts` list, or, for a model opened with a bound on experts in memory,
+whatever its `expert_source` returns for an index (`inference.ExpertCache`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +35,11 @@ class SparseMoE(nn.Module):
         self.shared_expert: SwiGLU | None = None
         self.shared_weight = 0.0
         self.record: list[torch.Tensor] | None = None  # when a list, each forward appends its expert indices
+        # expert index -> its FFN, in place of `experts` (then empty): experts loaded on demand
+        self.expert_source: Callable[[int], SwiGLU] | None = None
+
+    def expert(self, index: int) -> SwiGLU:
+        return self.experts[index] if self.expert_source is None else self.expert_source(index)
 
     @property
     def num_experts(self) -> int:
@@ -44,18 +53,18 @@ class SparseMoE(nn.Module):
             weights, indices = route(self.gate(flat), self.top_k)
         else:
             indices = expert_ids.reshape(B, -1).expand(B, T).reshape(-1, 1)
-            weights = torch.ones(indices.shape, dtype=torch.float32)
+            weights = torch.ones(indices.shape, dtype=torch.float32, device=indices.device)
         if self.record is not None:
             self.record.append(indices.detach())
         if flat.shape[0] == 1:  # decoding one token: no gather/scatter bookkeeping, same sum order as below
             out = torch.zeros_like(flat)
             for e, w in sorted(zip(indices[0].tolist(), weights[0].tolist())):
-                out += (self.experts[e](flat) * torch.tensor(w, dtype=torch.float32).to(flat.dtype)).to(out.dtype)
+                out += (self.expert(e)(flat) * flat.new_tensor(w, dtype=torch.float32).to(flat.dtype)).to(out.dtype)
         else:
             out = torch.zeros_like(flat)
             for e in torch.unique(indices).tolist():
                 token, slot = torch.where(indices == e)
-                y = self.experts[e](flat[token]) * weights[token, slot, None].to(flat.dtype)
+                y = self.expert(e)(flat[token]) * weights[token, slot, None].to(flat.dtype)
                 out.index_add_(0, token, y.to(out.dtype))
         if self.shared_expert is not None:
             out = (1 - self.shared_weight) * out + self.shared_weight * self.shared_expert(flat)

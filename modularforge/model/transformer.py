@@ -47,9 +47,11 @@ class Decoder(nn.Module):
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
         self.capacity = capacity
-        self.layers = [LayerKV(batch, cfg.kv_heads, capacity, cfg.head_dim, dtype) for _ in range(cfg.num_layers)]
+        self.layers = [LayerKV(batch, cfg.kv_heads, capacity, cfg.head_dim, dtype, device)
+                       for _ in range(cfg.num_layers)]
 
 
 NLL_SLICE_BYTES = 32 << 20

@@ -86,10 +86,12 @@ def build_model(
     moe: bool,
     tensors: dict[str, torch.Tensor],
     customize: Callable[[CausalLM], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> CausalLM:
-    """Build a model on the meta device and assign `tensors` to it; every parameter must be given.
+    """Build a model on the meta device and assign `tensors` to it; every parameter must be given. Then the model
+    goes to `device` (the tensors stay where they are when they are there already: the CPU, as read).
 
-    `customize(model)` runs before the check, e.g. to replace experts by lazily loaded ones."""
+    `customize(model)` runs before the check, e.g. to have experts loaded on demand."""
     with torch.device("meta"):
         model = CausalLM(cfg, vocab_size, moe)
     if customize is not None:
@@ -108,14 +110,15 @@ def build_model(
     model.rope_cos, model.rope_sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
     # frozen until a trainer says otherwise: autocast caches a bf16 copy of every weight that requires grad
     model.requires_grad_(False)
-    return model
+    return model.to(device)
 
 
-def load_dense(cfg: ModelConfig, vocab_size: int, shared_dir: Path, ffn: dict[str, torch.Tensor] | None = None) -> CausalLM:
-    """The dense model of the shared phase; `ffn` replaces the anchor FFN (e.g. with an expert's)."""
+def load_dense(cfg: ModelConfig, vocab_size: int, shared_dir: Path, ffn: dict[str, torch.Tensor] | None = None,
+               device: torch.device | str = "cpu") -> CausalLM:
+    """The dense model of the shared phase on `device`; `ffn` replaces the anchor FFN (e.g. with an expert's)."""
     tensors = load_tensors(Path(shared_dir) / "shared.safetensors")
     tensors |= ffn if ffn is not None else load_tensors(Path(shared_dir) / "anchor.safetensors")
-    return build_model(cfg, vocab_size, moe=False, tensors=tensors)
+    return build_model(cfg, vocab_size, moe=False, tensors=tensors, device=device)
 
 
 def ffn_from_weights(weights: dict[str, torch.Tensor], trainable: bool = False) -> SwiGLU:

@@ -27,7 +27,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if grad_hidden_needed else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32) if grad_weight_needed else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight_needed else None
         block = max(1, BLOCK_BYTES // (4 * weight.shape[0]))
         for rows in _slices(hidden.shape[0], chunks):
             h = hidden[rows].to(dtype)
@@ -39,7 +39,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 total += (lse - exact.gather(1, t[:, None]).squeeze(1)).sum()
                 if grad_hidden is not None or grad_weight is not None:
                     exact.sub_(lse[:, None]).exp_()  # d(NLL)/d(logits) = softmax - one_hot
-                    exact[torch.arange(len(t)), t] -= 1
+                    exact[torch.arange(len(t), device=t.device), t] -= 1
                     if exact.data_ptr() != part.data_ptr():
                         part.copy_(exact)
                 del exact
@@ -65,8 +65,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunks: int = 1) -> torch.Tensor:
     """Summed next-token NLL (fp32) of `head(hidden)` against `targets`; hidden (N, H), targets (N,).
     The head runs in the autocast dtype when autocast is on, as `head(hidden)` would."""
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     grads = torch.is_grad_enabled()
-    with torch.autocast("cpu", enabled=False):
+    with torch.autocast(device_type, enabled=False):
         return _LinearCrossEntropy.apply(hidden, head.weight, targets, chunks, dtype,
                                          grads and hidden.requires_grad, grads and head.weight.requires_grad)

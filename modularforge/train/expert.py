@@ -23,7 +23,7 @@ from torch import nn
 from modularforge.config import Config
 from modularforge.data.batches import PreparedData, Windows, batch_rng, fixed_batches, spread_batches
 from modularforge.data.shards import CALIB, TRAIN, VAL
-from modularforge.device import autocast, autocast_dtype
+from modularforge.device import autocast, autocast_dtype, module_device, resolve_device, to_device
 from modularforge.errors import DataError, TrainingError
 from modularforge.expert_set import ExpertSpec
 from modularforge.files import read_json, save_tensors, sha256_file, write_json
@@ -101,11 +101,11 @@ def train_expert(run: Run, spec: ExpertSpec, stop_after: int | None = None) -> d
     if cfg.experts.keep_best:
         _log_against_anchor(label, result)
     stats = router_statistics(model, data.held_out(part, cfg.experts.stats_tokens), cfg.experts.stats_tokens, seq_len,
-                              micro, autocast_dtype(tcfg.precision))
+                              micro, autocast_dtype(tcfg.precision, module_device(model)))
     tokens = result.steps * cfg.tokens_per_step(tcfg)
     provenance = {"stage": "train-experts", "expert": spec.name, "fingerprint": fingerprint, "tokens": tokens}
     files = run.expert_files(spec.name)
-    save_tensors(files["expert"], expert_tensors(model), provenance)
+    save_tensors(files["expert"], {n: t.cpu() for n, t in expert_tensors(model).items()}, provenance)
     save_stats(files["stats"], stats, provenance)
     summary = {
         "name": spec.name,
@@ -154,7 +154,9 @@ def _log_against_anchor(label: str, result) -> None:
 
 
 def expert_model(cfg: Config, vocab: int, run: Run, stream: int) -> CausalLM:
-    """Frozen shared part + this expert's trainable FFN (beside the frozen anchor in with_anchor mode)."""
+    """Frozen shared part + this expert's trainable FFN (beside the frozen anchor in with_anchor mode), on the
+    run's device."""
+    device = resolve_device(cfg)
     shared = read_tensors(run.shared_dir / "shared.safetensors")
     keeps_anchor = cfg.experts.mode == "with_anchor" or cfg.experts.anchor_swap > 0
     needs_anchor = keeps_anchor or cfg.experts.init == "anchor"
@@ -163,15 +165,15 @@ def expert_model(cfg: Config, vocab: int, run: Run, stream: int) -> CausalLM:
         ffn = {name: t.clone() for name, t in anchor.items()} if keeps_anchor else anchor
     else:
         ffn = scratch_ffn(cfg, stream)
-    model = build_model(cfg.model, vocab, moe=False, tensors=shared | ffn)
+    model = build_model(cfg.model, vocab, moe=False, tensors=shared | ffn, device=device)
     del shared
-    if cfg.experts.frozen_bf16 and autocast_dtype(cfg.expert_train.precision) == torch.bfloat16:
+    if cfg.experts.frozen_bf16 and autocast_dtype(cfg.expert_train.precision, device) == torch.bfloat16:
         frozen_linears_to_bf16(model)
     model.activation_checkpointing = cfg.experts.train.activation_checkpointing
     for layer in model.model.layers:
         layer.mlp.requires_grad_(True)
     for i, layer in enumerate(model.model.layers if keeps_anchor else []):
-        frozen = {w: anchor[ffn_key(i, w)] for w in FFN_WEIGHTS}
+        frozen = {w: anchor[ffn_key(i, w)].to(device) for w in FFN_WEIGHTS}
         if cfg.experts.mode == "with_anchor":
             layer.mlp = anchored_pair(layer.mlp, frozen, cfg.model.hidden_size)
         else:
@@ -221,8 +223,9 @@ def anchored_pair(expert: SwiGLU, anchor: dict[str, torch.Tensor], hidden: int) 
         pair = SparseMoE(hidden, expert.w1.out_features, num_experts=2, top_k=2)
     pair.experts[0] = ffn_from_weights(anchor)
     pair.experts[1] = expert
-    pair.gate.weight = nn.Parameter(torch.zeros(2, hidden))
-    mask = torch.tensor([[0.0], [1.0]])
+    device = expert.w1.weight.device
+    pair.gate.weight = nn.Parameter(torch.zeros(2, hidden, device=device))
+    mask = torch.tensor([[0.0], [1.0]], device=device)
     pair.gate.weight.register_hook(lambda grad: grad * mask)
     return pair
 
@@ -249,27 +252,30 @@ def expert_tensors(model: CausalLM) -> dict[str, torch.Tensor]:
 def router_statistics(
     model: CausalLM, windows: Windows, tokens: int, seq_len: int, micro: int, dtype: torch.dtype | None
 ) -> dict[str, torch.Tensor]:
-    """count, sum and X^T X (float64) of each layer's router input over about `tokens` tokens of `windows`, in
-    windows spread evenly over them."""
+    """count, sum and X^T X (float64, on the CPU) of each layer's router input over about `tokens` tokens of
+    `windows`, in windows spread evenly over them. The products are computed where the model is, in float64 where
+    the device has it (not on Apple's mps, which takes the CPU path)."""
     hidden = model.cfg.hidden_size
+    device = module_device(model)
     stats = empty_stats(len(model.model.layers), hidden)
     hooks = []
     for i, layer in enumerate(model.model.layers):
 
         def accumulate(module, args, output, names=stat_names(i)):
-            x = output.detach().reshape(-1, hidden).double()
+            x = output.detach().reshape(-1, hidden)
+            x = x.cpu().double() if x.device.type == "mps" else x.double()
             count, total, xtx = names
             stats[count] += x.shape[0]
-            stats[total] += x.sum(0)
-            stats[xtx] += x.T @ x
+            stats[total] += x.sum(0).cpu()
+            stats[xtx] += (x.T @ x).cpu()
 
         hooks.append(layer.post_attention_layernorm.register_forward_hook(accumulate))
     was_training = model.training
     model.eval()
     try:
         for batch in spread_batches(windows, tokens, seq_len, micro):
-            with autocast(dtype):
-                model(batch[:, :-1])
+            with autocast(dtype, device):
+                model(to_device(batch[:, :-1], device))
     finally:
         for h in hooks:
             h.remove()

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from modularforge.config import TrainConfig
-from modularforge.device import autocast, autocast_dtype
+from modularforge.device import autocast, autocast_dtype, to_device
 from modularforge.errors import TrainingError
 from modularforge.files import atomic_path, load_tensors, metric_lines, read_metadata, read_metrics, save_tensors
 from modularforge.train.cross_entropy import linear_cross_entropy
@@ -122,8 +122,9 @@ def train_loop(job: Objective, cfg: TrainConfig, plan: LoopPlan) -> LoopResult:
     optimizer = _optimizer(job, cfg)
     start = _resume(ckpt_path, job.params, optimizer, plan.fingerprint, plan.steps)
     _trim_metrics(metrics_path, start)
-    dtype = autocast_dtype(cfg.precision)
-    best = _start_best(job, plan, start, dtype) if plan.keep_best else None
+    device = next(iter(job.params.values())).device  # the loop computes where its parameters are
+    dtype = autocast_dtype(cfg.precision, device)
+    best = _start_best(job, plan, start, dtype, device) if plan.keep_best else None
     interval = _Interval()
     val_loss, last_loss = None, float("nan")
     loop_start = time.perf_counter()
@@ -131,7 +132,7 @@ def train_loop(job: Objective, cfg: TrainConfig, plan: LoopPlan) -> LoopResult:
     with logging_redirect_tqdm():
         for step in range(start, plan.steps):
             lr = lr_at(step, plan.steps, cfg)
-            batch = job.sample_batch(step)
+            batch = to_device(job.sample_batch(step), device)
             last_loss = train_step(job, optimizer, cfg, batch, lr, dtype)
             if not math.isfinite(last_loss):
                 raise TrainingError(f"{plan.label}: non-finite loss ({last_loss}) at step {step + 1}; "
@@ -141,7 +142,7 @@ def train_loop(job: Objective, cfg: TrainConfig, plan: LoopPlan) -> LoopResult:
             bar.update(1)
             validated = None  # this step's validation loss, if it has one
             if done % cfg.eval_interval == 0 or done == plan.steps:
-                val_loss = validated = evaluate_loss(job.loss_fn, job.val_batches, dtype)
+                val_loss = validated = evaluate_loss(job.loss_fn, job.val_batches, dtype, device)
                 if best is not None:
                     best.offer(done, val_loss, job.params)
             if done % cfg.log_interval == 0 or done == plan.steps or validated is not None:
@@ -177,7 +178,7 @@ def train_step(job: Objective, optimizer: FusedAdamW, cfg: TrainConfig, batch: t
     accum = cfg.batch_size // micro
     loss_sum = 0.0
     for m in range(accum):
-        with autocast(dtype):
+        with autocast(dtype, batch.device):
             loss = job.loss_fn(batch[m * micro : (m + 1) * micro])
         (loss / accum).backward()
         loss_sum += loss.item()
@@ -218,11 +219,11 @@ def log_interval(metrics_path: Path, plan: LoopPlan, interval: _Interval, done: 
     interval.tokens, interval.start = 0, now
 
 
-def _start_best(job: Objective, plan: LoopPlan, start: int, dtype: torch.dtype | None) -> _Best:
+def _start_best(job: Objective, plan: LoopPlan, start: int, dtype: torch.dtype | None, device: torch.device) -> _Best:
     """keep_best: the best so far, scored at step 0 on a fresh run and read from the checkpoint on a resumed one."""
     best = _Best(plan.out_dir / "best.safetensors", plan.fingerprint)
     if start == 0:
-        initial = evaluate_loss(job.loss_fn, job.val_batches, dtype)
+        initial = evaluate_loss(job.loss_fn, job.val_batches, dtype, device)
         best.offer(0, initial, job.params)
         best.initial = initial
         _append_metrics(plan.out_dir / "metrics.jsonl", {"step": 0, "val_loss": round(initial, 5)})
@@ -274,11 +275,12 @@ class _Best:
 
 
 @torch.no_grad()
-def evaluate_loss(loss_fn: LossFn, batches: Sequence[torch.Tensor], dtype: torch.dtype | None) -> float:
+def evaluate_loss(loss_fn: LossFn, batches: Sequence[torch.Tensor], dtype: torch.dtype | None,
+                  device: torch.device | str = "cpu") -> float:
     total, count = 0.0, 0
     for batch in batches:
-        with autocast(dtype):
-            total += loss_fn(batch).item() * len(batch)
+        with autocast(dtype, device):
+            total += loss_fn(to_device(batch, torch.device(device))).item() * len(batch)
         count += len(batch)
     return total / max(count, 1)
 

@@ -29,7 +29,8 @@ class FusedAdamW:
 
     def _state(self, p: nn.Parameter) -> dict[str, torch.Tensor]:
         if p not in self.state:
-            self.state[p] = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": torch.zeros_like(p),
+            # the fused kernel wants every state tensor, the step count too, on the parameter's device
+            self.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device), "exp_avg": torch.zeros_like(p),
                              "exp_avg_sq": torch.zeros_like(p)}
         return self.state[p]
 

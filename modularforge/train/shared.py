@@ -11,6 +11,7 @@ from torch import nn
 
 from modularforge.data.batches import PreparedData, batch_rng, fixed_batches, split_labels
 from modularforge.data.shards import TRAIN, VAL
+from modularforge.device import resolve_device
 from modularforge.errors import TrainingError
 from modularforge.files import save_tensors
 from modularforge.model.transformer import CausalLM, count_parameters
@@ -69,8 +70,11 @@ def train_shared(run: Run, stop_after: int | None = None) -> None:
     cfg = run.cfg
     with run.stage("train-shared") as facts:
         data = PreparedData(run.data_dir)
-        model = CausalLM(cfg.model, run.vocab_size(), moe=False)
+        device = resolve_device(cfg)
+        with torch.device("cpu"):  # initialised on the CPU from a CPU generator: the same weights on every device
+            model = CausalLM(cfg.model, run.vocab_size(), moe=False)
         model.init_weights(torch.Generator().manual_seed(cfg.run.seed))
+        model.to(device)
         model.activation_checkpointing = cfg.train.activation_checkpointing
         seq_len, micro = cfg.seq_len(cfg.train), cfg.train.micro_batch
         train_windows = data.windows(TRAIN)
@@ -81,7 +85,9 @@ def train_shared(run: Run, stop_after: int | None = None) -> None:
         )
         probe = None
         if cfg.train.domain_probe_weight > 0:
-            probe = DomainProbe(model, data.num_partitions, min(cfg.train.domain_probe_from, seq_len - 1))
+            with torch.device("cpu"):
+                probe = DomainProbe(model, data.num_partitions, min(cfg.train.domain_probe_from, seq_len - 1))
+            probe.to(device)
         # the probe reads states through forward hooks, which a graph compiled earlier in this process for a
         # model of the same structure (dynamo reuses it across instances) would skip: run eagerly then
         compile = cfg.train.compile and probe is None
@@ -102,7 +108,7 @@ def train_shared(run: Run, stop_after: int | None = None) -> None:
             LoopPlan(steps=cfg.shared_steps, out_dir=run.shared_dir, label="shared",
                      fingerprint=run.fingerprint("train-shared"), stop_after=stop_after),
         )
-        state = model.state_dict()
+        state = {name: t.cpu() for name, t in model.state_dict().items()}
         if cfg.model.tie_embeddings:
             state.pop("lm_head.weight")
         shared, anchor = split_shared(state)
