@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,22 +82,34 @@ class RoutingTally:
     experts: int
     oracle: list[int | None]  # per partition, the expert trained on it (None: none in the set)
     top1: np.ndarray = field(init=False)  # (layers, partitions, experts) counts of top-1 choices
-    load: np.ndarray = field(init=False)  # (layers, experts) counts of all k slots
+    hits: np.ndarray = field(init=False)  # (layers, partitions, experts) tokens with the expert among their top-k
 
     def __post_init__(self):
         self.top1 = np.zeros((self.layers, len(self.oracle), self.experts), dtype=np.int64)
-        self.load = np.zeros((self.layers, self.experts), dtype=np.int64)
+        self.hits = np.zeros((self.layers, len(self.oracle), self.experts), dtype=np.int64)
 
-    def add(self, records: list[torch.Tensor], partition: int) -> None:
+    @property
+    def load(self) -> np.ndarray:
+        """(layers, experts) counts of all k slots."""
+        return self.hits.sum(1)
+
+    def add(self, records: list[torch.Tensor], partitions: torch.Tensor) -> None:
+        """records: per layer, the (B * T, k) expert indices of the tokens of B windows; partitions: (B,) the
+        partition of each window."""
+        cells = len(self.oracle) * self.experts
         for layer, indices in enumerate(records):
-            self.top1[layer, partition] += np.bincount(indices[:, 0].cpu().numpy(), minlength=self.experts)
-            self.load[layer] += np.bincount(indices.reshape(-1).cpu().numpy(), minlength=self.experts)
+            indices = indices.cpu().numpy()
+            rows = np.repeat(partitions.cpu().numpy(), len(indices) // len(partitions)) * self.experts
+            self.top1[layer] += np.bincount(rows + indices[:, 0], minlength=cells).reshape(-1, self.experts)
+            self.hits[layer] += np.bincount((rows[:, None] + indices).reshape(-1),
+                                            minlength=cells).reshape(-1, self.experts)
 
     def summary(self) -> dict:
         matrix = self.top1 / np.maximum(self.top1.sum(-1, keepdims=True), 1)
         own = [(p, e) for p, e in enumerate(self.oracle) if e is not None]
+        load = self.load
         return {
-            "load": (self.load / np.maximum(self.load.sum(-1, keepdims=True), 1)).round(4).tolist(),
+            "load": (load / np.maximum(load.sum(-1, keepdims=True), 1)).round(4).tolist(),
             "partition_to_expert": matrix.round(4).tolist(),
             "partition_to_expert_mean": matrix.mean(0).round(4).tolist(),
             # share of each partition's tokens whose top-1 expert is the one trained on that partition
@@ -137,53 +149,131 @@ def window_nll(
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class WindowScoring:
+    """How `score_windows` scores: the routing `modes` (of MODES), the `prefix_len`-token prefix that sequence and
+    ensemble routing choose from (the routing comparison scores the positions after it), sequence routing's
+    `revise_every`, the compute `precision`, and whether to tally the token routing's choices (`routing`)."""
+
+    modes: tuple[str, ...] = ("token",)
+    prefix_len: int = 32
+    revise_every: int | None = None
+    precision: str = "fp32"
+    routing: bool = False
+
+
+@dataclass
+class WindowScores:
+    """Per mode, per group: a Tally of every position but each window's first (`full`) and one of the positions
+    after the prefix (`after_prefix`); and the token routing's top-k choices per partition (`routing`), if asked."""
+
+    full: dict[str, dict[Hashable, Tally]] = field(default_factory=dict)
+    after_prefix: dict[str, dict[Hashable, Tally]] = field(default_factory=dict)
+    routing: RoutingTally | None = None
+
+    def per_group(self, mode: str, groups: Iterable[Hashable], after_prefix: bool = True) -> list[Tally]:
+        """The tallies of `mode` for `groups` in that order; an empty Tally for a group with nothing scored."""
+        table = (self.after_prefix if after_prefix else self.full).get(mode, {})
+        return [table.get(group, Tally()) for group in groups]
+
+    def total(self, mode: str, after_prefix: bool = True) -> Tally:
+        return _merge(list((self.after_prefix if after_prefix else self.full).get(mode, {}).values()))
+
+
+@torch.no_grad()
+def score_windows(
+    model: CausalLM,
+    batches: Iterable[tuple[Hashable, torch.Tensor, torch.Tensor | None]],
+    how: WindowScoring,
+    token_bytes: np.ndarray,
+    partition_experts: Sequence[int | None] = (),
+    anchor: CausalLM | None = None,
+) -> WindowScores:
+    """Score `model` (an MoE, or a dense model under `token` routing) and, for mode `anchor`, the dense `anchor` on
+    batches of windows, each (group, (B, T + 1) token ids on the CPU, (B,) the partition of each window or None).
+    Tallies are summed per group (a partition, a corpus). A window's partition gives its oracle expert through
+    `partition_experts` (partition -> position of the expert trained on it; None: none in the set, and a batch
+    with such a window gets no oracle score) and its row in the routing tally.
+
+    The one scoring function of windows: evaluate's report and the quality and parallel benchmarks use it. Batches
+    go to the model's device, and run under autocast at `how.precision`."""
+    modes = set(how.modes)
+    device = module_device(model)
+    dtype = autocast_dtype(how.precision, device)
+    blocks = model.moe_blocks() if how.routing else []
+    if blocks and "token" not in modes:
+        raise ValueError("the routing tally counts the choices of token routing: add `token` to the modes")
+    scores = WindowScores(routing=RoutingTally(len(blocks), blocks[0].num_experts, list(partition_experts))
+                          if blocks else None)
+    after = how.prefix_len - 1
+    try:
+        for group, batch, partitions in batches:
+            for b in blocks:
+                b.record = []
+            labels = _oracle_labels(partitions, partition_experts, device)
+            with autocast(dtype, device):
+                nll = window_nll(model, anchor, to_device(batch, device), labels, how.prefix_len, modes,
+                                 how.revise_every)
+            if blocks and partitions is not None:
+                scores.routing.add([b.record[0] for b in blocks], partitions)
+            targets = batch[:, 1:]
+            for mode, values in nll.items():
+                scores.full.setdefault(mode, {}).setdefault(group, Tally()).add(values, targets, token_bytes)
+                scores.after_prefix.setdefault(mode, {}).setdefault(group, Tally()).add(
+                    values[:, after:], targets[:, after:], token_bytes)
+    finally:
+        for b in blocks:
+            b.record = None
+    return scores
+
+
+def _oracle_labels(partitions: torch.Tensor | None, partition_experts: Sequence[int | None],
+                   device: torch.device) -> torch.Tensor | None:
+    """(B,) the expert trained on each window's partition; None if a window's partition has none (or is unknown)."""
+    if partitions is None or not len(partition_experts):
+        return None
+    experts = [partition_experts[p] for p in partitions.tolist()]
+    return None if None in experts else torch.tensor(experts, device=device)
+
+
 def _batches(w: Windows, seq_len: int, max_tokens: int, micro: int, stride: int | None = None):
     seq_len = min(seq_len, w.total - 1)
     return w.batches(w.sequential(seq_len, max_tokens=max_tokens, stride=stride), seq_len, micro)
+
+
+def partition_batches(run: Run) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(partition, (B, T + 1) batch, (B,) its partition) over the validation windows of every partition of the run's
+    text, `evaluate.eval_tokens` of each."""
+    cfg = run.cfg
+    data: dict[str, PreparedData] = {}
+    for p, part in enumerate(run.partitions()):
+        prepared = data.setdefault(part.data, PreparedData(run.dir / part.data))
+        for batch in _batches(prepared.windows(VAL, part.index), cfg.model.max_seq_len, cfg.evaluate.eval_tokens,
+                              cfg.evaluate.micro_batch_size):
+            yield p, batch, torch.full((len(batch),), p, device=batch.device)  # on the CPU, as the batch
 
 
 def evaluate(run: Run) -> dict:
     cfg = run.cfg
     with run.stage("evaluate") as facts:
         tokenizer = load_tokenizer(run.tokenizer_dir)
-        token_bytes = token_byte_lengths(tokenizer)
         device = resolve_device(cfg)
         moe = open_model(run.model_dir, expert_cache=cfg.evaluate.expert_cache, device=device)
         anchor = load_dense(cfg.model, run.vocab_size(), run.shared_dir, device=device)
         moe.eval(), anchor.eval()
         experts, parts = run.experts(), run.partitions()
-        data: dict[str, PreparedData] = {}
-        modes = set(cfg.evaluate.routing_modes) | {"anchor", "token", "oracle"}
-        dtype = autocast_dtype(cfg.evaluate.precision, device)
+        modes = tuple(m for m in MODES if m in {*cfg.evaluate.routing_modes, "anchor", "token", "oracle"})
         prefix = cfg.evaluate.prefix_len
-        full = {m: Tally() for m in ("anchor", "token")}
+        how = WindowScoring(modes, prefix, cfg.evaluate.sequence_revise_every, cfg.evaluate.precision, routing=True)
+        scores = score_windows(moe, partition_batches(run), how, token_byte_lengths(tokenizer),
+                               [part.expert for part in parts], anchor)
+        full = {m: scores.total(m, after_prefix=False) for m in ("anchor", "token")}
         own_partition = {m: [Tally() for _ in experts] for m in ("anchor", "oracle")}
-        after_prefix = {m: [Tally() for _ in parts] for m in MODES if m in modes}
-        routing = RoutingTally(cfg.model.num_layers, len(experts), [p.expert for p in parts])
-        blocks = moe.moe_blocks()
-        for p, part in enumerate(parts):
-            prepared = data.setdefault(part.data, PreparedData(run.dir / part.data))
-            for batch in _batches(prepared.windows(VAL, part.index), cfg.model.max_seq_len, cfg.evaluate.eval_tokens,
-                                  cfg.evaluate.micro_batch_size):
-                for b in blocks:
-                    b.record = []
-                with autocast(dtype, device):
-                    labels = (torch.full((len(batch),), part.expert, device=device) if part.expert is not None
-                              else None)
-                    nll = window_nll(moe, anchor, to_device(batch, device), labels, prefix, modes,
-                                     cfg.evaluate.sequence_revise_every)
-                routing.add([b.record[0] for b in blocks], p)
-                targets = batch[:, 1:]
-                for m in full:
-                    full[m].add(nll[m], targets, token_bytes)
-                if labels is not None:
-                    for m, tallies in own_partition.items():
-                        tallies[part.expert].add(nll[m], targets, token_bytes)
-                for m, tallies in after_prefix.items():
-                    if m in nll:
-                        tallies[p].add(nll[m][:, prefix - 1 :], targets[:, prefix - 1 :], token_bytes)
-        for b in blocks:
-            b.record = None
+        for m, tallies in own_partition.items():
+            for part, tally in zip(parts, scores.per_group(m, range(len(parts)), after_prefix=False)):
+                if part.expert is not None:
+                    tallies[part.expert] = tally
+        after_prefix = {m: scores.per_group(m, range(len(parts))) for m in modes}
         report = {
             "run": str(run.dir),
             "windowing": {
@@ -199,7 +289,7 @@ def evaluate(run: Run) -> dict:
                 for m, ts in after_prefix.items()
             },
             "partition_labels": [part.label for part in parts],
-            "routing": routing.summary(),
+            "routing": scores.routing.summary(),
             "experts": expert_gains(run, own_partition),
             "samples": samples(moe, tokenizer, cfg),
             "stages": {name: {k: v for k, v in entry.items() if k in ("wall_seconds", "peak_rss_mb")}
