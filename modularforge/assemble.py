@@ -12,6 +12,9 @@
 
 Peak memory is the routers and statistics of one layer and a copy buffer, never an expert, whatever the
 number of experts. The model is not loaded; calibration, which runs it, is the next stage.
+
+`assemble_in_memory` builds the same model in memory and writes nothing (the quality benchmark sets its routers
+row by row).
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from pathlib import Path
 
 import torch
 
+from modularforge.device import resolve_device
 from modularforge.errors import AssemblyError, DataError
 from modularforge.files import atomic_dir, load_tensors, read_json, sha256_file, write_json
 from modularforge.model.hf import mixtral_config
-from modularforge.model.weights import dense_shapes, ffn_to_expert
+from modularforge.model.transformer import CausalLM
+from modularforge.model.weights import build_model, dense_shapes, ffn_to_expert
 from modularforge.routers import compute_routers, stats_shapes
 from modularforge.runs import Run
 from modularforge.safetensors_stream import TensorInfo, from_file, from_tensor, read_header, write_streaming
@@ -71,6 +76,20 @@ def assemble(run: Run, on_read: OnRead | None = None) -> None:
         facts.update(shards=len(files), experts=inputs.names)
         log.info("assembled %d experts (%s) into %s (%d shards)", len(inputs.names), ", ".join(inputs.names),
                  run.model_dir, len(files))
+
+
+def assemble_in_memory(run: Run) -> CausalLM:
+    """The model `assemble` writes, before calibration, built on the run's device and written nowhere: the same
+    checks of every input (`validate_inputs`), routers from the statistics as `assemble.router` says, the experts in
+    the set's order. Unlike `assemble`, it holds every expert in memory."""
+    cfg = run.cfg
+    run.require("train-experts")
+    inputs = validate_inputs(run)
+    tensors = load_tensors(inputs.shared) | compute_routers(cfg, inputs.stats)
+    for position, path in enumerate(inputs.experts):  # an expert file holds its dense FFN names
+        tensors |= {ffn_to_expert(name, position): t for name, t in load_tensors(path).items()}
+    model = cfg.model.model_copy(update={"num_experts": len(inputs.names)})
+    return build_model(model, run.vocab_size(), moe=True, tensors=tensors, device=resolve_device(cfg))
 
 
 def _eos(run: Run) -> int:
