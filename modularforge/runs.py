@@ -32,7 +32,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -323,6 +323,46 @@ class Run:
         manifest = self.manifest()
         manifest.setdefault("changes", []).append(entry)
         write_json(self.manifest_path, manifest)
+
+    def adopt_stage(self, source: Run, stage: str, folders: Sequence[str] = (),
+                    facts: dict[str, Any] | None = None) -> None:
+        """Take `source`'s finished `stage` as this run's, so that runs sharing a part train it once (the benchmarks'
+        runs that differ only in later stages). Links each of `folders` (e.g. "shared") to source's (a link to
+        elsewhere is replaced, a folder kept), then records the stage done under this run's fingerprint with the
+        checksums of its outputs here and source's facts (updated by `facts`). The caller vouches that those outputs
+        are what `stage` would make under this run's config (the shared phase does not read the partition settings,
+        say); outputs it does not link must already be in place here.
+
+        If the stage is recorded done here, under this fingerprint, with these same outputs, the manifest is left as
+        it is; otherwise the records of later stages are dropped, as they were built on other outputs (source redid
+        the stage, or another source was adopted). A StageOrderError unless `stage` is done in source and the stage
+        before it here; a RunDirectoryError if an output is missing. Under the lock."""
+        if not source.is_done(stage):
+            raise StageOrderError(f"stage '{stage}' has not finished in {source.dir}, so there is nothing to adopt")
+        index = STAGES.index(stage)
+        with self.lock():
+            if index:
+                self.require(STAGES[index - 1])
+            for folder in folders:
+                link, target = self.dir / folder, (source.dir / folder).resolve()
+                if link.is_symlink() and link.resolve() != target:
+                    link.unlink()
+                if not (link.exists() or link.is_symlink()):
+                    os.symlink(target, link)
+            missing = [str(path) for path in self.outputs(stage) if not path.exists()]
+            if missing:
+                raise RunDirectoryError(f"cannot adopt '{stage}' from {source.dir}: {', '.join(missing[:3])} missing")
+            entry = {**source.manifest()["stages"][stage], **(facts or {}), "fingerprint": self.fingerprint(stage),
+                     "adopted_from": str(source.dir.resolve()), "files": self.output_checksums(stage)}
+            self.save_config()
+            manifest = self.manifest()
+            recorded = manifest["stages"].get(stage, {})
+            if recorded.get("status") == "done" and all(recorded.get(k) == entry[k] for k in ("fingerprint", "files")):
+                return
+            for later in STAGES[index + 1 :]:
+                manifest["stages"].pop(later, None)
+            manifest["stages"][stage] = entry
+            write_json(self.manifest_path, manifest)
 
     def _update(self, stage: str, entry: dict[str, Any]) -> None:
         manifest = self.manifest()
