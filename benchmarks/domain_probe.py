@@ -24,7 +24,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import quality as Q  # noqa: E402
 
 from modularforge.config import config_from_dict, preset_path  # noqa: E402
-from modularforge.data.tokenizer import load_tokenizer, token_byte_lengths  # noqa: E402
 from modularforge.files import write_json  # noqa: E402
 from modularforge.model.weights import load_dense  # noqa: E402
 from modularforge.prepare import prepare  # noqa: E402
@@ -59,28 +58,27 @@ def main() -> None:
     base = ws.run("base", base_cfg)
     Q.ensure(base, "prepare", prepare)
     dev = Q.DevSet.build(args.data, base, args.dev_windows, base_cfg.model.max_seq_len)
-    scorer = Q.Scorer(dev, None, token_byte_lengths(load_tokenizer(base.tokenizer_dir)),
-                      base_cfg.evaluate.prefix_len, base_cfg.experts.train.micro_batch,
-                      base_cfg.evaluate.sequence_revise_every)
+    scoring = Q.Scoring.for_run(base, micro=base_cfg.experts.train.micro_batch)
     budget = {"total_tokens": total, "shared_fraction": 5 / 6}
     results = {}
     for weight in (float(w) for w in args.weights.split(",")):
         probe = {"domain_probe_weight": weight, "domain_probe_from": args.probe_from}
         tag = f"probe{weight}" + (f"-from{args.probe_from}" if args.probe_from else "")
         shared = ws.run(f"shared-0.833-{tag}", ws.config(budget=budget, train=probe))
-        Q._link_prepared(ws, shared, base)
+        Q.link_prepared(shared, base)
         Q.ensure(shared, "train-shared", train_shared)
-        row = {"anchor": scorer.plain(load_dense(base_cfg.model, base.vocab_size(), shared.shared_dir), dev).summary()}
+        row = {"anchor": scoring.score(load_dense(base_cfg.model, base.vocab_size(), shared.shared_dir), dev)["token"]}
         cfg = ws.config(budget=budget, train=probe, experts=Q.EXPERT_VARIANTS["anchor-alone"])
         experts = ws.run(f"experts-0.833-anchor-alone-{tag}", cfg)
-        Q._link_prepared(ws, experts, base)
-        ws.adopt(experts, "train-shared", shared, "shared")
+        Q.link_prepared(experts, base)
+        experts.adopt_stage(shared, "train-shared", ("shared",))
         Q.ensure(experts, "train-experts", train_experts)
         moe = Q.MoEUnderTest(experts)
         for router, calibration, top_k in RECIPES:
             info = moe.configure(router, calibration, top_k)
-            row[f"{router} + {calibration}, top-{top_k}"] = {**scorer.plain(moe.model, dev, route_stats=True).summary(), **info}
-        row |= {mode: s.summary() for mode, s in scorer.forced(moe.model, dev).items()}
+            row[f"{router} + {calibration}, top-{top_k}"] = {**scoring.score(moe.model, dev, routing=True)["token"],
+                                                             **info}
+        row |= scoring.score(moe.model, dev, Q.FORCED)
         ppl = {k: v["union_ppl"] for k, v in row.items()}
         best = min(v for k, v in ppl.items() if "top-" in k)
         token_rows = [row[k] for k in row if "top-" in k]

@@ -218,13 +218,8 @@ def clone_experts(source: Run, target_dir: Path, count: int) -> Run:
     run = Run(cfg, target_dir)
     if target_dir.exists():
         shutil.rmtree(target_dir)
-    run.claim()
-    for folder in ("tokenizer", "data", "shared"):
-        os.symlink(source.dir.resolve() / folder, target_dir / folder)
-    run.save_config()
-    manifest = {"stages": {s: {**source.manifest()["stages"][s], "fingerprint": run.fingerprint(s)}
-                           for s in ("prepare", "train-shared", "train-experts")}}
-    write_json(run.manifest_path, manifest)
+    run.adopt_stage(source, "prepare", ("tokenizer", "data"))
+    run.adopt_stage(source, "train-shared", ("shared",))
     for k, spec in enumerate(run.experts()):
         src = source.expert_dir(k % source.cfg.model.num_experts)
         dst = run.expert_dir(spec.name)
@@ -233,6 +228,7 @@ def clone_experts(source: Run, target_dir: Path, count: int) -> Run:
             shutil.copy2(src / name, dst / name)
         write_json(dst / "done.json", {"name": spec.name, "fingerprint": run.expert_fingerprint(spec), "sha256": {
             "expert": sha256_file(dst / "expert.safetensors"), "stats": sha256_file(dst / "router_stats.safetensors")}})
+    run.adopt_stage(source, "train-experts")  # the copies just made stand for trained experts
     return run
 
 

@@ -12,8 +12,8 @@ On the eight corpora of ../shared/data partitioned into N = 8 clusters, for each
   their wall time is counted as on N workers (the slowest expert's);
 - every expert set through the real `assemble` + `calibrate` (router and top-k as the config says) and
   `evaluate` (its per-expert report), and scored on the same dev tokens as the dense rows: the exported
-  token-routing MoE, and sequence, fixed-sequence, ensemble and oracle routing (benchmarks/quality.py's
-  scorer: every row scores the positions after each window's prefix).
+  token-routing MoE, and sequence, fixed-sequence, ensemble and oracle routing (the package's
+  `evaluate.score_windows`, as benchmarks/quality.py: every row scores the positions after each window's prefix).
 
 Under a wsd schedule with fixed warmup steps, runs of any length share their stable phase, so the longest dense
 run is trained once and every shorter one (dense T, dense N*T, each shared phase) branches from it before its
@@ -56,7 +56,6 @@ import quality as Q  # noqa: E402
 from modularforge.assemble import assemble  # noqa: E402
 from modularforge.calibrate import calibrate  # noqa: E402
 from modularforge.config import Config, apply_override, config_from_dict  # noqa: E402
-from modularforge.data.tokenizer import load_tokenizer, token_byte_lengths  # noqa: E402
 from modularforge.device import autocast_dtype  # noqa: E402
 from modularforge.evaluate import evaluate  # noqa: E402
 from modularforge.files import read_json, read_metadata, read_metrics, sha256_file, write_json  # noqa: E402
@@ -73,7 +72,6 @@ log = logging.getLogger("parallel")
 
 CONFIG = ROOT / "benchmarks" / "parallel.yaml"
 KINDS = {"equal_tokens": "each expert (1-f)T/N tokens", "equal_wall": "each expert (1-f)T tokens (N workers)"}
-FORCED = ("oracle", "sequence", "sequence_fixed", "ensemble")
 DEPLOYABLE = ("token", "sequence", "sequence_fixed", "ensemble")  # oracle needs the partition labels
 EXPERT_FILES = ("expert.safetensors", "router_stats.safetensors")
 # --quick: a model and budgets small enough to run every part of the benchmark in a few minutes; the data and
@@ -155,19 +153,17 @@ class Timings:
 
 
 def copy_after_shared(source: Run, target: Run) -> None:
-    """`target`: a copy of `source`'s folder (links to the prepared data, the trained shared part) under
-    target's config. `budget.expert_tokens` is not in the shared phase's fingerprint, so its train-shared stage
-    is done as in `source`; the copy is made again when source's shared phase was retrained."""
-    entry = source.manifest()["stages"]["train-shared"]
-    if target.dir.exists():
-        if target.manifest()["stages"].get("train-shared") == entry and target.is_done("train-shared"):
-            return
-        shutil.rmtree(target.dir)
-    shutil.copytree(source.dir, target.dir, symlinks=True, ignore=shutil.ignore_patterns("ckpt.safetensors"))
-    target.save_config()
-    if not target.is_done("train-shared"):
-        raise RuntimeError(f"{target.dir}: the copy of {source.dir} does not count as trained; does "
+    """`target`: `source`'s prepared data and trained shared part (linked: Run.adopt_stage) under target's config,
+    whose shared phase must be source's (`budget.expert_tokens` is not in its fingerprint). When source's shared
+    phase was retrained, target starts again from nothing (an expert counts as trained while its trunk's config,
+    not its trunk's weights, is unchanged)."""
+    if target.fingerprint("train-shared") != source.fingerprint("train-shared"):
+        raise RuntimeError(f"{target.dir} would not train the shared phase of {source.dir}; does "
                            "budget.expert_tokens enter the shared phase's fingerprint?")
+    if target.dir.exists() and not target.is_done("train-shared"):
+        shutil.rmtree(target.dir)
+    target.adopt_stage(source, "prepare", ("data", "tokenizer"))
+    target.adopt_stage(source, "train-shared", ("shared",))
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -237,23 +233,23 @@ def projection(plan: Plan, rate: float, expert_rate: float) -> dict:
 
 
 class Rows:
-    def __init__(self, scorer: Q.Scorer, dev: Q.DevSet):
-        self.scorer, self.dev, self.rows = scorer, dev, []
+    def __init__(self, scoring: Q.Scoring, dev: Q.DevSet):
+        self.scoring, self.dev, self.rows = scoring, dev, []
 
-    def add(self, row: str, scores: Q.Scores, **info) -> dict:
-        entry = {"row": row, **info, **scores.summary()}
+    def add(self, row: str, scores: dict, **info) -> dict:
+        entry = {"row": row, **info, **scores}
         self.rows.append(entry)
         log.info("%-64s union ppl %8.3f  bpb %.4f", row, entry["union_ppl"], entry["bits_per_byte"])
         return entry
 
     def dense(self, model: CausalLM, row: str, **info) -> float:
-        return self.add(row, self.scorer.plain(model.eval(), self.dev), **info)["union_ppl"]
+        return self.add(row, self.scoring.score(model, self.dev)["token"], **info)["union_ppl"]
 
     def moe(self, model: CausalLM, label: str, **info) -> dict[str, float]:
         """The exported MoE under token routing, and the forced modes, as {mode: union ppl}."""
-        out = {"token": self.add(f"{label}: token (exported)", self.scorer.plain(model.eval(), self.dev, True),
-                                 mode="token", **info)["union_ppl"]}
-        for mode, scores in self.scorer.forced(model, self.dev).items():
+        token = self.scoring.score(model, self.dev, routing=True)["token"]
+        out = {"token": self.add(f"{label}: token (exported)", token, mode="token", **info)["union_ppl"]}
+        for mode, scores in self.scoring.score(model, self.dev, Q.FORCED).items():
             out[mode] = self.add(f"{label}: {mode}", scores, mode=mode, **info)["union_ppl"]
         return out
 
@@ -329,7 +325,7 @@ def main() -> None:
     base = ws.run("base", base_cfg)
     timings.ensure(base, "prepare", prepare, "prepare")
     for run in [*plan.dense.values(), *plan.shared.values()]:
-        Q._link_prepared(ws, run, base)
+        Q.link_prepared(run, base)
     vocab = base.vocab_size()
     dense_model = CausalLM(base_cfg.model, vocab, moe=False)
     params = count_parameters(dense_model)
@@ -352,9 +348,7 @@ def main() -> None:
 
     rate = shared_rate(plan, timings, rate)  # the whole shared phase's, for the wall times below
     dev = Q.DevSet.build(args.data, base, args.dev_windows, base_cfg.model.max_seq_len)
-    scorer = Q.Scorer(dev, None, token_byte_lengths(load_tokenizer(base.tokenizer_dir)),
-                      base_cfg.evaluate.prefix_len, Q.SCORE_MICRO, base_cfg.evaluate.sequence_revise_every)
-    rows = Rows(scorer, dev)
+    rows = Rows(Q.Scoring.for_run(base), dev)
     dense_ppl = {d: rows.dense(load_dense(base_cfg.model, vocab, run.shared_dir), f"dense at {d} tokens",
                                group="dense", tokens=d) for d, run in plan.dense.items()}
 

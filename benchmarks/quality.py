@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 import yaml
 
-from modularforge.assemble import assemble
+from modularforge.assemble import assemble, assemble_in_memory
 from modularforge.calibrate import (
     calibrate,
     calibration_batches,
@@ -53,23 +53,16 @@ from modularforge.data.partition import Partitioner, partition_documents
 from modularforge.data.shards import TokenStore
 from modularforge.data.sources import iter_documents
 from modularforge.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths
-from modularforge.device import autocast
-from modularforge.evaluate import window_nll
+from modularforge.device import autocast_dtype, module_device
+from modularforge.evaluate import RoutingTally, Tally, WindowScoring, score_windows
 from modularforge.files import load_tensors, read_json, read_metadata, write_json
 from modularforge.inference import open_model
+from modularforge.model.layers import SwiGLU
 from modularforge.model.transformer import CausalLM
-from modularforge.model.weights import (
-    FFN_WEIGHTS,
-    build_model,
-    ffn_from_weights,
-    ffn_key,
-    ffn_to_expert,
-    gate_key,
-    load_dense,
-)
+from modularforge.model.weights import FFN_WEIGHTS, ffn_from_weights, ffn_key, load_dense
 from modularforge.prepare import prepare
 from modularforge.routers import layer_stats, router_from_stats
-from modularforge.runs import STAGES, Run
+from modularforge.runs import Run
 from modularforge.train.experts import train_experts
 from modularforge.train.loop import Interrupted, branch_checkpoint, stable_steps
 from modularforge.train.shared import train_shared
@@ -113,7 +106,9 @@ def router_grid(extended: bool) -> list[tuple[str, str, int]]:
             grid.append((router, "temperature", 4))
     return grid
 SCORE_MICRO = 8  # windows per scoring forward: 1.2x the tokens/s of 4 for the 8-expert top-4 MoE in fp32
-DTYPE = None  # fp32, calibrate.precision's default: rows must not depend on whether the CPU has bf16 units
+PRECISION = "fp32"  # calibrate.precision's default: rows must not depend on whether the CPU has bf16 units
+DTYPE = autocast_dtype(PRECISION)
+FORCED = ("oracle", "sequence", "sequence_fixed", "ensemble")  # modes from one forced pass per expert
 
 
 # ----------------------------------------------------------------------------------------------- runs
@@ -137,24 +132,6 @@ class Workspace:
 
     def run(self, name: str, cfg: Config) -> Run:
         return Run(cfg, self.work / name)
-
-    def adopt(self, run: Run, stage: str, source: Run, folder: str) -> None:
-        """Use `source`'s finished stage in `run`: link its folder and mark the stage done here. If `source`
-        has redone that stage since `run` adopted it (same config, new outputs: its manifest entry, with
-        their hashes, changed), `run`'s later stages are dropped, since they were built on the old outputs."""
-        run.dir.mkdir(parents=True, exist_ok=True)
-        link = run.dir / folder
-        if not (link.exists() or link.is_symlink()):
-            os.symlink((source.dir / folder).resolve(), link)
-        manifest = run.manifest()
-        entry = dict(source.manifest()["stages"][stage])
-        entry["fingerprint"] = run.fingerprint(stage)
-        if manifest["stages"].get(stage) != entry:
-            for later in STAGES[STAGES.index(stage) + 1 :]:
-                manifest["stages"].pop(later, None)
-            manifest["stages"][stage] = entry
-            write_json(run.manifest_path, manifest)
-        run.save_config()
 
 
 def ensure(run: Run, stage: str, fn) -> None:
@@ -208,116 +185,86 @@ class DevSet:
         return cls(["extra"], {"extra": torch.from_numpy(np.stack(rows).astype(np.int64))},
                    {"extra": torch.from_numpy(labels)})
 
+    def batches(self, micro: int):
+        """(corpus, (B, T + 1) windows, (B,) their partitions), `micro` windows at a time."""
+        for corpus in self.corpora:
+            w, p = self.windows[corpus], self.partitions[corpus]
+            for i in range(0, len(w), micro):
+                yield corpus, w[i : i + micro], p[i : i + micro]
+
 
 # ------------------------------------------------------------------------------------------- scoring
 
 
-@dataclass
-class Scores:
-    """Per corpus: summed NLL (nats), scored tokens and their UTF-8 bytes; per layer and partition: routing hits."""
+@dataclass(frozen=True)
+class Scoring:
+    """What every row is scored with (the package's `evaluate.score_windows`, in fp32): the tokens' UTF-8 lengths,
+    the evaluate section's prefix and sequence-routing revision interval, and windows per forward pass. Every row
+    scores the positions after each window's prefix."""
 
-    nll: dict[str, float]
-    tokens: dict[str, int]
-    bytes: dict[str, int]
-    top1: np.ndarray | None = None  # (layers, partitions) tokens whose top-1 expert is their partition's
-    topk: np.ndarray | None = None  # (layers, partitions) tokens whose partition's expert is among the top-k
-    routed: np.ndarray | None = None  # (partitions,) routed tokens of each partition
+    token_bytes: np.ndarray
+    prefix_len: int
+    revise_every: int | None
+    micro: int = SCORE_MICRO
 
-    def summary(self) -> dict:
-        out = {"per_corpus": {c: round(math.exp(self.nll[c] / self.tokens[c]), 3) for c in self.nll}}
-        total_nll, total_tokens = sum(self.nll.values()), sum(self.tokens.values())
-        out["union_ppl"] = round(math.exp(total_nll / total_tokens), 3)
-        out["bits_per_byte"] = round(total_nll / math.log(2) / sum(self.bytes.values()), 4)
-        if self.top1 is not None and self.routed.sum():
-            seen = self.routed > 0
-            out["routing_top1_accuracy"] = [round(x, 4) for x in self.top1.sum(1) / self.routed.sum()]
-            out["routing_topk_hit"] = [round(x, 4) for x in self.topk.sum(1) / self.routed.sum()]
-            # per partition (those with dev tokens), averaged over layers
-            out["routing_top1_by_partition"] = {int(p): round(float(x), 4) for p, x in
-                                                zip(np.flatnonzero(seen), (self.top1 / np.maximum(self.routed, 1)).mean(0)[seen])}
-            out["routing_topk_hit_by_partition"] = {int(p): round(float(x), 4) for p, x in
-                                                    zip(np.flatnonzero(seen), (self.topk / np.maximum(self.routed, 1)).mean(0)[seen])}
-        return out
+    @classmethod
+    def for_run(cls, run: Run, micro: int = SCORE_MICRO) -> Scoring:
+        cfg = run.cfg.evaluate
+        return cls(token_byte_lengths(load_tokenizer(run.tokenizer_dir)), cfg.prefix_len, cfg.sequence_revise_every,
+                   micro)
 
-
-class Scorer:
-    def __init__(self, dev: DevSet, extra: DevSet | None, token_bytes: np.ndarray, prefix: int, micro: int,
-                 revise_every: int | None):
-        self.dev, self.extra, self.token_bytes, self.prefix, self.micro = dev, extra, token_bytes, prefix, micro
-        self.revise_every = revise_every
-
-    def _batches(self, dev: DevSet):
-        for corpus in dev.corpora:
-            w, p = dev.windows[corpus], dev.partitions[corpus]
-            for i in range(0, len(w), self.micro):
-                yield corpus, w[i : i + self.micro], p[i : i + self.micro]
-
-    @torch.no_grad()
-    def forced(self, moe: CausalLM, dev: DevSet) -> dict[str, dict]:
-        """NLL of oracle, sequence (revised and fixed) and ensemble routing (one forced pass per expert)."""
-        modes = ("oracle", "sequence", "sequence_fixed", "ensemble")
-        out = {m: Scores({}, {}, {}) for m in modes}
-        for corpus, batch, labels in self._batches(dev):
-            with autocast(DTYPE):
-                nll = window_nll(moe, None, batch, labels, self.prefix, set(modes), self.revise_every)
-            for m, scores in out.items():
-                self._add(scores, corpus, nll[m], batch)
-        return out
-
-    @torch.no_grad()
-    def plain(self, model: CausalLM, dev: DevSet, route_stats: bool = False) -> Scores:
-        scores = Scores({}, {}, {})
+    def score(self, model: CausalLM, dev: DevSet, modes: tuple[str, ...] = ("token",),
+              routing: bool = False) -> dict[str, dict]:
+        """{mode: `summary`} of `model` on `dev`; `routing`: with its token routing's accuracy. A window's oracle
+        expert is its partition's (the partition experts, in order)."""
         blocks = model.moe_blocks()
-        if route_stats and blocks:
-            experts = blocks[0].num_experts
-            scores.top1, scores.topk = np.zeros((len(blocks), experts)), np.zeros((len(blocks), experts))
-            scores.routed = np.zeros(experts)
-        for corpus, batch, labels in self._batches(dev):
-            for b in blocks:
-                b.record = [] if route_stats else None
-            with autocast(DTYPE):
-                nll = model.token_nll(batch)
-            self._add(scores, corpus, nll, batch)
-            if route_stats and blocks:
-                expected = labels[:, None].expand(-1, batch.shape[1] - 1).reshape(-1)
-                for i, b in enumerate(blocks):
-                    idx = b.record[0]
-                    np.add.at(scores.top1[i], expected.numpy(), (idx[:, 0] == expected).numpy())
-                    np.add.at(scores.topk[i], expected.numpy(), (idx == expected[:, None]).any(-1).numpy())
-                np.add.at(scores.routed, expected.numpy(), 1)
-        for b in blocks:
-            b.record = None
-        return scores
+        how = WindowScoring(tuple(modes), self.prefix_len, self.revise_every, PRECISION, routing)
+        scores = score_windows(model.eval(), dev.batches(self.micro), how, self.token_bytes,
+                               range(blocks[0].num_experts if blocks else 0))
+        return {m: summary(scores.after_prefix[m], scores.routing) for m in modes}
 
-    def _add(self, scores: Scores, corpus: str, nll: torch.Tensor, batch: torch.Tensor) -> None:
-        part = nll[:, self.prefix - 1 :]
-        targets = batch[:, 1:][:, self.prefix - 1 :]
-        scores.nll[corpus] = scores.nll.get(corpus, 0.0) + float(part.double().sum())
-        scores.tokens[corpus] = scores.tokens.get(corpus, 0) + part.numel()
-        scores.bytes[corpus] = scores.bytes.get(corpus, 0) + int(self.token_bytes[targets.numpy()].sum())
+
+def summary(tallies: dict[str, Tally], routing: RoutingTally | None = None) -> dict:
+    """Per-corpus and union perplexity and bits per byte; with `routing`, per layer the share of tokens whose top-1
+    expert is their partition's and whose partition's expert is among the top-k, and per partition (those with
+    dev tokens) the same shares, averaged over layers."""
+    nll, tokens = sum(t.nll for t in tallies.values()), sum(t.tokens for t in tallies.values())
+    out = {"per_corpus": {c: round(math.exp(t.nll / t.tokens), 3) for c, t in tallies.items()},
+           "union_ppl": round(math.exp(nll / tokens), 3),
+           "bits_per_byte": round(nll / math.log(2) / sum(t.bytes for t in tallies.values()), 4)}
+    if routing is not None and routing.top1.sum():
+        parts, own = np.arange(len(routing.oracle)), np.array(routing.oracle)
+        top1, topk = routing.top1[:, parts, own], routing.hits[:, parts, own]  # (layers, partitions)
+        routed = routing.top1[0].sum(-1)  # (partitions,) routed tokens of each partition
+        seen = routed > 0
+        out["routing_top1_accuracy"] = [round(x, 4) for x in top1.sum(1) / routed.sum()]
+        out["routing_topk_hit"] = [round(x, 4) for x in topk.sum(1) / routed.sum()]
+        out["routing_top1_by_partition"] = {int(p): round(float(x), 4) for p, x in
+                                            zip(np.flatnonzero(seen), (top1 / np.maximum(routed, 1)).mean(0)[seen])}
+        out["routing_topk_hit_by_partition"] = {int(p): round(float(x), 4) for p, x in
+                                                zip(np.flatnonzero(seen), (topk / np.maximum(routed, 1)).mean(0)[seen])}
+    return out
 
 
 # ------------------------------------------------------------------------------------ in-memory MoE
 
 
 class MoEUnderTest:
-    """Shared part + one expert set as an MoE in memory; routers, temperature, top-k, norms and an
+    """The run's expert set assembled in memory (`assemble_in_memory`); routers, temperature, top-k, norms and an
     always-on anchor are set per row, from the experts' statistics, with no gradient steps."""
 
     def __init__(self, run: Run):
         cfg = run.cfg
         self.run = run
-        tensors = load_tensors(run.shared_dir / "shared.safetensors")
-        for k in range(cfg.model.num_experts):  # an expert file holds its dense FFN names
-            tensors |= {ffn_to_expert(n, k): t for n, t in load_tensors(run.expert_files(k)["expert"]).items()}
-        for i in range(cfg.model.num_layers):
-            tensors[gate_key(i)] = torch.zeros(cfg.model.num_experts, cfg.model.hidden_size)
-        self.model = build_model(cfg.model, run.vocab_size(), moe=True, tensors=tensors).eval()
-        stats_paths = [run.expert_files(k)["stats"] for k in range(cfg.model.num_experts)]
+        self.model = assemble_in_memory(run).eval()
+        device = module_device(self.model)
+        stats_paths = [run.expert_files(spec.name)["stats"] for spec in run.experts()]
         self.stats = [layer_stats(stats_paths, i, cfg.model.hidden_size) for i in range(cfg.model.num_layers)]
         self.norms = [layer.post_attention_layernorm.weight.detach().clone() for layer in self.model.model.layers]
         anchor = load_tensors(run.shared_dir / "anchor.safetensors")
-        self.anchor = [ffn_from_weights({w: anchor[ffn_key(i, w)] for w in FFN_WEIGHTS}) for i in range(cfg.model.num_layers)]
+        self.anchor = [ffn_from_weights({w: anchor[ffn_key(i, w)] for w in FFN_WEIGHTS}).to(device)
+                       for i in range(cfg.model.num_layers)]
+        self.hooks: list = []
         by_length: dict[int, list[torch.Tensor]] = {}
         for batch in calibration_batches(run, 2048):
             by_length.setdefault(batch.shape[1], []).append(batch)
@@ -334,8 +281,10 @@ class MoEUnderTest:
             block.gate.weight.data.copy_(router_from_stats(router, self.stats[i], lam,
                                                            cfg.assemble.centred, generator))
             block.top_k = top_k
-            block.shared_expert = self.anchor[i] if anchor_weight else None
-            block.shared_weight = anchor_weight
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = [block.register_forward_hook(anchored(ffn, anchor_weight))
+                      for block, ffn in zip(self.model.moe_blocks(), self.anchor)] if anchor_weight else []
         info: dict = {}
         if calibration.endswith("norm"):
             targets = [torch.stack(s.diag).mean(0).float() for s in self.stats]
@@ -346,6 +295,17 @@ class MoEUnderTest:
                                                      calibration == "temperature_per_layer", DTYPE)
         info["calib_loss"] = round(mean_loss(self.model, self.calib, DTYPE), 4)
         return info
+
+
+def anchored(anchor: SwiGLU, weight: float):
+    """A forward hook that keeps the anchor FFN on beside an MoE block: (1 - weight) * block(x) + weight * anchor(x),
+    in every routing mode. The exported Mixtral model has no place for an always-on shared expert, so it lives
+    here, in the benchmark, not in the package's MoE block."""
+
+    def hook(block, args, out):
+        return (1 - weight) * out + weight * anchor(args[0])
+
+    return hook
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -398,16 +358,14 @@ def main() -> None:
     seq_len = base_cfg.model.max_seq_len
     dev = DevSet.build(args.data, base, args.dev_windows, seq_len)
     extra = DevSet.from_text(args.eval_data, base, seq_len, args.extra_windows) if args.eval_data else None
-    scorer = Scorer(dev, extra, token_byte_lengths(load_tokenizer(base.tokenizer_dir)),
-                    base_cfg.evaluate.prefix_len, SCORE_MICRO,
-                    base_cfg.evaluate.sequence_revise_every)
+    scoring = Scoring.for_run(base)
     purity = read_json(base.data_dir / "partitions.json")["purity"]
     rows: list[dict] = []
 
-    def record(row: str, group: str, scores: Scores, extra_scores: Scores | None = None, **info) -> dict:
-        entry = {"row": row, "group": group, **scores.summary(), **info}
+    def record(row: str, group: str, scores: dict, extra_scores: dict | None = None, **info) -> dict:
+        entry = {"row": row, "group": group, **scores, **info}
         if extra_scores is not None:
-            entry["extra_ppl"] = extra_scores.summary()["union_ppl"]
+            entry["extra_ppl"] = extra_scores["union_ppl"]
         rows.append(entry)
         acc = entry.get("routing_top1_accuracy")
         log.info("%-58s union ppl %8.3f  bpb %.4f%s", row, entry["union_ppl"], entry["bits_per_byte"],
@@ -415,30 +373,31 @@ def main() -> None:
         return entry
 
     def score_dense(model: CausalLM, row: str, group: str) -> dict:
-        return record(row, group, scorer.plain(model, dev), scorer.plain(model, extra) if extra else None)
+        return record(row, group, scoring.score(model, dev)["token"],
+                      scoring.score(model, extra)["token"] if extra else None)
 
     def score_moe(moe: MoEUnderTest, row: str, group: str, router: str, calibration: str, top_k: int,
                   anchor_weight: float = 0.0, ridge_lambda: float | None = None) -> dict:
         lam = base_cfg.assemble.ridge_lambda if ridge_lambda is None else ridge_lambda
         info = moe.configure(router, calibration, top_k, anchor_weight, lam)
-        return record(row, group, scorer.plain(moe.model, dev, route_stats=True),
-                      scorer.plain(moe.model, extra) if extra else None, router=router, calibration=calibration,
-                      top_k=top_k, anchor_weight=anchor_weight, ridge_lambda=lam, **info)
+        return record(row, group, scoring.score(moe.model, dev, routing=True)["token"],
+                      scoring.score(moe.model, extra)["token"] if extra else None, router=router,
+                      calibration=calibration, top_k=top_k, anchor_weight=anchor_weight, ridge_lambda=lam, **info)
 
     def score_forced(moe: MoEUnderTest, prefix: str, group: str) -> dict[str, dict]:
-        forced = scorer.forced(moe.model, dev)
-        forced_extra = scorer.forced(moe.model, extra) if extra else {}
+        forced = scoring.score(moe.model, dev, FORCED)
+        forced_extra = scoring.score(moe.model, extra, FORCED) if extra else {}
         return {m: record(f"{prefix} {m}", group, s, forced_extra.get(m)) for m, s in forced.items()}
 
     # Dense baseline: the anchor's architecture trained on all T tokens (a shared phase with fraction 1/2 of 2T).
     # Under a wsd schedule every split's shared phase is the dense run's first steps plus its own decay, so
     # the dense run is trained once and each split branches from it (exactly what a run of its own gives).
     dense = ws.run("dense", ws.config(budget={"total_tokens": 2 * T, "shared_fraction": 0.5}))
-    _link_prepared(ws, dense, base)
+    link_prepared(dense, base)
     shared_runs = {f: ws.run(f"shared-{f:.3f}", ws.config(budget={"total_tokens": T, "shared_fraction": f}))
                    for f in splits.values()}
     for run in shared_runs.values():
-        _link_prepared(ws, run, base)
+        link_prepared(run, base)
     branch_from_trunk(dense, list(shared_runs.values()))
     ensure(dense, "train-shared", train_shared)
     vocab = base.vocab_size()
@@ -453,8 +412,8 @@ def main() -> None:
         cfg = ws.config(budget={"total_tokens": T, "shared_fraction": fraction}, experts=variants[variant],
                         **({"partition": data_from.cfg.partition.model_dump()} if tag else {}))
         run = ws.run(f"experts-{fraction:.3f}-{variant}{tag}", cfg)
-        _link_prepared(ws, run, data_from)
-        ws.adopt(run, "train-shared", source, "shared")
+        link_prepared(run, data_from)
+        run.adopt_stage(source, "train-shared", ("shared",))  # the shared phase does not read the partitions
         ensure(run, "train-experts", train_experts)
         return run
 
@@ -536,7 +495,7 @@ def main() -> None:
     exported = _assemble_best(ws, main_split, best_variant, variants[best_variant], recipe, lam, base)
     model = open_model(exported.model_dir)
     record("exported folder (modularforge assemble, best recipe)", "exported",
-           scorer.plain(model.eval(), dev, route_stats=True), scorer.plain(model, extra) if extra else None)
+           scoring.score(model, dev, routing=True)["token"], scoring.score(model, extra)["token"] if extra else None)
 
     wall = time.perf_counter() - started
     result = summarize(rows, per_variant, best_variant, recipe, lam, budget, purity, base_cfg, args, wall)
@@ -568,18 +527,9 @@ def branch_from_trunk(trunk: Run, runs: list[Run]) -> None:
         log.info("%s starts from step %d of %s", run.dir.name, branch, trunk.dir.name)
 
 
-def _link_data(run: Run, base: Run) -> None:
-    for folder in ("data", "tokenizer"):
-        link = run.dir / folder
-        if not link.exists():
-            run.dir.mkdir(parents=True, exist_ok=True)
-            os.symlink((base.dir / folder).resolve(), link)
-
-
-def _link_prepared(ws: Workspace, run: Run, base: Run) -> None:
-    _link_data(run, base)
-    if not run.is_done("prepare"):
-        ws.adopt(run, "prepare", base, "data")
+def link_prepared(run: Run, base: Run) -> None:
+    """`run` uses `base`'s tokenizer, shards and partitions (Run.adopt_stage)."""
+    run.adopt_stage(base, "prepare", ("data", "tokenizer"))
 
 
 def _random_partition_base(ws: Workspace, base: Run) -> Run:
@@ -589,19 +539,18 @@ def _random_partition_base(ws: Workspace, base: Run) -> Run:
     run = ws.run("base-random", cfg)
     if run.is_done("prepare"):
         return run
-    data = run.data_dir
-    data.mkdir(parents=True, exist_ok=True)
-    for item in base.data_dir.iterdir():
-        if item.name.startswith(("tokens-", "documents", "shards")) and not (data / item.name).exists():
-            os.symlink(item.resolve(), data / item.name)
-    tokenizer = run.dir / "tokenizer"
-    if not tokenizer.exists():
-        os.symlink(base.tokenizer_dir.resolve(), tokenizer)
-    partition_documents(TokenStore.open(data), load_tokenizer(tokenizer), cfg.partition, cfg.model.num_experts, cfg.run.seed)
-    manifest = run.manifest()
-    manifest["stages"]["prepare"] = {"status": "done", "fingerprint": run.fingerprint("prepare")}
-    write_json(run.manifest_path, manifest)
-    run.save_config()
+    with run.lock():
+        data = run.data_dir
+        data.mkdir(parents=True, exist_ok=True)
+        for item in base.data_dir.iterdir():
+            if item.name.startswith(("tokens-", "documents", "shards")) and not (data / item.name).exists():
+                os.symlink(item.resolve(), data / item.name)
+        tokenizer = run.dir / "tokenizer"
+        if not tokenizer.exists():
+            os.symlink(base.tokenizer_dir.resolve(), tokenizer)
+        report = partition_documents(TokenStore.open(data), load_tokenizer(tokenizer), cfg.partition,
+                                     cfg.model.num_experts, cfg.run.seed)
+        run.adopt_stage(base, "prepare", facts={"purity": report["purity"]})  # the rest of prepare is base's
     return run
 
 
@@ -623,13 +572,10 @@ def _assemble_best(ws: Workspace, fraction: float, variant: str, experts: dict, 
     run = ws.run("exported", cfg)
     if run.dir.exists():
         shutil.rmtree(run.dir)
-    run.dir.mkdir(parents=True)
     src = Run(Config.model_validate(yaml.safe_load((source / "config.yaml").read_text())), source)
-    for folder in ("data", "tokenizer", "shared", "experts"):
-        os.symlink((source / folder).resolve(), run.dir / folder)
-    manifest = {"stages": {s: {**src.manifest()["stages"][s], "fingerprint": run.fingerprint(s)}
-                           for s in ("prepare", "train-shared", "train-experts")}}
-    write_json(run.manifest_path, manifest)
+    for stage, folders in (("prepare", ("data", "tokenizer")), ("train-shared", ("shared",)),
+                           ("train-experts", ("experts",))):
+        run.adopt_stage(src, stage, folders)
     assert run.fingerprint("train-experts") == src.fingerprint("train-experts")  # the experts' done.json agree
     assemble(run)
     calibrate(run)

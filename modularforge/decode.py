@@ -75,8 +75,6 @@ def moe(h: torch.Tensor, block: SparseMoE, expert_ids: torch.Tensor | None) -> t
         y = swiglu(h, block.expert(e))
         y = y if w is None else y * w
         out = y if out is None else out + y
-    if block.shared_expert is not None:
-        out = (1 - block.shared_weight) * out + block.shared_weight * swiglu(h, block.shared_expert)
     return out
 
 

@@ -1,5 +1,5 @@
 """benchmarks/parallel.py: the straight-line fit states where modular reaches dense, and a copy of a run after
-its shared phase, with a different `budget.expert_tokens`, reuses that shared phase."""
+its shared phase, with a different `budget.expert_tokens`, reuses that shared phase (Run.adopt_stage)."""
 
 import sys
 from pathlib import Path
@@ -34,7 +34,11 @@ def test_a_copy_after_the_shared_phase_with_other_expert_tokens_reuses_it(make_c
     P.copy_after_shared(source, target)
     assert target.is_done("train-shared") and not target.is_done("train-experts")
     assert target.cfg.expert_steps != source.cfg.expert_steps
-    assert not (target.shared_dir / "ckpt.safetensors").exists()
+    assert target.shared_dir.resolve() == source.shared_dir.resolve()  # linked, not copied
+    assert target.manifest()["stages"]["train-shared"]["adopted_from"] == str(source.dir.resolve())
     (target.dir / "marker").write_text("")
     P.copy_after_shared(source, target)  # unchanged source: the copy stays
     assert (target.dir / "marker").exists()
+    other = Run(make_config(run={"name": "other"}, train={"lr": 1e-3}))
+    with pytest.raises(RuntimeError, match="fingerprint"):  # its shared phase is not source's
+        P.copy_after_shared(source, other)

@@ -3,7 +3,6 @@ the k weights renormalised, and `index_add_` over the experts that received toke
 
 `expert_ids` overrides the router: one expert per token (or per sequence) with weight 1. That
 single switch gives oracle routing (the partition's expert) and sequence-level routing.
-An optional always-on `shared_expert` (the anchor) is mixed in with weight `shared_weight`.
 The experts are the block's `experts` list, or, for a model opened with a bound on experts in memory,
 whatever its `expert_source` returns for an index (`inference.ExpertCache`).
 """
@@ -32,8 +31,6 @@ class SparseMoE(nn.Module):
         self.top_k = top_k
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(hidden_size, intermediate_size) for _ in range(num_experts))
-        self.shared_expert: SwiGLU | None = None
-        self.shared_weight = 0.0
         self.record: list[torch.Tensor] | None = None  # when a list, each forward appends its expert indices
         # expert index -> its FFN, in place of `experts` (then empty): experts loaded on demand
         self.expert_source: Callable[[int], SwiGLU] | None = None
@@ -66,6 +63,4 @@ class SparseMoE(nn.Module):
                 token, slot = torch.where(indices == e)
                 y = self.expert(e)(flat[token]) * weights[token, slot, None].to(flat.dtype)
                 out.index_add_(0, token, y.to(out.dtype))
-        if self.shared_expert is not None:
-            out = (1 - self.shared_weight) * out + self.shared_weight * self.shared_expert(flat)
         return out.view(B, T, H)
