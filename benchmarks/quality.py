@@ -22,6 +22,7 @@ Prints a table and writes docs/results/quality.json and docs/results/quality.png
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -55,7 +56,7 @@ from modularforge.data.sources import iter_documents
 from modularforge.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths
 from modularforge.device import autocast_dtype, module_device
 from modularforge.evaluate import RoutingTally, Tally, WindowScoring, score_windows
-from modularforge.files import load_tensors, read_json, read_metadata, write_json
+from modularforge.files import atomic_path, load_tensors, read_json, read_metadata, read_metrics, save_tensors, write_json
 from modularforge.inference import open_model
 from modularforge.model.layers import SwiGLU
 from modularforge.model.transformer import CausalLM
@@ -64,7 +65,7 @@ from modularforge.prepare import prepare
 from modularforge.routers import layer_stats, router_from_stats
 from modularforge.runs import Run
 from modularforge.train.experts import train_experts
-from modularforge.train.loop import Interrupted, branch_checkpoint, stable_steps
+from modularforge.train.loop import Interrupted, stable_steps
 from modularforge.train.shared import train_shared
 
 log = logging.getLogger("quality")
@@ -502,6 +503,21 @@ def main() -> None:
     write_json(args.out, result)
     plot(rows, args.plot)
     print_table(rows, result)
+
+
+def branch_checkpoint(source_dir: Path, target_dir: Path, fingerprint: str) -> int:
+    """Give the run in `target_dir` the checkpoint (and the metrics up to it) of the run in `source_dir`, under
+    the target's fingerprint, so the target resumes from there. Exact only for runs whose steps so far agree:
+    same model, data stream and learning rates (wsd runs with warmup_steps, before the shorter one's decay).
+    Returns the checkpoint's step."""
+    source = source_dir / "ckpt.safetensors"
+    step = int(read_metadata(source)["step"])
+    target_dir.mkdir(parents=True, exist_ok=True)
+    save_tensors(target_dir / "ckpt.safetensors", load_tensors(source), {"step": str(step), "fingerprint": fingerprint})
+    metrics = read_metrics(source_dir / "metrics.jsonl")
+    with atomic_path(target_dir / "metrics.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics if m["step"] <= step))
+    return step
 
 
 def branch_from_trunk(trunk: Run, runs: list[Run]) -> None:

@@ -149,18 +149,25 @@ def cmd_evaluate(args) -> None:
 
         e = run.cfg.evaluate
         from modularforge.device import resolve_device
+        from modularforge.evaluate import FileScoring
 
-        result = evaluate_file(args.model or run.model_dir, args.data, e.window, e.stride, args.routing, e.prefix_len,
-                               args.precision, e.sequence_revise_every, text_field=run.cfg.data.text_field,
-                               expert_cache=e.expert_cache, device=resolve_device(run.cfg))
+        if args.max_tokens is not None and args.max_tokens < 2:
+            raise ModularForgeError(f"--max-tokens must be at least 2 (scoring needs two tokens), got {args.max_tokens}")
+        if args.expert is not None and args.routing == "sequence":
+            raise ModularForgeError("--expert sends every token to one expert; it does not go with --routing sequence")
+        how = FileScoring(e.window, e.stride, args.routing, e.prefix_len, e.sequence_revise_every, args.precision,
+                          max_tokens=args.max_tokens)
+        result = evaluate_file(args.model or run.model_dir, args.data, how, text_field=run.cfg.data.text_field,
+                               expert_cache=e.expert_cache, device=resolve_device(run.cfg), expert=args.expert)
         print(json.dumps(result, indent=2))
         return
     from modularforge.evaluate import evaluate
 
     if args.model:
         raise ModularForgeError("--model applies to `evaluate --data FILE`; the full report evaluates the run")
-    if args.window is not None or args.stride is not None:
-        raise ModularForgeError("--window and --stride apply to `evaluate --data FILE`; the report uses the context")
+    if args.window is not None or args.stride is not None or args.expert is not None or args.max_tokens is not None:
+        raise ModularForgeError("--window, --stride, --expert and --max-tokens apply to `evaluate --data FILE`; the "
+                                "report scores the run's validation text")
     evaluate(run)
 
 
@@ -362,6 +369,9 @@ def _evaluate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--routing", choices=["token", "sequence"], default="token", help="routing mode for --data")
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32", help="compute precision")
     p.add_argument("--expert-cache", type=int, help="keep at most N expert FFNs in memory (LRU) (evaluate.expert_cache)")
+    p.add_argument("--expert", help="with --data: send every token to this expert (its name, or its position), as "
+                   "oracle routing does when the text's expert is known")
+    p.add_argument("--max-tokens", type=int, help="with --data: score the first N tokens of the file only")
 
 
 def _generate_flags(p: argparse.ArgumentParser) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Hashable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,7 @@ from modularforge.data.tokenizer import eos_id, load_tokenizer, token_byte_lengt
 from modularforge.device import autocast, autocast_dtype, module_device, resolve_device, to_device
 from modularforge.errors import DataError
 from modularforge.files import read_json
-from modularforge.inference import open_model
+from modularforge.inference import AssembledFolder, open_model
 from modularforge.model.transformer import CausalLM
 from modularforge.model.weights import load_dense
 from modularforge.report import write_report
@@ -369,17 +369,30 @@ class FileScoring:
     max_tokens: int | None = None
 
 
-def evaluate_file(model_dir: Path, path: Path, window: int | None, stride: int | None, routing: str,
-                  prefix_len: int, precision: str = "fp32", revise_every: int | None = None,
-                  text_field: str = "text", expert_cache: int | None = None, device: torch.device | str = "cpu") -> dict:
+def evaluate_file(model_dir: Path, path: Path, how: FileScoring = FileScoring(), text_field: str = "text",
+                  expert_cache: int | None = None, device: torch.device | str = "cpu",
+                  expert: str | None = None) -> dict:
     """Perplexity of the model in `model_dir`, opened on `device`, on a file (`score_file`); with `expert_cache`,
-    at most that many expert FFNs of it in memory."""
+    at most that many expert FFNs of it in memory. `expert` (a name from config.json's expert_names, or a
+    position) sends every token to that expert."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} is a folder; give a text file" if path.is_dir() else f"evaluation file not found: {path}")
-    model = open_model(model_dir, expert_cache=expert_cache, device=device)
-    how = FileScoring(window, stride, routing, prefix_len, revise_every, precision)
+    folder = AssembledFolder(model_dir)
+    if expert is not None:
+        how = replace(how, expert=expert_position(folder, expert))
+    model = open_model(folder, expert_cache=expert_cache, device=device)
     return score_file(model, load_tokenizer(model_dir), path, how, text_field)
+
+
+def expert_position(folder: AssembledFolder, expert: str) -> int:
+    """The position of an expert of an assembled model, given by its name or its position."""
+    names = folder.config.get("expert_names") or [str(e) for e in range(folder.cfg.num_experts)]
+    if expert in names:
+        return names.index(expert)
+    if expert.isdigit() and int(expert) < folder.cfg.num_experts:
+        return int(expert)
+    raise DataError(f"the model in {folder.dir} has no expert {expert!r}; its experts: {', '.join(names)}")
 
 
 def score_file(model: CausalLM, tokenizer, path: Path, how: FileScoring = FileScoring(),
@@ -397,6 +410,8 @@ def score_file(model: CausalLM, tokenizer, path: Path, how: FileScoring = FileSc
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} is a folder; give a text file" if path.is_dir() else f"evaluation file not found: {path}")
+    if how.routing == "sequence" and how.expert is not None:
+        raise DataError("sequence routing chooses the expert itself; give a forced expert or sequence routing, not both")
     model.eval()
     context = model.cfg.max_seq_len
     window = how.window or context

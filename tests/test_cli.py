@@ -121,3 +121,20 @@ def test_generate_flags_are_config_values(trained_run, capsys):
     out, err = capsys.readouterr()  # 0 means what the config key's 0 means: nothing valid
     assert out == "" and err.strip().splitlines() == ["error: invalid config value for 'generate.sequence_revise_every': "
                                                       "Input should be greater than or equal to 1 (got 0)"]
+
+
+def test_evaluate_data_can_force_one_expert_and_stop_after_n_tokens(trained_run, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("The Congress shall have power to lay and collect taxes, duties, imposts and excises. " * 30)
+    base = ["evaluate", "--run-dir", str(trained_run.dir), "--data", str(text)]
+    assert main([*base, "--max-tokens", "64", "--expert", "expert_02"]) == 0
+    forced = json.loads(capsys.readouterr().out)
+    assert forced["tokens_in_file"] == 64 and forced["windowing"]["expert"] == 2
+    assert forced["tokens"] == 64 - forced["windowing"]["windows"]  # each window's first token has no context
+    assert main([*base, "--max-tokens", "64", "--expert", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] == forced["perplexity"]
+    assert main([*base, "--max-tokens", "64"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] != forced["perplexity"]  # the router picks others
+    assert main([*base, "--expert", "expert_09"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no expert 'expert_09'" in err[0] and "expert_00, expert_01" in err[0]

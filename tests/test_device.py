@@ -45,7 +45,7 @@ def test_every_stage_and_generation_take_their_device_from_the_seam(make_config,
     generating text running through means each of their tensors got its device passed in."""
     from modularforge.assemble import assemble
     from modularforge.calibrate import calibrate
-    from modularforge.evaluate import evaluate, evaluate_file
+    from modularforge.evaluate import FileScoring, evaluate, evaluate_file
     from modularforge.data.tokenizer import load_tokenizer
     from modularforge.inference import open_model
     from modularforge.sampling import Sampling, generate_text
@@ -60,7 +60,9 @@ def test_every_stage_and_generation_take_their_device_from_the_seam(make_config,
         for stage in (prepare, train_shared, train_experts, assemble, calibrate, evaluate):
             stage(run)
         device = resolve_device(run.cfg)
-        assert evaluate_file(run.model_dir, text, None, None, "sequence", 8, device=device)["tokens"] > 0
+        how = FileScoring(routing="sequence", prefix_len=8)
+        assert evaluate_file(run.model_dir, text, how, device=device)["tokens"] > 0
+        assert evaluate_file(run.model_dir, text, FileScoring(max_tokens=50), device=device, expert="expert_01")["tokens"]
         for cache, dtype in ((None, "float32"), (2, "float16")):
             model = open_model(run.model_dir, expert_cache=cache, decode_dtype=dtype, device=device)
             assert generate_text(model, load_tokenizer(run.model_dir), "The", Sampling(max_new_tokens=6),

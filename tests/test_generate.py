@@ -113,15 +113,10 @@ def test_decoding_layouts_keep_the_logits_and_the_expert_cache_uses_them(trained
 def test_lean_decode_step_gives_the_module_path_logits(dtype, monkeypatch):
     import modularforge.decode as decode
     from modularforge.inference import for_decoding
-    from modularforge.model.layers import SwiGLU
     from modularforge.model.transformer import KVCache
 
     monkeypatch.setattr(decode, "SPLIT_MIN_ELEMENTS", 0)  # every float32 product through the two-core split
     model = _model()
-    block = model.moe_blocks()[1]
-    block.shared_expert, block.shared_weight = SwiGLU(CFG.hidden_size, CFG.intermediate_size), 0.25
-    for p in block.shared_expert.parameters():
-        torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(2))
     model = for_decoding(model, dtype)
     torch_dtype = getattr(torch, dtype)
     rotary = decode.RotaryRows(model, torch_dtype)

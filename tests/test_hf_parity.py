@@ -6,7 +6,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from modularforge.evaluate import evaluate_file  # noqa: E402
+from modularforge.evaluate import FileScoring, evaluate_file  # noqa: E402
 from modularforge.inference import open_model  # noqa: E402
 
 PROMPT = "Fellow citizens of the Senate: a hacker is a person who enjoys exploring the details of programmable systems."
@@ -46,7 +46,7 @@ def test_file_perplexity_agrees_with_transformers(trained_run, hf_model, tmp_pat
     text = (PROMPT + " The state of the union is strong, and the Congress will act. ") * 12
     path = tmp_path / "held_out.txt"
     path.write_text(text)
-    ours = evaluate_file(trained_run.model_dir, path, window=None, stride=None, routing="token", prefix_len=8)
+    ours = evaluate_file(trained_run.model_dir, path, FileScoring(prefix_len=8))
     tokenizer = transformers.AutoTokenizer.from_pretrained(trained_run.model_dir)
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     window = hf_model.config.max_position_embeddings

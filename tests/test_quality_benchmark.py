@@ -2,6 +2,7 @@
 its in-memory MoE is the package's assembly, with the always-on anchor a hook of the benchmark's that comes off
 again."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -15,7 +16,11 @@ import quality as Q  # noqa: E402
 from modularforge.assemble import assemble_in_memory  # noqa: E402
 from modularforge.evaluate import evaluate, partition_batches  # noqa: E402
 from modularforge.inference import open_model  # noqa: E402
+from modularforge.files import load_tensors  # noqa: E402
+from modularforge.prepare import prepare  # noqa: E402
 from modularforge.runs import Run  # noqa: E402
+from modularforge.train.loop import Interrupted, stable_steps  # noqa: E402
+from modularforge.train.shared import train_shared  # noqa: E402
 
 
 def test_quality_rows_are_evaluates_numbers_on_the_same_windows(run_copy):
@@ -58,3 +63,30 @@ def test_the_benchmarks_moe_is_the_assembly_and_the_anchor_comes_off(trained_run
         assert not torch.allclose(moe.model(ids), plain)
         moe.configure(cfg.assemble.router, "none", cfg.model.top_k)
         assert torch.equal(moe.model(ids), plain)
+
+
+def _same_tensors(a, b):
+    x, y = load_tensors(a), load_tensors(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def _losses(path):
+    return [(m["step"], m["loss"], m.get("val_loss")) for m in map(json.loads, path.read_text().splitlines())]
+
+
+def test_branched_wsd_shared_phase_equals_a_run_of_its_own(make_config):
+    train = {"schedule": "wsd", "warmup_steps": 3, "decay_fraction": 0.25}
+    long = Run(make_config(run={"name": "long"}, train=train, budget={"total_tokens": 80 * 8 * 32}))
+    short_cfg = make_config(run={"name": "short"}, train=train)
+    alone, branched = Run(short_cfg), Run(short_cfg, short_cfg.run.root + "/branched")
+    for run in (long, alone, branched):
+        prepare(run)
+    branch = stable_steps(short_cfg.shared_steps, short_cfg.train)
+    with pytest.raises(Interrupted):
+        train_shared(long, stop_after=branch)
+    assert Q.branch_checkpoint(long.shared_dir, branched.shared_dir, branched.fingerprint("train-shared")) == branch
+    train_shared(branched)
+    train_shared(alone)
+    for name in ("shared.safetensors", "anchor.safetensors"):
+        assert _same_tensors(alone.shared_dir / name, branched.shared_dir / name)
+    assert _losses(alone.shared_dir / "metrics.jsonl") == _losses(branched.shared_dir / "metrics.jsonl")

@@ -11,7 +11,7 @@ from modularforge.files import load_tensors, read_json
 from modularforge.prepare import prepare
 from modularforge.runs import Run
 from modularforge.train.experts import train_experts
-from modularforge.train.loop import Interrupted, LoopPlan, Objective, branch_checkpoint, lr_at, stable_steps, train_loop
+from modularforge.train.loop import Interrupted, LoopPlan, Objective, lr_at, stable_steps, train_loop
 from modularforge.train.shared import train_shared
 
 
@@ -105,24 +105,6 @@ def test_wsd_runs_of_any_length_share_their_stable_phase():
     assert stable_steps(50, cfg) == 40 and short[:40] == long[:40]
     assert short[4] == short[39] == 1.0 and short[0] == pytest.approx(0.2)
     assert all(a > b for a, b in pairwise(short[39:])) and short[-1] == pytest.approx(0.1)
-
-
-def test_branched_wsd_shared_phase_equals_a_run_of_its_own(make_config):
-    train = {"schedule": "wsd", "warmup_steps": 3, "decay_fraction": 0.25}
-    long = Run(make_config(run={"name": "long"}, train=train, budget={"total_tokens": 80 * 8 * 32}))
-    short_cfg = make_config(run={"name": "short"}, train=train)
-    alone, branched = Run(short_cfg), Run(short_cfg, short_cfg.run.root + "/branched")
-    for run in (long, alone, branched):
-        prepare(run)
-    branch = stable_steps(short_cfg.shared_steps, short_cfg.train)
-    with pytest.raises(Interrupted):
-        train_shared(long, stop_after=branch)
-    assert branch_checkpoint(long.shared_dir, branched.shared_dir, branched.fingerprint("train-shared")) == branch
-    train_shared(branched)
-    train_shared(alone)
-    for name in ("shared.safetensors", "anchor.safetensors"):
-        assert _same_tensors(alone.shared_dir / name, branched.shared_dir / name)
-    assert _losses(alone.shared_dir / "metrics.jsonl") == _losses(branched.shared_dir / "metrics.jsonl")
 
 
 def test_frozen_shared_weights_get_no_gradients_in_the_expert_phase(trained_run):

@@ -26,7 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from modularforge.config import TrainConfig
 from modularforge.device import autocast, autocast_dtype, to_device
 from modularforge.errors import TrainingError
-from modularforge.files import atomic_path, load_tensors, metric_lines, read_metadata, read_metrics, save_tensors
+from modularforge.files import atomic_path, load_tensors, metric_lines, read_metadata, save_tensors
 from modularforge.train.cross_entropy import linear_cross_entropy
 from modularforge.train.optimizer import FusedAdamW
 
@@ -313,21 +313,6 @@ def _resume(path: Path, params: dict[str, nn.Parameter], optimizer: FusedAdamW, 
                 optimizer.load_state(p, state)
     step = int(meta["step"])
     log.info("resuming %s at step %d/%d", path.parent, step, steps)
-    return step
-
-
-def branch_checkpoint(source_dir: Path, target_dir: Path, fingerprint: str) -> int:
-    """Give the run in `target_dir` the checkpoint (and the metrics up to it) of the run in `source_dir`, under
-    the target's fingerprint, so the target resumes from there. Exact only for runs whose steps so far agree:
-    same model, data stream and learning rates (wsd runs with warmup_steps, before the shorter one's decay).
-    Returns the checkpoint's step."""
-    source = source_dir / "ckpt.safetensors"
-    step = int(read_metadata(source)["step"])
-    target_dir.mkdir(parents=True, exist_ok=True)
-    save_tensors(target_dir / "ckpt.safetensors", load_tensors(source), {"step": str(step), "fingerprint": fingerprint})
-    metrics = read_metrics(source_dir / "metrics.jsonl")
-    with atomic_path(target_dir / "metrics.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics if m["step"] <= step))
     return step
 
 
