@@ -59,6 +59,7 @@ def assemble(run: Run, on_read: OnRead | None = None) -> None:
     """`on_read(file, tensor)` is called before each input tensor is copied (for instrumentation)."""
     cfg = run.cfg
     with run.stage("assemble") as facts:
+        log.info("assembly copies files on the CPU (run.device applies to the stages that compute)")
         inputs = validate_inputs(run)
         routers = compute_routers(cfg, inputs.stats)
         model = cfg.model.model_copy(update={"num_experts": len(inputs.names)})

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from modularforge.data.batches import PreparedData, spread_batches
-from modularforge.device import autocast, autocast_dtype, module_device, resolve_device, to_device
+from modularforge.device import as_float64, autocast, autocast_dtype, module_device, resolve_device, to_device
 from modularforge.files import atomic_path, load_tensors, read_json, write_json
 from modularforge.inference import AssembledFolder, open_model
 from modularforge.model.transformer import CausalLM
@@ -155,11 +155,11 @@ def recalibrate_norms(
     device = module_device(model)
     for i, layer in enumerate(model.model.layers):
         norm = layer.post_attention_layernorm
-        square, count = torch.zeros_like(norm.weight, dtype=torch.float64), 0
+        square, count = torch.zeros_like(as_float64(norm.weight)), 0
 
         def accumulate(module, args, output):
             nonlocal square, count
-            h = output.detach().reshape(-1, output.shape[-1]).double()
+            h = as_float64(output.detach().reshape(-1, output.shape[-1]))
             square += h.pow(2).sum(0)
             count += h.shape[0]
 
@@ -170,7 +170,7 @@ def recalibrate_norms(
                     model(to_device(batch[:, :-1], device))
         finally:
             hook.remove()
-        observed = (square / count).float()
+        observed = (square / count).float().to(device)
         norm.weight.mul_(torch.sqrt(targets[i] / observed.clamp_min(1e-12)))
 
 

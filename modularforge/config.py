@@ -37,8 +37,9 @@ class RunConfig(Section):
     threads: int | None = Field(None, ge=1, le=4096, description="torch intra-op threads (None: torch's default).")
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$",
-        description="Device to compute on: auto (the best one present), cpu, cuda, cuda:N or mps. Only the CPU "
-        "is supported so far, so auto means cpu; another device is refused when a stage starts.",
+        description="Device that training, calibration, evaluation and generation compute on: auto (a CUDA GPU, "
+        "else Apple's mps, else the CPU), cpu, cuda, cuda:N or mps; prepare and assemble are file work on the "
+        "CPU. A device this machine lacks is refused when a stage starts.",
     )
     malloc_mmap_threshold_kb: int | None = Field(
         None, ge=64, le=1 << 30,
@@ -261,6 +262,10 @@ class ExpertsConfig(Section):
     executor: Literal["local", "ray"] = Field("local", description="Run experts in this process or as Ray tasks.")
     ray_address: str | None = Field(None, description="Ray cluster address; None starts a local Ray instance.")
     ray_cpus_per_task: float = Field(1.0, gt=0, le=4096, description="CPUs reserved per expert task.")
+    ray_gpus_per_task: float = Field(
+        0.0, ge=0, le=64, description="GPUs reserved per expert task (Ray then makes them the task's visible CUDA "
+        "devices, and run.device: auto trains on them); 0 trains on the CPU.",
+    )
     ray_memory_gb_per_task: float | None = Field(None, gt=0, le=1e6, description="Memory reserved per expert task (GiB).")
     ray_max_retries: int = Field(2, ge=0, le=1000, description="Retries of a failed expert task (each resumes).")
     ray_local_cpus: int = Field(2, ge=1, le=4096, description="CPUs of the local Ray instance started without an address.")

@@ -1,8 +1,18 @@
 """The one device seam (DESIGN.md section 7c): which device a run computes on and in which precision.
 
-Every stage takes its device and its autocast settings from here. Only the CPU is supported today: `auto`
-resolves to it, and a CUDA or MPS device is refused with a ConfigError (CUDA support is a later issue);
-the CPU-specific choices (bf16 only where the CPU has native bf16 matrix units) sit here as the CPU branch.
+Every stage that computes (train-shared, train-experts, calibrate, evaluate, generate) takes its device and its
+autocast settings from here; prepare and assemble are file work and stay on the CPU. `run.device`: `auto` is the
+best device present (a CUDA GPU, else Apple's mps, else the CPU), or `cpu`, `cuda`, `cuda:N`, `mps`; a device
+this machine lacks is a ConfigError before anything is written. Per device:
+
+- CPU: bf16 autocast only where the CPU has native bf16 matrix units; the split mat-vec of decoding
+  (`decode.matvec`) is its branch.
+- CUDA: bf16 autocast where the GPU supports it (fp32 master weights, as on the CPU), TF32 for the float32
+  matrix products that remain, batches copied from pinned memory without blocking.
+- mps: fp32; float64 sums (router statistics, report tallies) are taken on the CPU, which mps lacks.
+
+The GPU branches are written against torch's documented behaviour and exercised on the CPU by the tests that run
+every stage with the device passed in; they have not yet been run on a GPU by this project (docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -18,18 +28,30 @@ if TYPE_CHECKING:
 
 
 def resolve_device(cfg: Config) -> torch.device:
-    """The torch device that `run.device` names on this machine; a ConfigError for one this build cannot use."""
+    """The torch device that `run.device` names on this machine; a ConfigError for one it lacks."""
     name = cfg.run.device  # its form (auto, cpu, cuda, cuda:N, mps) was checked when the config was loaded
-    if name in ("auto", "cpu"):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
+    if name == "cpu":
         return torch.device("cpu")
     if name.startswith("cuda"):
         present = torch.cuda.is_available() and (name == "cuda" or int(name[5:]) < torch.cuda.device_count())
     else:
-        present = torch.backends.mps.is_available()
+        present = _mps_available()
     if not present:
         raise ConfigError(f"run.device={name}: no such device is present on this machine; use run.device=cpu "
                           "(or auto)")
-    raise ConfigError(f"run.device={name}: only the CPU is supported so far; use run.device=cpu (or auto)")
+    device = torch.device(name)
+    if device.type == "cuda":
+        # the float32 products left outside bf16 autocast (router statistics, fp32 runs) may use TF32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
 
 
 def autocast_dtype(precision: str, device: torch.device | str = "cpu") -> torch.dtype | None:
@@ -63,6 +85,11 @@ def module_device(module: torch.nn.Module) -> torch.device:
     """The device a model's weights are on (the CPU for a module without any)."""
     weight = next(module.parameters(), None)
     return weight.device if weight is not None else torch.device("cpu")
+
+
+def as_float64(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in float64 for exact sums: where it is, or on the CPU for a device without float64 (mps)."""
+    return (tensor.cpu() if tensor.device.type == "mps" else tensor).double()
 
 
 def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -37,7 +37,7 @@ from modularforge.data.partition import load_report
 from modularforge.data.shards import VAL
 from modularforge.data.sources import iter_text_pieces
 from modularforge.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths
-from modularforge.device import autocast, autocast_dtype, module_device, resolve_device, to_device
+from modularforge.device import as_float64, autocast, autocast_dtype, module_device, resolve_device, to_device
 from modularforge.errors import DataError
 from modularforge.files import read_json
 from modularforge.inference import AssembledFolder, open_model
@@ -59,7 +59,7 @@ class Tally:
     bytes: int = 0
 
     def add(self, nll: torch.Tensor, targets: torch.Tensor, token_bytes: np.ndarray) -> None:
-        self.nll += float(nll.double().sum())
+        self.nll += float(as_float64(nll).sum())
         self.tokens += nll.numel()
         self.bytes += int(token_bytes[targets.numpy()].sum())
 

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 def prepare(run: Run) -> None:
     cfg = run.cfg
     with run.stage("prepare") as facts:
+        log.info("prepare reads and writes files on the CPU (run.device applies to the stages that compute)")
         total_chars = sum(len(doc.text) for doc in iter_documents(cfg.data))
         share = min(1.0, cfg.tokenizer.train_max_chars / max(total_chars, 1))
         log.info("training a %d-token BPE tokenizer on %.0f%% of %.1fM characters",

@@ -79,6 +79,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_device_memory() -> dict[str, float]:
+    """The CUDA allocator's peak of this process (MB), if it used a GPU: the memory bound on a GPU."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return {}
+    return {"peak_cuda_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+
+
 class Run:
     def __init__(self, cfg: Config, run_dir: str | Path | None = None):
         self.cfg = cfg
@@ -408,6 +416,7 @@ class Run:
                     "finished_at": time.time(),
                     "wall_seconds": round(wall, 2),
                     "peak_rss_mb": round(peak_rss_mb(), 1),
+                    **peak_device_memory(),
                     **extra,
                     "files": self.output_checksums(name),
                 },

@@ -1,11 +1,15 @@
 """Shared fixtures: a tiny two-domain corpus cut from the bundled sample, a tiny config, and one tiny
-run trained through assembly once per session (tests that only read it share it)."""
+run trained through assembly once per session (tests that only read it share it).
+
+The tiny config computes on MODULARFORGE_TEST_DEVICE (default cpu), so the same suite runs on a GPU:
+`MODULARFORGE_TEST_DEVICE=cuda python -m pytest`."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import logging
+import os
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -17,6 +21,7 @@ from modularforge.config import Config, config_from_dict
 from modularforge.runs import Run
 
 torch.set_num_threads(2)
+TEST_DEVICE = os.environ.get("MODULARFORGE_TEST_DEVICE", "cpu")
 
 
 def _bundled_records(name: str) -> list[dict]:
@@ -41,7 +46,7 @@ def tiny_config_dict(corpus: Path, root: Path, **sections) -> dict:
     train = {"batch_size": 8, "lr": 3e-3, "eval_interval": 10, "eval_batches": 1, "log_interval": 10,
              "checkpoint_interval": 5, "precision": "fp32"}
     base = {
-        "run": {"name": "tiny", "root": str(root), "seed": 0},
+        "run": {"name": "tiny", "root": str(root), "seed": 0, "device": TEST_DEVICE},
         "data": {"sources": [str(corpus)], "max_doc_chars": 1500, "val_fraction": 0.1, "calib_fraction": 0.1},
         "tokenizer": {"vocab_size": 512},
         "partition": {"svd_dim": 16},

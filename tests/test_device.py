@@ -11,9 +11,10 @@ from modularforge.prepare import prepare
 from modularforge.runs import Run
 
 
-def test_auto_and_cpu_resolve_to_the_cpu():
-    for name in ("auto", "cpu"):
-        assert resolve_device(config_from_dict({"run": {"device": name}})) == torch.device("cpu")
+def test_cpu_is_the_cpu_and_auto_the_best_device_present():
+    assert resolve_device(config_from_dict({"run": {"device": "cpu"}})) == torch.device("cpu")
+    best = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert resolve_device(config_from_dict({"run": {"device": "auto"}})).type == best
 
 
 def test_a_device_name_of_another_form_fails_at_load_naming_the_key():
@@ -22,8 +23,12 @@ def test_a_device_name_of_another_form_fails_at_load_naming_the_key():
 
 
 @pytest.mark.parametrize("name", ["cuda", "cuda:7", "mps"])
-def test_a_device_other_than_the_cpu_is_refused_naming_the_key(name):
-    with pytest.raises(ConfigError, match=f"run.device={name}"):
+def test_a_device_this_machine_lacks_is_refused_naming_the_key(name):
+    present = (torch.cuda.device_count() > int(name[5:] or 0) if name.startswith("cuda")
+               else torch.backends.mps.is_available())
+    if present:
+        pytest.skip(f"{name} is present here")
+    with pytest.raises(ConfigError, match=f"run.device={name}: no such device"):
         resolve_device(config_from_dict({"run": {"device": name}}))
 
 
@@ -70,3 +75,21 @@ def test_every_stage_and_generation_take_their_device_from_the_seam(make_config,
     finally:
         torch.set_default_device(None)
     assert all(p.device.type == "cpu" for p in open_model(run.model_dir, device=device).parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_and_cpu_give_the_same_model_the_same_logits_and_greedy_tokens(trained_run):
+    from modularforge.data.tokenizer import eos_id, load_tokenizer
+    from modularforge.inference import open_model
+    from modularforge.sampling import Sampling, generate_ids
+
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    models = {d: open_model(trained_run.model_dir, device=d).eval() for d in ("cpu", "cuda")}
+    with torch.no_grad():
+        cpu, cuda = models["cpu"](ids), models["cuda"](ids.to("cuda")).cpu()
+    assert (cpu - cuda).abs().max().item() < 1e-2 * cpu.abs().max().item()  # TF32 products: within bf16 tolerance
+    tokenizer = load_tokenizer(trained_run.model_dir)
+    prompt = tokenizer.encode("The Congress", add_special_tokens=False).ids
+    greedy = {d: list(generate_ids(m, prompt, Sampling(temperature=0, max_new_tokens=12), eos_id(tokenizer)))
+              for d, m in models.items()}
+    assert greedy["cpu"] == greedy["cuda"]

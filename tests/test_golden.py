@@ -63,6 +63,8 @@ def _assert_curve(observed: list[dict], golden: list[dict], name: str) -> None:
                 assert got[key] == pytest.approx(want[key], abs=ROUNDING, rel=0), f"{name} step {want['step']} {key}"
 
 
+@pytest.mark.skipif(os.environ.get("MODULARFORGE_TEST_DEVICE", "cpu") != "cpu",
+                    reason="the golden numbers are the CPU's fp32 ones; other devices round differently")
 def test_tiny_run_reproduces_golden_losses_and_logits(trained_run):
     observed = _observed(trained_run)
     if os.environ.get("MODULARFORGE_UPDATE_GOLDEN") == "1":

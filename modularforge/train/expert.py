@@ -23,7 +23,7 @@ from torch import nn
 from modularforge.config import Config
 from modularforge.data.batches import PreparedData, Windows, batch_rng, fixed_batches, spread_batches
 from modularforge.data.shards import CALIB, TRAIN, VAL
-from modularforge.device import autocast, autocast_dtype, module_device, resolve_device, to_device
+from modularforge.device import as_float64, autocast, autocast_dtype, module_device, resolve_device, to_device
 from modularforge.errors import DataError, TrainingError
 from modularforge.expert_set import ExpertSpec
 from modularforge.files import read_json, save_tensors, sha256_file, write_json
@@ -263,7 +263,7 @@ def router_statistics(
 
         def accumulate(module, args, output, names=stat_names(i)):
             x = output.detach().reshape(-1, hidden)
-            x = x.cpu().double() if x.device.type == "mps" else x.double()
+            x = as_float64(x)
             count, total, xtx = names
             stats[count] += x.shape[0]
             stats[total] += x.sum(0).cpu()

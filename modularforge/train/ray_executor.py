@@ -100,6 +100,8 @@ def task_options(x: ExpertsConfig) -> dict[str, Any]:
     }
     if x.ray_memory_gb_per_task is not None:
         options["memory"] = int(x.ray_memory_gb_per_task * 2**30)
+    if x.ray_gpus_per_task:
+        options["num_gpus"] = x.ray_gpus_per_task
     return options
 
 
