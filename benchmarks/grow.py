@@ -326,9 +326,10 @@ def main() -> None:
 
     ct_rows = []
     final = cfg.train.lr * cfg.train.min_lr_ratio  # where the trunk's schedule ended
-    rates = {cfg.expert_train.lr: "the expert phase's", cfg.train.lr: "the trunk's peak", 2 * final: "2x the trunk's final"}
-    for lr in sorted(rates):  # the baseline gets its best of these: the one with the lowest new-corpora perplexity
-        labels = [label for rate, label in rates.items() if rate == lr]
+    rates = [(cfg.expert_train.lr, "the expert phase's"), (cfg.train.lr, "the trunk's peak"),
+             (2 * final, "2x the trunk's final")]
+    for lr in sorted({rate for rate, _ in rates}):  # the baseline gets its best: the lowest new-corpora perplexity
+        labels = [label for rate, label in rates if rate == lr]
         model = continued_training(run, new, lr, work / f"continued-{lr:.1e}")
         ct_rows.append(f"continued training (lr {lr:.1e}: {', '.join(labels)})")
         rows.score(ct_rows[-1], model)
