@@ -267,7 +267,7 @@ def plot(rows: dict, path: Path, new: list[str]) -> None:
     import numpy as np
 
     shown = [r for r in rows if r != "dense anchor"]
-    fig, ax = plt.subplots(figsize=(11, 4))
+    fig, ax = plt.subplots(figsize=(11, 5))
     width = 0.8 / len(shown)
     for i, row in enumerate(shown):
         ratio = [rows[row][c]["perplexity"] / rows["dense anchor"][c]["perplexity"] if c in rows[row] else np.nan
@@ -278,7 +278,7 @@ def plot(rows: dict, path: Path, new: list[str]) -> None:
                   [c + (" (new)" if c in new else "") for c in CORPORA], rotation=20, fontsize=8)
     ax.set_ylabel("perplexity / dense anchor's")
     ax.set_title("dev text of every corpus: before and after add-expert, against continued training")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.22))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
