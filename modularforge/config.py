@@ -242,6 +242,22 @@ def auto_shared_fraction(tokens_per_parameter: float) -> float:
     return points[-1][1]
 
 
+# (expert training steps, best multiple of the trunk's final learning rate), measured: the demo at 73 steps
+# (2x beat 1x and 3x; 5x harmed three of four experts) and benchmarks/grow.py at 146 steps (10x beat 2x, 5x
+# and 20x); the quality benchmark agrees in direction (5x lost to 2x at 15 steps, tied at 49, won at 98 and 195).
+# `auto` interpolates in log(steps) and holds the end values beyond.
+EXPERT_LR_CURVE: tuple[tuple[int, float], tuple[int, float]] = ((75, 2.0), (150, 10.0))
+
+
+def auto_lr_from_trunk(steps: int) -> float:
+    (s0, m0), (s1, m1) = EXPERT_LR_CURVE
+    if steps <= s0:
+        return m0
+    if steps >= s1:
+        return m1
+    return m0 * (m1 / m0) ** (math.log(steps / s0) / math.log(s1 / s0))
+
+
 class ExpertsConfig(Section):
     init: Literal["scratch", "anchor"] = Field(
         "anchor", description="Start each expert from random weights or from the shared phase's anchor FFN."
@@ -272,12 +288,14 @@ class ExpertsConfig(Section):
     stats_tokens: int = Field(
         65_536, ge=256, le=10**12, description="Calibration-split tokens per expert for the router statistics."
     )
-    lr_from_trunk: float | None = Field(
-        2.0, gt=0, le=100,
+    lr_from_trunk: float | Literal["auto"] | None = Field(
+        "auto",
         description="Expert peak learning rate as a multiple of the rate the shared phase's schedule ended at "
         "(train.lr x train.min_lr_ratio), so an expert continues near the trunk's schedule instead of jumping "
-        "back up. On the demo (docs/RESULTS.md) 5x left three of four experts worse than their anchor; 1x, 2x "
-        "and 3x gave MoE/anchor 0.980, 0.977 and 0.988. None uses experts.train.lr.",
+        "back up. `auto` takes the multiple from the expert's number of steps (EXPERT_LR_CURVE: 2x up to 75 "
+        "steps, 10x from 150, log-linear between), as measured in docs/RESULTS.md: on the demo (73 steps) 5x "
+        "left three of four experts worse than their anchor and 1x / 2x / 3x gave MoE/anchor 0.980 / 0.977 / "
+        "0.988; in the grow benchmark (146 steps) 10x beat 2x, 5x and 20x. None uses experts.train.lr.",
     )
     keep_best: bool = Field(
         True,
@@ -286,6 +304,13 @@ class ExpertsConfig(Section):
         "ships worse than the anchor on its own partition.",
     )
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=1e-3))
+
+    @field_validator("lr_from_trunk")
+    @classmethod
+    def _multiple_in_range(cls, value: float | str | None) -> float | str | None:
+        if value not in ("auto", None) and not 0 < value <= 100:
+            raise ValueError("must be 'auto', null or a number in (0, 100]")
+        return value
 
 
 class AssembleConfig(Section):
@@ -471,11 +496,19 @@ class Config(Section):
 
     @property
     def expert_train(self) -> TrainConfig:
-        """experts.train with the peak learning rate that `experts.lr_from_trunk` resolves to."""
-        if self.experts.lr_from_trunk is None:
+        """experts.train with the peak learning rate of an expert of the phase's own length (`expert_steps`)."""
+        return self.expert_train_for(self.expert_steps)
+
+    def expert_train_for(self, steps: int) -> TrainConfig:
+        """experts.train with the peak learning rate that `experts.lr_from_trunk` resolves to for an expert that
+        trains `steps` steps."""
+        multiple = self.experts.lr_from_trunk
+        if multiple is None:
             return self.experts.train
+        if multiple == "auto":
+            multiple = auto_lr_from_trunk(steps)
         final = self.train.lr * self.train.min_lr_ratio
-        return self.experts.train.model_copy(update={"lr": final * self.experts.lr_from_trunk})
+        return self.experts.train.model_copy(update={"lr": final * multiple})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

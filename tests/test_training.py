@@ -258,6 +258,19 @@ def test_experts_continue_the_trunk_learning_rate_and_ship_no_worse_than_the_anc
     assert "did not beat its anchor" in caplog.text  # 100x the trunk's final rate wrecks at least one expert
 
 
+def test_auto_expert_learning_rate_grows_with_the_experts_steps(make_config):
+    cfg = make_config()  # lr_from_trunk defaults to auto
+    final = cfg.train.lr * cfg.train.min_lr_ratio
+    assert cfg.expert_train_for(10).lr == pytest.approx(2 * final)
+    assert cfg.expert_train_for(75).lr == pytest.approx(2 * final)
+    assert cfg.expert_train_for(150).lr == pytest.approx(10 * final)
+    assert cfg.expert_train_for(1000).lr == pytest.approx(10 * final)
+    between = [cfg.expert_train_for(s).lr / final for s in (80, 100, 120, 140)]
+    assert between == sorted(between) and 2 < between[0] and between[-1] < 10
+    assert cfg.expert_train.lr == cfg.expert_train_for(cfg.expert_steps).lr
+    assert make_config(experts={"lr_from_trunk": 3.0}).expert_train_for(1000).lr == pytest.approx(3 * final)
+
+
 def test_a_damaged_expert_file_is_trained_again_not_trusted(make_config, caplog):
     run = Run(make_config())
     prepare(run)
