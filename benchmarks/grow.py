@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from parallel import git_facts, machine_facts  # noqa: E402
+from machine import git_facts, machine_facts  # noqa: E402
 
 from modularforge.config import apply_override, config_from_dict  # noqa: E402
 from modularforge.data.batches import PreparedData, batch_rng, fixed_batches  # noqa: E402

@@ -17,6 +17,15 @@ with valid checksums); and `1b` (1.24B parameters), which trains each expert two
 generates with an LRU cache of 4 expert FFNs, compared token for token with the fully loaded model.
 
     python benchmarks/memory.py [--only poc-50m,scaling,1b]
+
+GPU mode (issue 19), `--device cuda`: the computing stages run with `run.device=cuda` and each child also reports
+the CUDA allocator's peak (`torch.cuda.max_memory_allocated`), which is the bound compared with the same floors
+(prepare and assemble stay CPU work). Configurations: `poc-50m` as above, and the 8 GiB headline
+`configs/gpu-8gib.yaml` (32 experts of 151M over a 63M shared part, 4.89B parameters), which trains each expert
+two steps, assembles, and generates with an expert cache on the GPU while the assembled experts stay in host
+memory and on disk; every stage must stay under 8 GiB of VRAM. Writes docs/results/memory_gpu.json.
+
+    python benchmarks/memory.py --device cuda [--only poc-50m,gpu-8gib]
 """
 
 from __future__ import annotations
@@ -24,18 +33,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from machine import machine_facts  # noqa: E402
 
 from modularforge.config import Config, load_config, preset_path  # noqa: E402
 from modularforge.device import autocast, autocast_dtype  # noqa: E402
@@ -46,22 +57,37 @@ from modularforge.runs import Run  # noqa: E402
 MB = 2**20
 
 
-# The child reports its own high-water mark (VmHWM) at exit. The rusage of a child (`wait4`) will not do: Linux
-# carries the RSS of the forked copy of this process (which holds models for the floors) into it across exec.
+# The child reports its own high-water mark (VmHWM) at exit, and the CUDA allocator's peak if it used a GPU. The
+# rusage of a child (`wait4`) will not do: Linux carries the RSS of the forked copy of this process (which holds
+# models for the floors) into it across exec.
 PEAK_REPORTER = """
 import atexit, runpy, sys
 peak_path = sys.argv.pop(1)
 def report():
     with open("/proc/self/status") as f:
         kb = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+    torch = sys.modules.get("torch")
+    cuda = torch.cuda.max_memory_allocated() if torch is not None and torch.cuda.is_initialized() else -1
     with open(peak_path, "w") as f:
-        f.write(kb)
+        f.write(f"{kb} {cuda}")
 atexit.register(report)
 """
 
 
+class ChildPeaks(NamedTuple):
+    rss_mb: float
+    seconds: float
+    stdout: str
+    cuda_mb: float | None  # the CUDA allocator's peak; None when the child used no GPU
+
+
 def child_peak_mb(command: list[str], log_path: Path | None = None) -> tuple[float, float, str]:
     """(peak RSS in MiB, wall seconds, stdout) of a child process running `python -m MODULE ...` or `-c CODE`."""
+    return child_peaks(command, log_path)[:3]
+
+
+def child_peaks(command: list[str], log_path: Path | None = None) -> ChildPeaks:
+    """A child process's peak RSS, wall time, stdout and CUDA allocator peak."""
     assert command[0] == sys.executable and command[1] in ("-m", "-c")
     with tempfile.NamedTemporaryFile("r", suffix=".peak") as peak_file:
         runner = "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)" if command[1] == "-m" \
@@ -72,7 +98,9 @@ def child_peak_mb(command: list[str], log_path: Path | None = None) -> tuple[flo
             proc = subprocess.run(wrapped, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT, check=False)
         if proc.returncode:
             raise SystemExit(f"{' '.join(command)} failed with exit code {proc.returncode} (log: {log_path})")
-        return int(peak_file.read()) / 1024, time.perf_counter() - start, proc.stdout
+        kb, cuda = peak_file.read().split()
+        return ChildPeaks(int(kb) / 1024, time.perf_counter() - start, proc.stdout,
+                          int(cuda) / MB if int(cuda) >= 0 else None)
 
 
 def baseline_mb() -> float:
@@ -92,7 +120,7 @@ def dense_meta(cfg: Config, vocab: int) -> CausalLM:
         return CausalLM(cfg.model, vocab, moe=False)
 
 
-def saved_activation_bytes(cfg: Config, vocab: int, phase: str) -> int:
+def saved_activation_bytes(cfg: Config, vocab: int, phase: str, device: str = "cpu") -> int:
     """Bytes autograd keeps for backward on one micro-batch, counted on a real forward pass (weights random):
     the model's body and the final hidden states the LM head reads. The loss itself is `logits_grad`."""
     model = CausalLM(cfg.model, vocab, moe=False)
@@ -111,24 +139,26 @@ def saved_activation_bytes(cfg: Config, vocab: int, phase: str) -> int:
         return t
 
     inputs = torch.randint(0, vocab, (train.micro_batch, cfg.seq_len(train)))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(autocast_dtype(train.precision)):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(autocast_dtype(train.precision, device)):
         hidden = model(inputs, head=False)
     return sum(storages.values()) + hidden.untyped_storage().nbytes()  # the LM head's input is kept too
 
 
-def training_floor(cfg: Config, vocab: int, phase: str) -> dict:
+def training_floor(cfg: Config, vocab: int, phase: str, device: str = "cpu") -> dict:
+    """The floor of a training stage whose autocast is the one `device` gets (the activations are counted on the
+    CPU under that autocast: their sizes do not depend on where they are made)."""
     model = dense_meta(cfg, vocab)
     ffn = sum(params(layer.mlp) for layer in model.model.layers)
     total = params(model)
     train = cfg.train if phase == "shared" else cfg.experts.train
     logits_grad = train.micro_batch * -(-cfg.seq_len(train) // train.loss_chunks) * vocab * 4  # one slice's
-    activations = saved_activation_bytes(cfg, vocab, phase)
+    activations = saved_activation_bytes(cfg, vocab, phase, device)
     if phase == "shared":
         weights = 16 * total  # fp32 weight + gradient + two AdamW moments
     else:
         frozen = total - ffn
         bf16 = 0
-        if cfg.experts.frozen_bf16 and autocast_dtype(train.precision) == torch.bfloat16:
+        if cfg.experts.frozen_bf16 and autocast_dtype(train.precision, device) == torch.bfloat16:
             bf16 = sum(params(layer.self_attn) for layer in model.model.layers)
             bf16 += 0 if cfg.model.tie_embeddings else model.lm_head.weight.numel()
         weights = 4 * (frozen - bf16) + 2 * bf16 + 16 * ffn
@@ -185,11 +215,7 @@ def row(table: list, config: str, stage_name: str, peak: float, wall: float, bas
 
 
 def bench_poc(work: Path, baseline: float, table: list, logs: Path) -> Run:
-    overrides = ["budget.total_tokens=106496", "budget.shared_fraction=0.2308", "train.micro_batch_size=4",
-                 "experts.train.micro_batch_size=4", "train.loss_chunks=4", "experts.train.loss_chunks=4", "run.malloc_mmap_threshold_kb=256", "train.eval_interval=1000", "experts.train.eval_interval=1000",
-                 "train.eval_batches=1", "experts.train.eval_batches=1", "experts.stats_tokens=4096",
-                 "calibrate.calib_tokens=5120", "evaluate.eval_tokens=2048", "generate.max_new_tokens=64"]
-    run = new_run(preset_path("poc-50m"), work / "poc-50m", overrides)  # 3 shared steps, 2 steps per expert
+    run = new_run(preset_path("poc-50m"), work / "poc-50m", POC_OVERRIDES)  # 3 shared steps, 2 steps per expert
     cfg = run.cfg
     peak, wall, _ = stage(run.dir, "prepare", logs=logs)
     row(table, "poc-50m", "prepare", peak, wall, baseline, None)
@@ -279,13 +305,83 @@ def bench_1b(work: Path, baseline: float, table: list, logs: Path) -> dict:
             "identical_tokens": cached_text == full_text}
 
 
+# ------------------------------------------------------------------------------------------- GPU mode
+
+POC_OVERRIDES = ["budget.total_tokens=106496", "budget.shared_fraction=0.2308", "train.micro_batch_size=4",
+                 "experts.train.micro_batch_size=4", "train.loss_chunks=4", "experts.train.loss_chunks=4",
+                 "run.malloc_mmap_threshold_kb=256", "train.eval_interval=1000", "experts.train.eval_interval=1000",
+                 "train.eval_batches=1", "experts.train.eval_batches=1", "experts.stats_tokens=4096",
+                 "calibrate.calib_tokens=5120", "evaluate.eval_tokens=2048", "generate.max_new_tokens=64"]
+VRAM_HEADLINE_MB = 8 * 1024
+
+
+def gpu_row(table: list, config: str, stage_name: str, peaks: ChildPeaks, floor: dict | None) -> None:
+    entry = {"config": config, "stage": stage_name, "peak_cuda_allocated_mb": None if peaks.cuda_mb is None
+             else round(peaks.cuda_mb, 1), "peak_rss_mb": round(peaks.rss_mb, 1), "wall_seconds": round(peaks.seconds, 1)}
+    if floor:
+        entry["floor_mb"] = round(floor["floor_mb"], 1)
+        entry["floor_parts_mb"] = {k: round(v, 1) for k, v in floor.items() if k != "floor_mb"}
+        if peaks.cuda_mb is not None and floor["floor_mb"]:
+            entry["ratio_to_floor"] = round(peaks.cuda_mb / floor["floor_mb"], 3)
+    table.append(entry)
+    vram = "CPU work" if peaks.cuda_mb is None else f"VRAM peak {peaks.cuda_mb:8.0f} MiB"
+    print(f"{config:<10} {stage_name:<22} {vram:<24} floor {entry.get('floor_mb', float('nan')):8.1f}  ratio "
+          f"{entry.get('ratio_to_floor', ''):<6}  RSS {peaks.rss_mb:7.0f} MiB {peaks.seconds:6.1f}s", flush=True)
+
+
+def bench_gpu(name: str, config: Path, overrides: list[str], device: str, work: Path, table: list,
+              logs: Path) -> dict:
+    """Every stage of one configuration on `device`: the CUDA allocator's peak against the stage's floor.
+    Generation keeps `generate.expert_cache` experts on the GPU and reads the others from the assembled files
+    (host memory through the page cache), so the model may be larger than the card."""
+    run = new_run(config, work / f"{name}-{device.replace(':', '')}", [*overrides, f"run.device={device}"])
+    cfg = run.cfg
+    layers = cfg.model.num_layers
+    peaks: dict[str, float | None] = {}
+
+    def one(stage_name: str, *extra: str, floor=None, label: str | None = None) -> ChildPeaks:
+        command = [sys.executable, "-m", "modularforge", stage_name, "--run-dir", str(run.dir), *extra]
+        result = child_peaks(command, logs / f"{run.dir.name}-{label or stage_name}.log")
+        gpu_row(table, name, label or stage_name, result, floor(result) if floor else None)
+        peaks[label or stage_name] = result.cuda_mb
+        return result
+
+    one("prepare")
+    vocab = read_json(run.data_dir / "shards.json")["vocab_size"]
+    one("train-shared", floor=lambda _: training_floor(cfg, vocab, "shared", device))
+    one("train-experts", floor=lambda _: training_floor(cfg, vocab, "experts", device))
+    one("assemble")
+    calib_cache = cfg.calibrate.expert_cache or layers * cfg.model.num_experts
+    one("calibrate", floor=lambda _: inference_floor(cfg, vocab, calib_cache,
+                                                     cfg.calibrate.micro_batch_size * cfg.model.max_seq_len, kv=False))
+    eval_cache = cfg.evaluate.expert_cache or layers * cfg.model.num_experts
+    one("evaluate", floor=lambda _: inference_floor(cfg, vocab, eval_cache,
+                                                    cfg.evaluate.micro_batch_size * cfg.model.max_seq_len, kv=False))
+    cache = cfg.generate.expert_cache or layers * cfg.model.num_experts
+    generated = one("generate", "--prompt", "The", "--seed", "1",
+                    floor=lambda _: inference_floor(cfg, vocab, cache, cfg.model.max_seq_len, kv=True),
+                    label=f"generate (cache {cache})")
+    total = params(dense_meta(cfg, vocab)) + (cfg.model.num_experts - 1) * layers * params(
+        dense_meta(cfg, vocab).model.layers[0].mlp)
+    model_bytes = sum(f.stat().st_size for f in run.model_dir.glob("*.safetensors"))
+    shutil.rmtree(run.dir)  # the headline's files are tens of GB
+    return {"parameters": total, "model_file_gb": round(model_bytes / 1e9, 2), "peaks_cuda_mb": peaks,
+            "generated_text": generated.stdout,
+            "max_stage_peak_cuda_mb": max((round(v, 1) for v in peaks.values() if v is not None), default=None)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "memory")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "memory.json")
-    parser.add_argument("--only", default="poc-50m,scaling,1b")
+    parser.add_argument("--out", type=Path, help="default: docs/results/memory.json (memory_gpu.json on a GPU)")
+    parser.add_argument("--only", help="default: poc-50m,scaling,1b; in the GPU mode poc-50m,gpu-8gib")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda[:N] (the GPU mode: memory_gpu.json)")
+    parser.add_argument("--vram", action="store_true",
+                        help="the GPU mode's rows on --device (implied by a GPU; with cpu it checks the mode itself)")
     args = parser.parse_args()
-    parts = set(args.only.split(","))
+    if args.device != "cpu" or args.vram:
+        return main_gpu(args)
+    parts = set((args.only or "poc-50m,scaling,1b").split(","))
     args.work.mkdir(parents=True, exist_ok=True)
     logs = args.work / "logs"
     logs.mkdir(exist_ok=True)
@@ -294,8 +390,7 @@ def main() -> None:
     print(f"baseline (python + torch): {baseline:.0f} MiB")
     table: list[dict] = []
     result: dict = {"command": " ".join(["python", *sys.argv]), "baseline_mb": round(baseline, 1),
-                    "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                                "torch": torch.__version__}}
+                    "machine": machine_facts()}
     poc = None
     if parts & {"poc-50m", "scaling"}:
         poc = bench_poc(args.work, baseline, table, logs)
@@ -321,11 +416,40 @@ def main() -> None:
         targets["1b_fully_loaded_fp32_gb"] = {"value": one_b["fully_loaded_fp32_gb"], "target": "> 4"}
         targets["1b_identical_tokens"] = {"value": one_b["identical_tokens"], "target": "true"}
     result.update(rows=table, targets=targets, wall_seconds=round(time.perf_counter() - started, 1))
-    write_json(args.out, result)
+    write_json(args.out or ROOT / "docs" / "results" / "memory.json", result)
     print("\ntargets:")
     for name, t in targets.items():
         print(f"  {name}: {t['value']} (target {t['target']})")
     print(json.dumps({"wall_seconds": result["wall_seconds"]}))
+
+
+def main_gpu(args: argparse.Namespace) -> None:
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device}: no CUDA GPU is present on this machine")
+    parts = (args.only or "poc-50m,gpu-8gib").split(",")
+    args.work.mkdir(parents=True, exist_ok=True)
+    logs = args.work / "logs"
+    logs.mkdir(exist_ok=True)
+    started = time.perf_counter()
+    table: list[dict] = []
+    result: dict = {"command": " ".join(["python", *sys.argv]), "machine": machine_facts(device=args.device),
+                    "measure": "torch.cuda.max_memory_allocated of each stage's process"}
+    targets = {}
+    configs = {"poc-50m": (preset_path("poc-50m"), POC_OVERRIDES), "gpu-8gib": (preset_path("gpu-8gib"), [])}
+    for name in parts:
+        if name not in configs:
+            raise SystemExit(f"error: --only {name}: the GPU mode has {', '.join(configs)}")
+        result[name] = bench_gpu(name, *configs[name], args.device, args.work, table, logs)
+    if "gpu-8gib" in result:
+        headline = result["gpu-8gib"]
+        targets["gpu_8gib_parameters"] = {"value": headline["parameters"], "target": "as large as fits (aim 10B)"}
+        targets["gpu_8gib_max_stage_peak_cuda_mb"] = {"value": headline["max_stage_peak_cuda_mb"],
+                                                      "target": f"< {VRAM_HEADLINE_MB}"}
+    result.update(rows=table, targets=targets, wall_seconds=round(time.perf_counter() - started, 1))
+    write_json(args.out or ROOT / "docs" / "results" / "memory_gpu.json", result)
+    for name, t in targets.items():
+        print(f"  {name}: {t['value']} (target {t['target']})")
 
 
 if __name__ == "__main__":

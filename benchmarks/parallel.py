@@ -35,10 +35,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,11 +49,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import quality as Q  # noqa: E402
+from machine import git_facts, machine_facts  # noqa: E402
 
 from modularforge.assemble import assemble  # noqa: E402
 from modularforge.calibrate import calibrate  # noqa: E402
 from modularforge.config import Config, apply_override, config_from_dict  # noqa: E402
-from modularforge.device import autocast_dtype  # noqa: E402
 from modularforge.evaluate import evaluate  # noqa: E402
 from modularforge.files import read_json, read_metadata, read_metrics, sha256_file, write_json  # noqa: E402
 from modularforge.inference import open_model  # noqa: E402
@@ -564,26 +561,6 @@ def fit_curve(results: dict) -> dict:
     return {"tokens_per_parameter": x, "series": series, "fits": fits,
             "ratio": "best deployable modular perplexity (token, sequence, fixed sequence or ensemble routing; "
                      "best shared fraction) / dense perplexity; below 1.0 modular is better"}
-
-
-def machine_facts(cfg: Config) -> dict:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 platform.processor() or platform.machine())
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "flags": {f: f in flags for f in ("avx512f", "avx512_bf16", "amx_tile")},
-            "training_precision": {"shared": str(autocast_dtype(cfg.train.precision) or "fp32"),
-                                   "experts": str(autocast_dtype(cfg.experts.train.precision) or "fp32")},
-            "torch": torch.__version__, "python": platform.python_version()}
-
-
-def git_facts() -> dict:
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD"),
-            "uncommitted": git("status", "--porcelain", "--", "modularforge", "benchmarks").splitlines()}
 
 
 def print_table(result: dict) -> None:

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
 import sys
 import time
@@ -49,12 +48,14 @@ from modularforge.calibrate import (
     recalibrate_norms,
     search_temperature,
 )
+from machine import machine_facts  # noqa: E402
+
 from modularforge.config import Config, apply_override, config_from_dict, preset_path
 from modularforge.data.partition import Partitioner, partition_documents
 from modularforge.data.shards import TokenStore
 from modularforge.data.sources import iter_documents
 from modularforge.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths
-from modularforge.device import autocast_dtype, module_device
+from modularforge.device import autocast_dtype, module_device, resolve_device
 from modularforge.evaluate import RoutingTally, Tally, WindowScoring, score_windows
 from modularforge.files import atomic_path, load_tensors, read_json, read_metadata, read_metrics, save_tensors, write_json
 from modularforge.inference import open_model
@@ -328,6 +329,7 @@ def main() -> None:
                         help="also anchor substitution, the 9/10 split and top-4 LDA (about 68 minutes cold)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override the base config (finished stages whose inputs did not change are reused)")
+    parser.add_argument("--device", help="run.device for every stage and row (e.g. cuda; default: the config's)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("modularforge").setLevel(logging.WARNING)
@@ -341,6 +343,8 @@ def main() -> None:
         apply_override(raw, item)
     raw.setdefault("data", {})["sources"] = [str(args.data / "*" / "train-*.jsonl")]
     raw.setdefault("run", {})["root"] = str(args.work)
+    if args.device:
+        raw["run"]["device"] = args.device
     if args.tokens or args.quick:
         raw.setdefault("budget", {})["total_tokens"] = args.tokens or 300_000
     if args.quick:
@@ -348,6 +352,7 @@ def main() -> None:
         args.dev_windows = min(args.dev_windows, 8)
     base_cfg = config_from_dict(raw)
     ws = Workspace(base_cfg, args.work)
+    device = resolve_device(base_cfg)  # the stages train there; the dense rows are scored there too
     T = base_cfg.budget.total_tokens
     # the config's split, snapped to the budget-split row it stands for (one run directory per split)
     variants = EXPERT_VARIANTS | (EXTENDED_VARIANTS if args.extended else {})
@@ -402,7 +407,8 @@ def main() -> None:
     branch_from_trunk(dense, list(shared_runs.values()))
     ensure(dense, "train-shared", train_shared)
     vocab = base.vocab_size()
-    score_dense(load_dense(base_cfg.model, vocab, dense.shared_dir), "dense (same total tokens)", "baseline")
+    score_dense(load_dense(base_cfg.model, vocab, dense.shared_dir, device=device), "dense (same total tokens)",
+                "baseline")
 
     def shared_for(fraction: float) -> Run:
         ensure(shared_runs[fraction], "train-shared", train_shared)
@@ -419,7 +425,8 @@ def main() -> None:
         return run
 
     main_shared = shared_for(main_split)
-    score_dense(load_dense(base_cfg.model, vocab, main_shared.shared_dir), "anchor (shared phase alone)", "baseline")
+    score_dense(load_dense(base_cfg.model, vocab, main_shared.shared_dir, device=device),
+                "anchor (shared phase alone)", "baseline")
 
     # Every expert set, with the default token recipe and with forced routing. Experts trained beside the
     # anchor (with_anchor) are scored with it: alone they are only the residual of the pair they trained in.
@@ -480,7 +487,7 @@ def main() -> None:
                                                      for m in ("oracle", "sequence", "sequence_fixed", "ensemble")}}
             continue
         moe = MoEUnderTest(experts_for(fraction, best_variant))
-        score_dense(load_dense(base_cfg.model, vocab, shared_for(fraction).shared_dir),
+        score_dense(load_dense(base_cfg.model, vocab, shared_for(fraction).shared_dir, device=device),
                     f"split {label}: anchor (shared phase alone)", "baseline")
         budget[label] = {"token": score_moe(moe, f"split {label}: {best_variant}, best token recipe", "budget",
                                             *recipe, best_anchor, lam),
@@ -630,8 +637,7 @@ def summarize(rows, per_variant, best_variant, recipe, lam, budget, purity, cfg,
     return {
         "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
         "config": cfg.model_dump(mode="json"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__, "python": platform.python_version()},
+        "machine": machine_facts(cfg, resolve_device(cfg)),
         "wall_seconds": round(wall, 1),
         "best_expert_set": best_variant,
         "best_token_recipe": {"router": recipe[0], "calibration": recipe[1], "top_k": recipe[2],

@@ -9,16 +9,17 @@
 - Tokenisation and partitioning of ../shared/data (the `prepare` stage).
 
 Medians over repeated timings, the systems interleaved round by round. Prints a table, writes docs/results/speed.json.
+`--device cuda` is the GPU mode (issue 19): every system on the GPU (synchronised around each timing), the shape
+`GPU_SHAPE` (hidden 1024, so the GPU is not idle), the matmul peak measured on the GPU, `transformers`' generate
+on the GPU too; it writes speed_gpu.json.
 
-    python benchmarks/speed.py [--data ../shared/data] [--repeats 5]
+    python benchmarks/speed.py [--data ../shared/data] [--repeats 5] [--device cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from machine import machine_facts  # noqa: E402
+
 from modularforge.config import ModelConfig, TrainConfig  # noqa: E402
 from modularforge.device import autocast, autocast_dtype  # noqa: E402
 from modularforge.files import write_json  # noqa: E402
@@ -43,27 +46,27 @@ from modularforge.train.loop import model_loss  # noqa: E402
 from modularforge.train.optimizer import FusedAdamW  # noqa: E402
 
 SHAPE = dict(hidden=256, intermediate=1024, layers=4, heads=4, vocab=8192, seq=256, batch=8, experts=4, top_k=2)
+GPU_SHAPE = dict(hidden=1024, intermediate=4096, layers=8, heads=16, vocab=32768, seq=1024, batch=8, experts=4,
+                 top_k=2)
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 8) -> float:
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 8) -> float:
+    if device.type == "cuda":
+        n, reps = 8192, 50
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
     for _ in range(2):
         a @ b
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
+    synchronize(device)
     return 2 * n**3 * reps / (time.perf_counter() - start)
-
-
-def median_rate(step, tokens: int, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return tokens / statistics.median(times)
 
 
 def step_flops(s: dict, trainable: str) -> float:
@@ -80,9 +83,10 @@ def step_flops(s: dict, trainable: str) -> float:
     return 3 * forward
 
 
-def our_step(cfg: ModelConfig, s: dict, phase: str, dtype, compile: bool):
+def our_step(cfg: ModelConfig, s: dict, phase: str, dtype, compile: bool, device: torch.device):
     model = CausalLM(cfg, s["vocab"], moe=False)
     model.init_weights(torch.Generator().manual_seed(0))
+    model.to(device)
     if phase == "experts":
         model.requires_grad_(False)
         for layer in model.model.layers:
@@ -90,10 +94,10 @@ def our_step(cfg: ModelConfig, s: dict, phase: str, dtype, compile: bool):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = FusedAdamW([(params, 0.1)], betas=(0.9, 0.95))
     loss_fn = model_loss(model, compile)
-    batch = torch.randint(0, s["vocab"], (s["batch"], s["seq"] + 1))
+    batch = torch.randint(0, s["vocab"], (s["batch"], s["seq"] + 1), device=device)
 
     def step():
-        with autocast(dtype):
+        with autocast(dtype, device):
             loss = loss_fn(batch)
         loss.backward()
         optimizer.step(1e-4)
@@ -102,7 +106,7 @@ def our_step(cfg: ModelConfig, s: dict, phase: str, dtype, compile: bool):
     return step
 
 
-def hf_step(kind: str, s: dict, dtype):
+def hf_step(kind: str, s: dict, dtype, device: torch.device):
     from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
     common = dict(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
@@ -112,12 +116,12 @@ def hf_step(kind: str, s: dict, dtype):
         model = MixtralForCausalLM(MixtralConfig(**common, num_local_experts=s["experts"], num_experts_per_tok=s["top_k"]))
     else:
         model = LlamaForCausalLM(LlamaConfig(**common))
-    model.train()
+    model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    batch = torch.randint(0, s["vocab"], (s["batch"], s["seq"] + 1))
+    batch = torch.randint(0, s["vocab"], (s["batch"], s["seq"] + 1), device=device)
 
     def step():
-        with autocast(dtype):
+        with autocast(dtype, device):
             logits = model(batch[:, :-1]).logits
             loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
         loss.backward()
@@ -143,7 +147,7 @@ def exported_folder(cfg: ModelConfig, s: dict, out: Path) -> Path:
     return out
 
 
-def generation(folder: Path, s: dict, repeats: int) -> dict:
+def generation(folder: Path, s: dict, repeats: int, device: torch.device) -> dict:
     """Greedy batch-1 decoding of the same exported folder by ModularForge (`generate`'s loading) and by
     transformers, each in float32 and float16, timed in interleaved rounds; every system's tokens are
     checked against ModularForge's float32 greedy output."""
@@ -154,15 +158,15 @@ def generation(folder: Path, s: dict, repeats: int) -> dict:
     sampling = Sampling(temperature=0, max_new_tokens=new)
 
     def ours(dtype: str):
-        model = open_model(folder, decode_dtype=dtype)
+        model = open_model(folder, decode_dtype=dtype, device=device)
         return lambda: list(generate_ids(model, prompt, sampling))
 
     def theirs(dtype: torch.dtype):
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
 
         def run():
             with torch.inference_mode():
-                out = model.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                out = model.generate(torch.tensor([prompt], device=device), max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                      pad_token_id=0, eos_token_id=None)
             return out[0, len(prompt):].tolist()
         return run
@@ -174,8 +178,10 @@ def generation(folder: Path, s: dict, repeats: int) -> dict:
     times: dict[tuple[str, str], list[float]] = {key: [] for key in systems}
     for _ in range(repeats):
         for key, run in systems.items():
+            synchronize(device)
             start = time.perf_counter()
             run()
+            synchronize(device)
             times[key].append(time.perf_counter() - start)
     rows = [{"system": system, "dtype": dtype, "tokens_per_s": round(new / statistics.median(times[system, dtype]), 1),
              "greedy_tokens_equal_float32": same[system, dtype]} for system, dtype in systems]
@@ -205,15 +211,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "speed.json")
+    parser.add_argument("--out", type=Path, help="default: docs/results/speed.json, or speed_gpu.json on a GPU")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (the GPU mode: GPU_SHAPE, speed_gpu.json)")
+    parser.add_argument("--shape", choices=("cpu", "gpu"), help="default: gpu with --device cuda, else cpu")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: no CUDA GPU is present on this machine")
+    gpu_mode = device.type == "cuda"
+    out = args.out or ROOT / "docs" / "results" / ("speed_gpu.json" if gpu_mode else "speed.json")
     torch.manual_seed(0)
-    s = SHAPE
+    s = GPU_SHAPE if (args.shape or ("gpu" if gpu_mode else "cpu")) == "gpu" else SHAPE
     cfg = ModelConfig(hidden_size=s["hidden"], intermediate_size=s["intermediate"], num_layers=s["layers"],
                       num_heads=s["heads"], max_seq_len=s["seq"], num_experts=s["experts"], top_k=s["top_k"])
     started = time.perf_counter()
-    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    default_dtype = autocast_dtype(TrainConfig().precision)
+    if gpu_mode:
+        torch.backends.cuda.matmul.allow_tf32 = True  # as resolve_device sets it for every stage on CUDA
+    peak = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
+    default_dtype = autocast_dtype(TrainConfig().precision, device)
     precisions = {"fp32": None, "bf16": torch.bfloat16}
     tokens = s["batch"] * s["seq"]
     rows = []
@@ -229,18 +244,22 @@ def main() -> None:
         for name, dtype in precisions.items():
             for compile in (False, True):
                 systems.append((f"modularforge {phase} phase", name + ("+compile" if compile else ""),
-                                our_step(cfg, s, phase, dtype, compile), "experts" if phase == "experts" else "dense"))
+                                our_step(cfg, s, phase, dtype, compile, device),
+                                "experts" if phase == "experts" else "dense"))
     for kind in ("llama", "mixtral"):
         for name, dtype in precisions.items():
-            systems.append((f"transformers {kind}", name, hf_step(kind, s, dtype), kind if kind == "mixtral" else "dense"))
+            systems.append((f"transformers {kind}", name, hf_step(kind, s, dtype, device),
+                            kind if kind == "mixtral" else "dense"))
     for _, _, step, _ in systems:  # warm-up, including compilation
         for _ in range(2):
             step()
     times: dict[int, list[float]] = {i: [] for i in range(len(systems))}
     for _ in range(args.repeats):
         for i, (_, _, step, _) in enumerate(systems):
+            synchronize(device)
             start = time.perf_counter()
             step()
+            synchronize(device)
             times[i].append(time.perf_counter() - start)
     for i, (system, precision, _, kind) in enumerate(systems):
         add(system, precision, tokens / statistics.median(times[i]), kind)
@@ -250,8 +269,8 @@ def main() -> None:
         return max((r for r in rows if r["system"] == prefix), key=lambda r: r["tokens_per_s"])
 
     with tempfile.TemporaryDirectory() as tmp:
-        gen = generation(exported_folder(cfg, s, Path(tmp) / "model"), s, args.repeats)
-    prep = prepare_time(args.data)
+        gen = generation(exported_folder(cfg, s, Path(tmp) / "model"), s, args.repeats, device)
+    prep = None if gpu_mode else prepare_time(args.data)  # prepare is CPU work: measured by the CPU mode
     shared, experts = best("modularforge shared phase"), best("modularforge experts phase")
     llama, mixtral = best("transformers llama"), best("transformers mixtral")
     ratios = {
@@ -264,12 +283,19 @@ def main() -> None:
         "generation_vs_transformers_float16": {"value": gen["same_precision_ratio"]["float16"], "target": ">= 2.0"},
         "generation_best_vs_best": {"value": gen["best_vs_best_ratio"], "target": ">= 2.0"},
     }
+    if gpu_mode:  # issue 19's GPU targets: generation >= 1.5x, MFU >= 40% of the measured bf16 peak
+        for name in ("generation_vs_transformers_float32", "generation_vs_transformers_float16",
+                     "generation_best_vs_best"):
+            ratios[name]["target"] = ">= 1.5"
+        ratios["best_modularforge_mfu_bf16"] = {
+            "value": max(r["mfu"] for r in rows
+                         if r["system"].startswith("modularforge") and r["precision"].startswith("bf16")),
+            "target": ">= 0.40"}
     if prep:
         ratios["prepare_77mb_seconds"] = {"value": prep["seconds"], "target": "< 180"}
     result = {
         "command": " ".join(["python", *sys.argv]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": machine_facts(device=device),
         "shape": s,
         "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peak.items()},
         "default_autocast": str(default_dtype),
@@ -281,7 +307,7 @@ def main() -> None:
         "ratios": ratios,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    write_json(args.out, result)
+    write_json(out, result)
     print(f"\nmatmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
     for r in gen["rows"]:
         print(f"generation {r['system']:<13} {r['dtype']:<8} {r['tokens_per_s']:>7.0f} tok/s  "
