@@ -242,20 +242,21 @@ def auto_shared_fraction(tokens_per_parameter: float) -> float:
     return points[-1][1]
 
 
-# (expert training steps, best multiple of the trunk's final learning rate), measured: the demo at 73 steps
-# (2x beat 1x and 3x; 5x harmed three of four experts) and benchmarks/grow.py at 146 steps (10x beat 2x, 5x
-# and 20x); the quality benchmark agrees in direction (5x lost to 2x at 15 steps, tied at 49, won at 98 and 195).
-# `auto` interpolates in log(steps) and holds the end values beyond.
-EXPERT_LR_CURVE: tuple[tuple[int, float], tuple[int, float]] = ((75, 2.0), (150, 10.0))
+# (training tokens of one expert, best multiple of the trunk's final learning rate), measured: the demo at 75K
+# tokens (2x beat 1x, and 3x in 146 steps of 512 tokens as well as 5x in 37 of 1024 lost) and benchmarks/grow.py
+# at 299K (10x beat 2x, 5x and 20x); the quality benchmark agrees (5x lost to 2x at 15K tokens, tied at 50K, won
+# at 100K and 200K, where 10x won more). Tokens, not steps: the demo's 146-step expert at 3x is the point that
+# tells them apart. `auto` interpolates in log(tokens) and holds the end values beyond.
+EXPERT_LR_CURVE: tuple[tuple[int, float], tuple[int, float]] = ((76_800, 2.0), (153_600, 10.0))
 
 
-def auto_lr_from_trunk(steps: int) -> float:
-    (s0, m0), (s1, m1) = EXPERT_LR_CURVE
-    if steps <= s0:
+def auto_lr_from_trunk(tokens: int) -> float:
+    (t0, m0), (t1, m1) = EXPERT_LR_CURVE
+    if tokens <= t0:
         return m0
-    if steps >= s1:
+    if tokens >= t1:
         return m1
-    return m0 * (m1 / m0) ** (math.log(steps / s0) / math.log(s1 / s0))
+    return m0 * (m1 / m0) ** (math.log(tokens / t0) / math.log(t1 / t0))
 
 
 class ExpertsConfig(Section):
@@ -292,10 +293,10 @@ class ExpertsConfig(Section):
         "auto",
         description="Expert peak learning rate as a multiple of the rate the shared phase's schedule ended at "
         "(train.lr x train.min_lr_ratio), so an expert continues near the trunk's schedule instead of jumping "
-        "back up. `auto` takes the multiple from the expert's number of steps (EXPERT_LR_CURVE: 2x up to 75 "
-        "steps, 10x from 150, log-linear between), as measured in docs/RESULTS.md: on the demo (73 steps) 5x "
-        "left three of four experts worse than their anchor and 1x / 2x / 3x gave MoE/anchor 0.980 / 0.977 / "
-        "0.988; in the grow benchmark (146 steps) 10x beat 2x, 5x and 20x. None uses experts.train.lr.",
+        "back up. `auto` takes the multiple from the expert's training tokens (EXPERT_LR_CURVE: 2x up to 76.8K "
+        "tokens, 10x from 153.6K, log-linear between), as measured in docs/RESULTS.md: on the demo (75K tokens) "
+        "5x left three of four experts worse than their anchor and 1x / 2x / 3x gave MoE/anchor 0.980 / 0.977 / "
+        "0.988; in the grow benchmark (299K tokens) 10x beat 2x, 5x and 20x. None uses experts.train.lr.",
     )
     keep_best: bool = Field(
         True,
@@ -506,7 +507,7 @@ class Config(Section):
         if multiple is None:
             return self.experts.train
         if multiple == "auto":
-            multiple = auto_lr_from_trunk(steps)
+            multiple = auto_lr_from_trunk(steps * self.tokens_per_step(self.experts.train))
         final = self.train.lr * self.train.min_lr_ratio
         return self.experts.train.model_copy(update={"lr": final * multiple})
 

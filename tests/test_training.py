@@ -258,17 +258,20 @@ def test_experts_continue_the_trunk_learning_rate_and_ship_no_worse_than_the_anc
     assert "did not beat its anchor" in caplog.text  # 100x the trunk's final rate wrecks at least one expert
 
 
-def test_auto_expert_learning_rate_grows_with_the_experts_steps(make_config):
+def test_auto_expert_learning_rate_grows_with_the_experts_tokens(make_config):
     cfg = make_config()  # lr_from_trunk defaults to auto
     final = cfg.train.lr * cfg.train.min_lr_ratio
-    assert cfg.expert_train_for(10).lr == pytest.approx(2 * final)
-    assert cfg.expert_train_for(75).lr == pytest.approx(2 * final)
-    assert cfg.expert_train_for(150).lr == pytest.approx(10 * final)
-    assert cfg.expert_train_for(1000).lr == pytest.approx(10 * final)
-    between = [cfg.expert_train_for(s).lr / final for s in (80, 100, 120, 140)]
+    per_step = cfg.tokens_per_step(cfg.experts.train)
+
+    def multiple(tokens: int) -> float:
+        return cfg.expert_train_for(-(-tokens // per_step)).lr / final
+
+    assert multiple(per_step) == pytest.approx(2) and multiple(76_800 - per_step) == pytest.approx(2)
+    assert multiple(153_600) == pytest.approx(10) and multiple(10**7) == pytest.approx(10)
+    between = [multiple(t) for t in (90_000, 110_000, 130_000, 150_000)]
     assert between == sorted(between) and 2 < between[0] and between[-1] < 10
     assert cfg.expert_train.lr == cfg.expert_train_for(cfg.expert_steps).lr
-    assert make_config(experts={"lr_from_trunk": 3.0}).expert_train_for(1000).lr == pytest.approx(3 * final)
+    assert make_config(experts={"lr_from_trunk": 3.0}).expert_train_for(10**6).lr == pytest.approx(3 * final)
 
 
 def test_a_damaged_expert_file_is_trained_again_not_trusted(make_config, caplog):
