@@ -361,8 +361,9 @@ def bench_gpu(name: str, config: Path, overrides: list[str], device: str, work: 
     generated = one("generate", "--prompt", "The", "--seed", "1",
                     floor=lambda _: inference_floor(cfg, vocab, cache, cfg.model.max_seq_len, kv=True),
                     label=f"generate (cache {cache})")
-    total = params(dense_meta(cfg, vocab)) + (cfg.model.num_experts - 1) * layers * params(
-        dense_meta(cfg, vocab).model.layers[0].mlp)
+    dense = dense_meta(cfg, vocab)
+    ffn_stack = sum(params(layer.mlp) for layer in dense.model.layers)
+    total = params(dense) + (cfg.model.num_experts - 1) * ffn_stack  # the shared part and every expert's stack
     model_bytes = sum(f.stat().st_size for f in run.model_dir.glob("*.safetensors"))
     shutil.rmtree(run.dir)  # the headline's files are tens of GB
     return {"parameters": total, "model_file_gb": round(model_bytes / 1e9, 2), "peaks_cuda_mb": peaks,

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import yaml
+from machine import machine_facts
 
 from modularforge.assemble import assemble, assemble_in_memory
 from modularforge.calibrate import (
@@ -48,8 +49,6 @@ from modularforge.calibrate import (
     recalibrate_norms,
     search_temperature,
 )
-from machine import machine_facts  # noqa: E402
-
 from modularforge.config import Config, apply_override, config_from_dict, preset_path
 from modularforge.data.partition import Partitioner, partition_documents
 from modularforge.data.shards import TokenStore

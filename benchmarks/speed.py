@@ -166,8 +166,8 @@ def generation(folder: Path, s: dict, repeats: int, device: torch.device) -> dic
 
         def run():
             with torch.inference_mode():
-                out = model.generate(torch.tensor([prompt], device=device), max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                     pad_token_id=0, eos_token_id=None)
+                out = model.generate(torch.tensor([prompt], device=device), max_new_tokens=new, min_new_tokens=new,
+                                     do_sample=False, pad_token_id=0, eos_token_id=None)
             return out[0, len(prompt):].tolist()
         return run
 

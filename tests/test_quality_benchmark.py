@@ -2,7 +2,6 @@
 its in-memory MoE is the package's assembly, with the always-on anchor a hook of the benchmark's that comes off
 again."""
 
-import json
 import sys
 from pathlib import Path
 
@@ -12,11 +11,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import quality as Q  # noqa: E402
+from run_checks import loss_curve, same_tensors  # noqa: E402
 
 from modularforge.assemble import assemble_in_memory  # noqa: E402
 from modularforge.evaluate import evaluate, partition_batches  # noqa: E402
 from modularforge.inference import open_model  # noqa: E402
-from modularforge.files import load_tensors  # noqa: E402
 from modularforge.prepare import prepare  # noqa: E402
 from modularforge.runs import Run  # noqa: E402
 from modularforge.train.loop import Interrupted, stable_steps  # noqa: E402
@@ -65,15 +64,6 @@ def test_the_benchmarks_moe_is_the_assembly_and_the_anchor_comes_off(trained_run
         assert torch.equal(moe.model(ids), plain)
 
 
-def _same_tensors(a, b):
-    x, y = load_tensors(a), load_tensors(b)
-    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-
-
-def _losses(path):
-    return [(m["step"], m["loss"], m.get("val_loss")) for m in map(json.loads, path.read_text().splitlines())]
-
-
 def test_branched_wsd_shared_phase_equals_a_run_of_its_own(make_config):
     train = {"schedule": "wsd", "warmup_steps": 3, "decay_fraction": 0.25}
     long = Run(make_config(run={"name": "long"}, train=train, budget={"total_tokens": 80 * 8 * 32}))
@@ -88,5 +78,5 @@ def test_branched_wsd_shared_phase_equals_a_run_of_its_own(make_config):
     train_shared(branched)
     train_shared(alone)
     for name in ("shared.safetensors", "anchor.safetensors"):
-        assert _same_tensors(alone.shared_dir / name, branched.shared_dir / name)
-    assert _losses(alone.shared_dir / "metrics.jsonl") == _losses(branched.shared_dir / "metrics.jsonl")
+        assert same_tensors(alone.shared_dir / name, branched.shared_dir / name)
+    assert loss_curve(alone.shared_dir / "metrics.jsonl") == loss_curve(branched.shared_dir / "metrics.jsonl")

@@ -13,15 +13,7 @@ from modularforge.runs import Run
 from modularforge.train.experts import train_experts
 from modularforge.train.loop import Interrupted, LoopPlan, Objective, lr_at, stable_steps, train_loop
 from modularforge.train.shared import train_shared
-
-
-def _same_tensors(a, b):
-    x, y = load_tensors(a), load_tensors(b)
-    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-
-
-def _losses(path):
-    return [(m["step"], m["loss"], m.get("val_loss")) for m in map(json.loads, path.read_text().splitlines())]
+from run_checks import loss_curve, same_tensors
 
 
 def test_resume_matches_uninterrupted_run(make_config):
@@ -35,8 +27,8 @@ def test_resume_matches_uninterrupted_run(make_config):
     assert read_json(resumed.manifest_path)["stages"]["train-shared"]["status"] == "running"
     train_shared(resumed)
     for name in ("shared.safetensors", "anchor.safetensors"):
-        assert _same_tensors(straight.shared_dir / name, resumed.shared_dir / name)
-    assert _losses(straight.shared_dir / "metrics.jsonl") == _losses(resumed.shared_dir / "metrics.jsonl")
+        assert same_tensors(straight.shared_dir / name, resumed.shared_dir / name)
+    assert loss_curve(straight.shared_dir / "metrics.jsonl") == loss_curve(resumed.shared_dir / "metrics.jsonl")
 
 
 def test_interrupted_expert_phase_resumes_at_the_expert_and_step(make_config, caplog):
@@ -57,7 +49,7 @@ def test_interrupted_expert_phase_resumes_at_the_expert_and_step(make_config, ca
     assert "resuming" in caplog.text and "at step 3/" in caplog.text
     for k in range(4):
         for name in ("expert.safetensors", "router_stats.safetensors"):
-            assert _same_tensors(straight.expert_dir(k) / name, resumed.expert_dir(k) / name), (k, name)
+            assert same_tensors(straight.expert_dir(k) / name, resumed.expert_dir(k) / name), (k, name)
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path):
