@@ -304,6 +304,19 @@ class ExpertsConfig(Section):
         "starts from) and at every validation, and keep the best of those checkpoints, so an expert never "
         "ships worse than the anchor on its own partition.",
     )
+    select_tokens: int = Field(
+        32_768, ge=256, le=10**9,
+        description="keep_best: tokens of held-out text each validation scores, in windows spread over the "
+        "partition's calibration documents (joined by its validation documents when it has fewer than four). "
+        "It replaces experts.train.eval_batches. 2K tokens chose 2 of 8 experts that were worse than the anchor "
+        "on validation text in benchmarks/quality.py (19/20 split); 32K with select_margin 2 chose none.",
+    )
+    select_margin: float = Field(
+        2.0, ge=0, le=100,
+        description="keep_best: a trained checkpoint replaces the anchor only when its loss is lower by this "
+        "many standard errors of the paired per-window difference, windows clustered by document; 0 takes any "
+        "lower loss. An expert that cannot show a gain ships as the anchor FFN and the report names it.",
+    )
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=1e-3))
 
     @field_validator("lr_from_trunk")

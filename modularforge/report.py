@@ -112,15 +112,18 @@ def _expert_lines(experts: list[dict]) -> list[str]:
         "Its own partition's validation text (every position but each window's first), under the dense anchor "
         "(the shared phase's model, where the expert started) and under the expert in place of the anchor FFN. "
         "Training kept the checkpoint with the lowest loss on the partition's held-out calibration text, step 0 "
-        "(the anchor itself) included.",
+        "(the anchor itself) included; a trained step replaced the anchor only when it beat it by "
+        "`experts.select_margin` standard errors (windows clustered by document).",
         "",
-        "| expert | anchor ppl | expert ppl | gain | kept step | calibration loss: anchor -> kept |",
+        "| expert | anchor ppl | expert ppl | gain | kept step | calibration loss: anchor -> kept (standard errors) |",
         "|---|---|---|---|---|---|",
     ]
     for e in experts:
         sel = e.get("selection") or {}
         kept = sel.get("best_step", "")
         calib = f"{sel['anchor_loss']:.4f} -> {sel['best_loss']:.4f}" if sel else ""
+        if sel.get("standard_error"):
+            calib += f" ({sel['gain'] / sel['standard_error']:.1f})"
         if e["gain"] is None:
             lines.append(f"| {e['expert']} | - | - | no partition here ({e['kind']}) | {kept} | {calib} |")
             continue
@@ -131,8 +134,8 @@ def _expert_lines(experts: list[dict]) -> list[str]:
     if worse:
         lines += ["", f"**Not better than the anchor on its own partition: {', '.join(worse)}.**"]
     if unchanged:
-        lines += ["", f"{', '.join(unchanged)} never beat the anchor on held-out text in training and "
-                  "ship(s) as the anchor FFN."]
+        lines += ["", f"{', '.join(unchanged)} never beat the anchor on held-out text in training by the "
+                  "margin and ship(s) as the anchor FFN."]
     if not worse:
         lines += ["", "Every expert beats the anchor on its own partition."]
     return lines

@@ -53,7 +53,7 @@ _STAGE_KEYS: dict[str, list[str]] = {
     "train-shared": ["model", "train", "budget.total_tokens", "budget.shared_fraction", "run.seed"],
     "train-experts": [
         "experts.init", "experts.mode", "experts.anchor_swap", "experts.stats_tokens", "experts.train", "experts.lr_from_trunk",
-        "experts.keep_best", "budget",
+        "experts.keep_best", "experts.select_tokens", "experts.select_margin", "budget",
         "model", "run.seed",
     ],  # and the expert set, each expert with its own fingerprint
     "assemble": ["assemble", "model.top_k"],
@@ -64,7 +64,8 @@ _STAGE_KEYS: dict[str, list[str]] = {
 
 # What one expert's fingerprint covers beside its trunk, its text and its steps
 _EXPERT_RECIPE = ["experts.init", "experts.mode", "experts.anchor_swap", "experts.stats_tokens", "experts.train",
-                  "experts.lr_from_trunk", "experts.keep_best", "run.seed"]
+                  "experts.lr_from_trunk", "experts.keep_best", "experts.select_tokens", "experts.select_margin",
+                  "run.seed"]
 
 EXPERT_FILES = {"expert": "expert.safetensors", "stats": "router_stats.safetensors"}  # role -> name in experts/<name>/
 MARKER = ".modularforge-run"

@@ -1,7 +1,9 @@
 import json
+import math
 import shutil
 from itertools import pairwise
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +13,8 @@ from modularforge.files import load_tensors, read_json
 from modularforge.prepare import prepare
 from modularforge.runs import Run
 from modularforge.train.experts import train_experts
-from modularforge.train.loop import Interrupted, LoopPlan, Objective, lr_at, stable_steps, train_loop
+from modularforge.train.loop import (Interrupted, KeepBest, LoopPlan, Objective, PairedGain, lr_at, stable_steps,
+                                     train_loop)
 from modularforge.train.shared import train_shared
 from run_checks import loss_curve, same_tensors
 
@@ -197,10 +200,12 @@ def _pass_through_target(tmp_path, name, stop_after=None):
     cfg = TrainConfig(batch_size=1, lr=0.1, warmup_steps=0, schedule="wsd", decay_fraction=0.1, eval_interval=2,
                       log_interval=100, checkpoint_interval=3, precision="fp32", grad_clip=0, weight_decay=0)
     loss = lambda b: ((weight - b.float().mean()) ** 2).sum()  # noqa: E731
+    per_window = lambda b: (weight - b.float().mean(1)) ** 2  # noqa: E731
     result = train_loop(Objective(params={"w": weight}, loss_fn=loss, sample_batch=lambda step: torch.full((1, 2), 2),
-                                  val_batches=[torch.ones(1, 2)]),
+                                  val_batches=[torch.ones(1, 2)],
+                                  keep_best=KeepBest(window_losses=per_window, documents=np.zeros(1), margin=0)),
                         cfg, LoopPlan(steps=30, out_dir=tmp_path / name, label="t", fingerprint="fp",
-                                      stop_after=stop_after, keep_best=True))
+                                      stop_after=stop_after))
     return weight.detach().clone(), result
 
 
@@ -208,15 +213,52 @@ def test_keep_best_ends_on_the_best_validation_and_resumes_to_the_same_choice(tm
     weight, result = _pass_through_target(tmp_path, "straight")
     assert result.initial_val_loss == pytest.approx(1.0)
     assert 0 < result.best_step < 30 and result.best_val_loss < 0.05
+    assert result.best_gain.gain == pytest.approx(1.0 - result.best_val_loss)
     assert float(weight) == pytest.approx(1.0, abs=0.25)  # not the last step's, which is near 2
     with pytest.raises(Interrupted):
         _pass_through_target(tmp_path, "resumed", stop_after=result.best_step + 1)
     resumed_weight, resumed = _pass_through_target(tmp_path, "resumed")
     assert torch.equal(weight, resumed_weight)
-    assert (resumed.best_step, resumed.best_val_loss, resumed.initial_val_loss) == (
-        result.best_step, result.best_val_loss, result.initial_val_loss)
+    assert (resumed.best_step, resumed.best_val_loss, resumed.initial_val_loss, resumed.best_gain) == (
+        result.best_step, result.best_val_loss, result.initial_val_loss, result.best_gain)
     records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert records[0] == {"step": 0, "val_loss": 1.0}
+
+
+def _two_documents_run(tmp_path, margin, targets):
+    """A parameter trained from 0 towards 1, validated on one window per target: each window's loss is
+    (w - target)^2. With targets (1, 1) every window gains; with (1, -0.3) the mean gains a little while the
+    two documents disagree."""
+    weight = torch.nn.Parameter(torch.zeros(1))
+    cfg = TrainConfig(batch_size=1, lr=0.1, warmup_steps=0, eval_interval=5, log_interval=100,
+                      checkpoint_interval=100, precision="fp32", grad_clip=0, weight_decay=0)
+    val = torch.tensor([[t, t] for t in targets])
+    result = train_loop(Objective(params={"w": weight}, loss_fn=lambda b: ((weight - b.float().mean()) ** 2).sum(),
+                                  sample_batch=lambda step: torch.ones(1, 2), val_batches=[val],
+                                  keep_best=KeepBest(window_losses=lambda b: (weight - b.float().mean(1)) ** 2,
+                                                     documents=np.array([3, 7]), margin=margin)),
+                        cfg, LoopPlan(steps=10, out_dir=tmp_path, label="t", fingerprint="fp"))
+    return float(weight.detach()), result
+
+
+def test_keep_best_keeps_the_start_when_the_gain_is_within_the_noise_of_its_documents(tmp_path):
+    weight, result = _two_documents_run(tmp_path / "noisy", 2.0, (1.0, -0.3))
+    records = [json.loads(line) for line in (tmp_path / "noisy" / "metrics.jsonl").read_text().splitlines()]
+    assert min(r["val_loss"] for r in records if r["step"] > 0) < result.initial_val_loss  # the mean fell ...
+    assert result.best_step == 0 and weight == 0.0  # ... but one document got worse: the start is kept
+    weight, result = _two_documents_run(tmp_path / "any", 0.0, (1.0, -0.3))
+    assert result.best_step > 0 and weight > 0  # margin 0 takes any lower loss
+    weight, result = _two_documents_run(tmp_path / "clear", 2.0, (1.0, 1.0))
+    assert result.best_step > 0 and result.best_gain.gain > 2 * result.best_gain.standard_error
+
+
+def test_paired_gain_counts_each_document_once():
+    start, trained = np.array([2.0, 2.0, 2.0, 2.0]), np.array([1.0, 1.0, 3.0, 3.0])
+    by_document = PairedGain.of(start, trained, np.array([0, 0, 1, 1]))
+    assert (by_document.gain, by_document.windows, by_document.documents) == (0.0, 4, 2)
+    assert by_document.standard_error == pytest.approx(1.0)  # two documents of +1 and -1: sqrt(2 * 2) * 2 / 4
+    one = PairedGain.of(start, np.full(4, 1.5), np.zeros(4))
+    assert one.gain == 0.5 and one.standard_error == math.inf and not one.beats(2.0) and one.beats(0)
 
 
 def test_keep_best_keeps_the_starting_point_when_training_only_hurts(tmp_path):
@@ -225,8 +267,10 @@ def test_keep_best_keeps_the_starting_point_when_training_only_hurts(tmp_path):
                       precision="fp32", grad_clip=0, weight_decay=0)
     loss = lambda b: ((weight - b.float().mean()) ** 2).sum()  # noqa: E731
     result = train_loop(Objective(params={"w": weight}, loss_fn=loss, sample_batch=lambda step: torch.full((1, 2), 5),
-                                  val_batches=[torch.ones(1, 2)]),
-                        cfg, LoopPlan(steps=10, out_dir=tmp_path, label="t", fingerprint="fp", keep_best=True))
+                                  val_batches=[torch.ones(1, 2)],
+                                  keep_best=KeepBest(window_losses=lambda b: (weight - b.float().mean(1)) ** 2,
+                                                     documents=np.zeros(1), margin=0)),
+                        cfg, LoopPlan(steps=10, out_dir=tmp_path, label="t", fingerprint="fp"))
     assert result.best_step == 0 and float(weight.detach()) == 1.0
 
 

@@ -104,15 +104,20 @@ class PreparedData:
     def num_partitions(self) -> int:
         return int(self.partition.max()) + 1
 
-    def windows(self, split: int, partition: int | None = None) -> Windows:
-        mask = self.split == split
+    def windows(self, split: int | tuple[int, ...], partition: int | None = None) -> Windows:
+        """The documents of one split, or of several, of one partition or of all."""
+        mask = np.isin(self.split, split)
         if partition is not None:
             mask &= self.partition == partition
         where = "all partitions" if partition is None else f"partition {partition}"
+        names = " and ".join(SPLIT_NAMES[s] for s in np.atleast_1d(split))
         docs = np.flatnonzero(mask)
         if not len(docs):
-            raise DataError(f"no {SPLIT_NAMES[split]} documents in {where}")
-        return Windows(self.store, docs, name=f"{SPLIT_NAMES[split]} documents of {where}")
+            raise DataError(f"no {names} documents in {where}")
+        return Windows(self.store, docs, name=f"{names} documents of {where}")
+
+    def documents(self, split: int, partition: int) -> int:
+        return int(np.count_nonzero((self.split == split) & (self.partition == partition)))
 
     def held_out(self, partition: int, tokens: int) -> Windows:
         """The partition's calibration documents, for router statistics and calibration; when they hold fewer
@@ -129,6 +134,17 @@ class PreparedData:
 def spread_batches(windows: Windows, tokens: int, seq_len: int, micro_batch: int) -> list[torch.Tensor]:
     """Windows covering about `tokens` tokens, spread evenly over the stream (not its first documents only)."""
     return fixed_batches(windows, max(1, -(-tokens // seq_len)), seq_len, micro_batch)
+
+
+def document_batches(windows: Windows, tokens: int, seq_len: int, micro_batch: int) -> tuple[list[torch.Tensor], np.ndarray]:
+    """About `tokens` tokens in windows spread evenly over the stream without overlapping (fewer where the text
+    is shorter), in micro-batches; and the document each window mostly lies in (its middle token's)."""
+    windows._require(2)
+    seq_len = min(seq_len, windows.total - 1)
+    count = max(1, min(tokens // seq_len, (windows.total - 1) // seq_len))
+    offsets = np.unique(np.linspace(0, windows.total - seq_len - 1, count).astype(np.int64))
+    documents = windows.docs[np.searchsorted(windows.doc_end, offsets + seq_len // 2, side="right")]
+    return list(windows.batches(offsets, seq_len, micro_batch)), documents
 
 
 def fixed_batches(windows: Windows, count: int, seq_len: int, micro_batch: int) -> list[torch.Tensor]:

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from modularforge.config import Config
-from modularforge.data.batches import PreparedData, Windows, batch_rng, fixed_batches, spread_batches
+from modularforge.data.batches import PreparedData, Windows, batch_rng, document_batches, fixed_batches, spread_batches
 from modularforge.data.shards import CALIB, TRAIN, VAL
 from modularforge.device import as_float64, autocast, autocast_dtype, module_device, resolve_device, to_device
-from modularforge.errors import DataError, TrainingError
+from modularforge.errors import TrainingError
 from modularforge.expert_set import ExpertSpec
 from modularforge.files import read_json, save_tensors, sha256_file, write_json
 from modularforge.model.layers import SwiGLU
@@ -34,10 +34,11 @@ from modularforge.model.weights import FFN_WEIGHTS, build_model, ffn_from_weight
 from modularforge.routers import empty_stats, save_stats, stat_names
 from modularforge.runs import Run
 from modularforge.safetensors_stream import read_tensors
-from modularforge.train.loop import LoopPlan, Objective, model_loss, train_loop
+from modularforge.train.loop import KeepBest, LoopPlan, LoopResult, Objective, model_loss, train_loop
 
 log = logging.getLogger(__name__)
 
+MIN_SELECTION_DOCUMENTS = 4  # fewer calibration documents than this: choose on the validation ones too
 SWAP_STREAM = 10_000  # random stream of anchor-swap draws (an expert of batch stream s uses SWAP_STREAM + s)
 
 
@@ -77,8 +78,14 @@ def train_expert(run: Run, spec: ExpertSpec, stop_after: int | None = None) -> d
     tcfg = cfg.expert_train_for(run.expert_steps(spec))
     seq_len, micro = cfg.seq_len(tcfg), tcfg.micro_batch
     train_windows = data.windows(TRAIN, part)
-    val_batches = fixed_batches(selection_windows(data, part) if cfg.experts.keep_best else data.windows(VAL, part),
-                                tcfg.eval_batches * micro, seq_len, micro)
+    loss = model_loss(model, tcfg.compile, tcfg.loss_chunks)
+    keep_best = None
+    if cfg.experts.keep_best:
+        val_batches, documents = document_batches(selection_windows(data, part), cfg.experts.select_tokens, seq_len,
+                                                  micro)
+        keep_best = KeepBest(window_losses=loss.per_window, documents=documents, margin=cfg.experts.select_margin)
+    else:
+        val_batches = fixed_batches(data.windows(VAL, part), tcfg.eval_batches * micro, seq_len, micro)
 
     def sample_batch(step: int) -> torch.Tensor:
         swaps = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, AnchorSwap)]
@@ -91,15 +98,14 @@ def train_expert(run: Run, spec: ExpertSpec, stop_after: int | None = None) -> d
         return train_windows.sample(batch_rng(cfg.run.seed, stream, step), tcfg.batch_size, seq_len)
 
     result = train_loop(
-        Objective(params=trainable, loss_fn=model_loss(model, tcfg.compile, tcfg.loss_chunks),
-                  sample_batch=sample_batch, val_batches=val_batches,
-                  no_decay=lambda name: name.endswith("gate.weight")),
+        Objective(params=trainable, loss_fn=loss, sample_batch=sample_batch, val_batches=val_batches,
+                  no_decay=lambda name: name.endswith("gate.weight"), keep_best=keep_best),
         tcfg,
         LoopPlan(steps=run.expert_steps(spec), out_dir=out, label=label, fingerprint=fingerprint,
-                 stop_after=stop_after, keep_best=cfg.experts.keep_best),
+                 stop_after=stop_after),
     )
-    if cfg.experts.keep_best:
-        _log_against_anchor(label, result)
+    if keep_best is not None:
+        _log_against_anchor(label, result, cfg.experts.select_margin)
     stats = router_statistics(model, data.held_out(part, cfg.experts.stats_tokens), cfg.experts.stats_tokens, seq_len,
                               micro, autocast_dtype(tcfg.precision, module_device(model)))
     tokens = result.steps * cfg.tokens_per_step(tcfg)
@@ -120,11 +126,14 @@ def train_expert(run: Run, spec: ExpertSpec, stop_after: int | None = None) -> d
         "seconds": round(result.seconds, 1),
         "sha256": {name: sha256_file(path) for name, path in files.items()},
     }
-    if cfg.experts.keep_best:
+    if keep_best is not None:
+        gain = result.best_gain
         summary["selection"] = {
-            "text": "held-out calibration documents of the partition",
+            "text": selection_windows(data, part).name,
+            "windows": gain.windows, "documents": gain.documents, "margin": cfg.experts.select_margin,
             "anchor_loss": result.initial_val_loss, "best_loss": result.best_val_loss, "best_step": result.best_step,
             "beats_anchor": result.best_step != 0,
+            "gain": gain.gain, "standard_error": gain.standard_error if math.isfinite(gain.standard_error) else None,
         }
     write_json(out / "done.json", summary)
     for leftover in ("ckpt.safetensors", "best.safetensors"):  # the finished files supersede them
@@ -134,23 +143,26 @@ def train_expert(run: Run, spec: ExpertSpec, stop_after: int | None = None) -> d
 
 def selection_windows(data: PreparedData, k: int) -> Windows:
     """Text an expert is chosen on: its partition's calibration documents, held out from training and from the
-    validation split the report scores, so the choice does not flatter the reported numbers. A partition
-    whose calibration split is shorter than two tokens falls back to its validation split."""
-    try:
-        calib = data.windows(CALIB, k)
-    except DataError:  # no calibration document in this partition
-        return data.windows(VAL, k)
-    return calib if calib.total >= 2 else data.windows(VAL, k)
+    validation split the report scores, so the choice does not flatter the reported numbers. A split by whole
+    books can leave a partition one or two calibration documents (765 tokens of one, in the quality benchmark),
+    too few to tell a gain from the difference between documents: such a partition is chosen on its
+    calibration and validation documents together."""
+    if data.documents(CALIB, k) >= MIN_SELECTION_DOCUMENTS:
+        return data.windows(CALIB, k)
+    return data.windows((CALIB, VAL), k)
 
 
-def _log_against_anchor(label: str, result) -> None:
-    gain = 1 - math.exp(result.best_val_loss - result.initial_val_loss)
+def _log_against_anchor(label: str, result: LoopResult, margin: float) -> None:
+    gain = result.best_gain
     if result.best_step == 0:
-        log.warning("%s did not beat its anchor on held-out text of its partition (loss %.4f at step 0, "
-                    "never lower in training): it ships as the anchor FFN", label, result.initial_val_loss)
+        log.warning("%s did not beat its anchor on held-out text of its partition by %g standard errors "
+                    "(anchor loss %.4f; %d windows of %d documents): it ships as the anchor FFN", label, margin,
+                    result.initial_val_loss, gain.windows, gain.documents)
     else:
-        log.info("%s: held-out loss %.4f (anchor) -> %.4f at step %d, perplexity %.1f%% lower",
-                 label, result.initial_val_loss, result.best_val_loss, result.best_step, 100 * gain)
+        log.info("%s: held-out loss %.4f (anchor) -> %.4f at step %d (%.1f standard errors), perplexity %.1f%% "
+                 "lower", label, result.initial_val_loss, result.best_val_loss, result.best_step,
+                 gain.gain / gain.standard_error if gain.standard_error > 0 else math.inf,
+                 100 * (1 - math.exp(-gain.gain)))
 
 
 def expert_model(cfg: Config, vocab: int, run: Run, stream: int) -> CausalLM:

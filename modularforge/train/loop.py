@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 from torch import nn
@@ -33,22 +34,34 @@ from modularforge.train.optimizer import FusedAdamW
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]  # (micro_batch, T + 1) window batch -> scalar loss
+WindowLossFn = Callable[[torch.Tensor], torch.Tensor]  # (micro_batch, T + 1) window batch -> (micro_batch,) losses
 
 
-def model_loss(model: nn.Module, compile: bool, loss_chunks: int = 1) -> LossFn:
+class ModelLoss:
     """Mean next-token cross-entropy (fp32) of the model on a (B, T + 1) window batch; with `compile`
     the forward pass goes through torch.compile (fused norms, rotary and SwiGLU elementwise work).
     The LM head and the loss run fused on `loss_chunks` slices of the positions, so the logits of only one
     slice exist at a time (they dominate memory at large vocabularies); see `train.cross_entropy`."""
-    forward = torch.compile(model, dynamic=False) if compile else model
 
-    def loss(batch: torch.Tensor) -> torch.Tensor:
+    def __init__(self, model: nn.Module, compile: bool, loss_chunks: int = 1):
+        self.model, self.loss_chunks = model, loss_chunks
+        self.forward = torch.compile(model, dynamic=False) if compile else model
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        hidden = forward(inputs, head=False)
-        total = linear_cross_entropy(hidden.flatten(0, 1), model.lm_head, targets.flatten(), loss_chunks)
+        hidden = self.forward(inputs, head=False)
+        total = linear_cross_entropy(hidden.flatten(0, 1), self.model.lm_head, targets.flatten(), self.loss_chunks)
         return total / targets.numel()
 
-    return loss
+    def per_window(self, batch: torch.Tensor) -> torch.Tensor:
+        """The mean loss of each window of the batch: (B,)."""
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        hidden = self.forward(inputs, head=False)
+        return torch.stack([linear_cross_entropy(h, self.model.lm_head, t, self.loss_chunks) / t.numel()
+                            for h, t in zip(hidden, targets)])
+
+
+model_loss = ModelLoss
 
 
 def lr_at(step: int, steps: int, cfg: TrainConfig) -> float:
@@ -80,6 +93,7 @@ class LoopResult:
     initial_val_loss: float | None = None  # keep_best: the validation loss at step 0
     best_step: int | None = None  # keep_best: the step whose parameters `params` hold at the end
     best_val_loss: float | None = None
+    best_gain: PairedGain | None = None  # keep_best: the kept step's loss gain over step 0, on the same windows
 
 
 class Interrupted(Exception):
@@ -95,6 +109,45 @@ class Objective:
     sample_batch: Callable[[int], torch.Tensor]  # step -> that step's (batch_size, T + 1) windows
     val_batches: Sequence[torch.Tensor]
     no_decay: Callable[[str], bool] = lambda name: False  # parameters (by name) without weight decay
+    keep_best: KeepBest | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class KeepBest:
+    """End on the best validated parameters, the starting point included. A trained step replaces the start
+    only when its loss is lower by `margin` standard errors of the paired per-window difference, so a gain
+    within the noise of the validation text keeps the start (an expert that cannot show it beats the anchor
+    FFN it started from ships as that anchor). Windows of one document are not independent samples: the error
+    treats each document (`documents`, one id per validation window) as one."""
+
+    window_losses: WindowLossFn
+    documents: np.ndarray
+    margin: float = 2.0
+
+
+@dataclass(frozen=True)
+class PairedGain:
+    """The mean per-window loss difference (start - trained) and its standard error with windows clustered by
+    document (infinite with fewer than two documents: nothing says how much a second one would differ)."""
+
+    gain: float
+    standard_error: float
+    windows: int
+    documents: int
+
+    @classmethod
+    def of(cls, start: np.ndarray, trained: np.ndarray, documents: np.ndarray) -> PairedGain:
+        diff = np.asarray(start, dtype=np.float64) - np.asarray(trained, dtype=np.float64)
+        ids, cluster = np.unique(documents, return_inverse=True)
+        mean = float(diff.mean())
+        if len(ids) < 2:
+            return cls(mean, math.inf, len(diff), len(ids))
+        sums = np.bincount(cluster, weights=diff - mean, minlength=len(ids))
+        se = math.sqrt(float((sums**2).sum()) * len(ids) / (len(ids) - 1)) / len(diff)
+        return cls(mean, se, len(diff), len(ids))
+
+    def beats(self, margin: float) -> bool:
+        return self.gain > 0 and (margin == 0 or self.gain > margin * self.standard_error)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -106,16 +159,15 @@ class LoopPlan:
     label: str  # the name in log lines and on the progress bar
     fingerprint: str  # a checkpoint written under another one is not resumed
     stop_after: int | None = None  # save a checkpoint and raise Interrupted after this step (tests)
-    keep_best: bool = False
 
 
 def train_loop(job: Objective, cfg: TrainConfig, plan: LoopPlan) -> LoopResult:
     """Train `job.params` for `plan.steps` optimizer steps; resume from `out_dir/ckpt.safetensors` if it matches.
 
-    The loop splits each step's batch into micro-batches of `cfg.micro_batch`. With `keep_best`, `val_batches`
-    are also scored before the first step, every validation that improves on the best so far saves the
-    parameters to `out_dir/best.safetensors`, and at the end `params` hold the best of those (the starting
-    point included).
+    The loop splits each step's batch into micro-batches of `cfg.micro_batch`. With `job.keep_best`,
+    `val_batches` are also scored before the first step, every validation that improves on the best so far
+    (by the rule of `KeepBest`) saves the parameters to `out_dir/best.safetensors`, and at the end `params`
+    hold the best of those (the starting point included).
     """
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = plan.out_dir / "ckpt.safetensors", plan.out_dir / "metrics.jsonl"
@@ -124,7 +176,7 @@ def train_loop(job: Objective, cfg: TrainConfig, plan: LoopPlan) -> LoopResult:
     _trim_metrics(metrics_path, start)
     device = next(iter(job.params.values())).device  # the loop computes where its parameters are
     dtype = autocast_dtype(cfg.precision, device)
-    best = _start_best(job, plan, start, dtype, device) if plan.keep_best else None
+    best = _start_best(job, plan, start, dtype, device) if job.keep_best is not None else None
     interval = _Interval()
     val_loss, last_loss = None, float("nan")
     loop_start = time.perf_counter()
@@ -142,9 +194,12 @@ def train_loop(job: Objective, cfg: TrainConfig, plan: LoopPlan) -> LoopResult:
             bar.update(1)
             validated = None  # this step's validation loss, if it has one
             if done % cfg.eval_interval == 0 or done == plan.steps:
-                val_loss = validated = evaluate_loss(job.loss_fn, job.val_batches, dtype, device)
-                if best is not None:
-                    best.offer(done, val_loss, job.params)
+                if best is None:
+                    val_loss = validated = evaluate_loss(job.loss_fn, job.val_batches, dtype, device)
+                else:
+                    losses = window_losses(job.keep_best.window_losses, job.val_batches, dtype, device)
+                    val_loss = validated = float(losses.mean())
+                    best.offer(done, losses, job.params)
             if done % cfg.log_interval == 0 or done == plan.steps or validated is not None:
                 log_interval(metrics_path, plan, interval, done, last_loss, lr, validated)
             if done % cfg.checkpoint_interval == 0 or done == plan.steps or done == plan.stop_after:
@@ -160,6 +215,7 @@ def train_loop(job: Objective, cfg: TrainConfig, plan: LoopPlan) -> LoopResult:
             log.info("%s: keeping step %d (val %.3f), the best validation of the run", plan.label, best.step,
                      best.loss)
         result.initial_val_loss, result.best_step, result.best_val_loss = best.initial, best.step, best.loss
+        result.best_gain = best.gain
     return result
 
 
@@ -221,13 +277,12 @@ def log_interval(metrics_path: Path, plan: LoopPlan, interval: _Interval, done: 
 
 def _start_best(job: Objective, plan: LoopPlan, start: int, dtype: torch.dtype | None, device: torch.device) -> _Best:
     """keep_best: the best so far, scored at step 0 on a fresh run and read from the checkpoint on a resumed one."""
-    best = _Best(plan.out_dir / "best.safetensors", plan.fingerprint)
+    best = _Best(plan.out_dir / "best.safetensors", plan.fingerprint, job.keep_best)
     if start == 0:
-        initial = evaluate_loss(job.loss_fn, job.val_batches, dtype, device)
-        best.offer(0, initial, job.params)
-        best.initial = initial
-        _append_metrics(plan.out_dir / "metrics.jsonl", {"step": 0, "val_loss": round(initial, 5)})
-        log.info("%s | step 0/%d | val %.3f (the starting point)", plan.label, plan.steps, initial)
+        losses = window_losses(job.keep_best.window_losses, job.val_batches, dtype, device)
+        best.offer(0, losses, job.params)
+        _append_metrics(plan.out_dir / "metrics.jsonl", {"step": 0, "val_loss": round(best.initial, 5)})
+        log.info("%s | step 0/%d | val %.3f (the starting point)", plan.label, plan.steps, best.initial)
     else:
         best.restore(plan.out_dir / "ckpt.safetensors")
     return best
@@ -235,29 +290,49 @@ def _start_best(job: Objective, plan: LoopPlan, start: int, dtype: torch.dtype |
 
 class _Best:
     """The best validated parameters so far of a keep_best run, in `path`; the checkpoint carries which they
-    are (step and loss), so a resumed run compares against the same best as an uninterrupted one."""
+    are (step and loss) and the starting point's per-window losses, so a resumed run compares against the same
+    best and the same start as an uninterrupted one."""
 
-    def __init__(self, path: Path, fingerprint: str):
-        self.path, self.fingerprint = path, fingerprint
+    def __init__(self, path: Path, fingerprint: str, rule: KeepBest):
+        self.path, self.fingerprint, self.rule = path, fingerprint, rule
         self.step: int | None = None
         self.loss = math.inf
-        self.initial: float | None = None
+        self.start_losses: np.ndarray | None = None  # per validation window, at step 0
+        self.gain: PairedGain | None = None  # of the best step over step 0
 
-    def offer(self, step: int, loss: float, params: dict[str, nn.Parameter]) -> None:
-        if loss < self.loss:
-            self.step, self.loss = step, loss
-            save_tensors(self.path, {n: p.detach() for n, p in params.items()},
-                         {"step": str(step), "val_loss": repr(loss), "fingerprint": self.fingerprint})
+    @property
+    def initial(self) -> float:
+        return float(self.start_losses.mean())
+
+    def offer(self, step: int, losses: np.ndarray, params: dict[str, nn.Parameter]) -> None:
+        loss = float(losses.mean())
+        if step == 0:
+            self.start_losses = losses
+            gain = PairedGain.of(losses, losses, self.rule.documents)
+        else:
+            gain = PairedGain.of(self.start_losses, losses, self.rule.documents)
+            if loss >= self.loss or not gain.beats(self.rule.margin):
+                return
+        self.step, self.loss, self.gain = step, loss, gain
+        save_tensors(self.path, {n: p.detach() for n, p in params.items()},
+                     {"step": str(step), "val_loss": repr(loss), "fingerprint": self.fingerprint})
 
     def metadata(self) -> dict[str, str]:
-        return {"best_step": str(self.step), "best_val_loss": repr(self.loss), "initial_val_loss": repr(self.initial)}
+        return {"best_step": str(self.step), "best_val_loss": repr(self.loss),
+                "best_gain": json.dumps([self.gain.gain, self.gain.standard_error]),
+                "start_window_losses": json.dumps(self.start_losses.tolist())}
 
     def restore(self, ckpt_path: Path) -> None:
         meta = read_metadata(ckpt_path)
-        if "best_step" not in meta:
+        if "start_window_losses" not in meta:
             raise TrainingError(f"checkpoint {ckpt_path} was written without keep_best; delete it to restart")
         self.step, self.loss = int(meta["best_step"]), float(meta["best_val_loss"])
-        self.initial = float(meta["initial_val_loss"])
+        self.start_losses = np.asarray(json.loads(meta["start_window_losses"]), dtype=np.float64)
+        if len(self.start_losses) != len(self.rule.documents):
+            raise TrainingError(f"checkpoint {ckpt_path} was validated on other windows; delete it to restart")
+        gain, se = json.loads(meta["best_gain"])
+        ids = np.unique(self.rule.documents)
+        self.gain = PairedGain(gain, se, len(self.start_losses), len(ids))
         saved = read_metadata(self.path) if self.path.exists() else {}
         # a best saved after the checkpoint (by steps the resumed run repeats) is what those steps save again
         if saved.get("fingerprint") != self.fingerprint or int(saved.get("step", -1)) < self.step:
@@ -272,6 +347,17 @@ class _Best:
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(tensors[name])
+
+
+@torch.no_grad()
+def window_losses(loss_fn: WindowLossFn, batches: Sequence[torch.Tensor], dtype: torch.dtype | None,
+                  device: torch.device | str = "cpu") -> np.ndarray:
+    """The loss of every window of `batches`, in order (float64)."""
+    out = []
+    for batch in batches:
+        with autocast(dtype, device):
+            out.append(loss_fn(to_device(batch, torch.device(device))).double().cpu())
+    return torch.cat(out).numpy()
 
 
 @torch.no_grad()
