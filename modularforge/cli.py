@@ -299,7 +299,8 @@ class ChildFailed(ModularForgeError):
 def cmd_add_expert(args) -> None:
     from modularforge.grow import add_experts
 
-    _grow(args, lambda run: add_experts(run, args.data or [], args.dataset, args.name, args.tokens, args.clusters))
+    _grow(args, lambda run: add_experts(run, args.data or [], args.dataset, args.name, args.tokens, args.clusters,
+                                        args.replay))
 
 
 def cmd_import_expert(args) -> None:
@@ -413,6 +414,8 @@ def _add_expert_flags(p: argparse.ArgumentParser) -> None:
                    "--clusters K, the experts are NAME_0 ... NAME_{K-1}")
     p.add_argument("--tokens", type=int, help="training tokens of each new expert (default: the run's tokens per expert)")
     p.add_argument("--clusters", type=int, default=1, help="split the new text into K experts, as prepare clusters")
+    p.add_argument("--replay", type=float, help="share of each training batch drawn from the trunk's training text "
+                   "(e.g. 0.25), so the expert stays usable on the old text token routing also sends it")
 
 
 def _import_expert_flags(p: argparse.ArgumentParser) -> None:

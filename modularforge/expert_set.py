@@ -34,6 +34,7 @@ class ExpertSpec:
     partition: int | None = None  # its partition within that folder
     data_sha256: str | None = None  # added: identity of its text (shards and partition assignment)
     tokens: int | None = None  # added: training tokens (None: the run's tokens per expert)
+    replay: float | None = None  # added: share of each batch drawn from the trunk's training text (None: none)
     fingerprint: str | None = None  # imported: the fingerprint it was trained under
     origin: str | None = None  # imported: the folder it came from
 

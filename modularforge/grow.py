@@ -36,10 +36,12 @@ log = logging.getLogger(__name__)
 
 
 def add_experts(run: Run, sources: list[str], dataset: str | None = None, name: str | None = None,
-                tokens: int | None = None, clusters: int = 1) -> list[ExpertSpec]:
+                tokens: int | None = None, clusters: int = 1, replay: float | None = None) -> list[ExpertSpec]:
     """Register `clusters` new experts on the text of `sources` (files, folders, globs, as `prepare` reads them)
     or of a Hugging Face `dataset`, read with the run's tokenizer into `added/<name>/` and split into `clusters`
     partitions as `prepare` splits its corpus. Returns the new experts, which train-experts then trains.
+    `replay` draws that share of each training batch from the trunk's own training text, so that the expert
+    stays usable on the old text the exported model's token routing will also send it.
 
     An add that stopped before its experts finished is resumed when given the same name and text."""
     cfg = run.cfg
@@ -50,6 +52,8 @@ def add_experts(run: Run, sources: list[str], dataset: str | None = None, name: 
         raise DataError(f"--clusters must be 1 to 1024, got {clusters}")
     if tokens is not None and tokens < 1:
         raise DataError(f"--tokens must be a positive number of tokens, got {tokens}")
+    if replay is not None and not 0 < replay < 1:
+        raise DataError(f"--replay must be a share of each batch between 0 and 1 (exclusive), got {replay}")
     registry = run.registry()
     taken = registry.names_in_use(cfg.model.num_experts)
     base = check_name(name) if name is not None else _next_free_name(taken, cfg.model.num_experts)
@@ -68,14 +72,14 @@ def add_experts(run: Run, sources: list[str], dataset: str | None = None, name: 
         _check_resumable(run, registered, names)
     with atomic_dir(folder) as tmp:  # replaces the folder only once the text is read and checked
         text_sha = _tokenize(run, data_cfg, tmp, clusters)
-        if registered and any(s.data_sha256 != text_sha for s in registered):
-            raise DataError(f"expert {names[0]!r} was added from other text; choose another --name, or "
-                            f"`modularforge remove-expert --run-dir {run.dir} {names[0]}` first")
+        if registered and any(s.data_sha256 != text_sha or s.replay != replay for s in registered):
+            raise DataError(f"expert {names[0]!r} was added from other text or with another --replay; choose another "
+                            f"--name, or `modularforge remove-expert --run-dir {run.dir} {names[0]}` first")
     if registered:
         log.info("%s: registered by an add that did not finish, on the same text; training now", ", ".join(names))
         return registered
     specs = [ExpertSpec(n, "added", data=folder.relative_to(run.dir).as_posix(), partition=j, data_sha256=text_sha,
-                        tokens=tokens) for j, n in enumerate(names)]
+                        tokens=tokens, replay=replay) for j, n in enumerate(names)]
     registry.added += specs
     registry.save(run.experts_dir)
     log.info("registered %s on %s (%d tokens of training text%s)", ", ".join(names), folder,

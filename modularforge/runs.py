@@ -149,7 +149,8 @@ class Run:
             "recipe": {key: _lookup(dump, key) for key in _EXPERT_RECIPE},
             "steps": self.expert_steps(spec),
             "trunk": self.fingerprint("train-shared"),
-            "text": {"partition": spec.partition, "added": spec.data_sha256},
+            "text": {"partition": spec.partition, "added": spec.data_sha256,
+                     **({"replay": spec.replay} if spec.replay is not None else {})},
         }, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

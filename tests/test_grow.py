@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from modularforge.cli import main
+from modularforge.data.batches import Windows
 from modularforge.errors import DataError
 from modularforge.expert_set import ExpertSpec, Registry
 from modularforge.files import read_json, write_json
@@ -22,6 +23,8 @@ from modularforge.inference import AssembledFolder
 from modularforge.model.weights import ffn_to_expert
 from modularforge.runs import Run
 from modularforge.safetensors_stream import read_header
+from modularforge.train.expert import train_expert
+from modularforge.train.loop import Interrupted
 
 
 def _new_text(path: Path, first: int = 34, count: int = 24, corpus: str = "jargon_file") -> Path:
@@ -210,3 +213,29 @@ def test_an_add_that_stopped_before_training_resumes_on_the_same_text_only(run_c
     assert add_experts(run_copy, [str(text)], name="late") == [spec]
     with pytest.raises(DataError, match="added from other text"):
         add_experts(run_copy, [str(_new_text(tmp_path / "other.jsonl", 40, 20, "us_state_of_the_union"))], name="late")
+
+
+def test_replay_mixes_the_trunks_text_into_an_added_experts_batches(run_copy, tmp_path, monkeypatch):
+    text = _new_text(tmp_path / "new.jsonl")
+    with pytest.raises(DataError, match="--replay must be"):
+        add_experts(run_copy, [str(text)], name="mixed", replay=1.0)
+    (mixed,) = add_experts(run_copy, [str(text)], name="mixed", replay=0.25)
+    assert mixed.replay == 0.25 and run_copy.registry().added[-1].replay == 0.25
+    unmixed = ExpertSpec(**{**mixed.to_json(), "replay": None})
+    assert run_copy.expert_fingerprint(mixed) != run_copy.expert_fingerprint(unmixed)  # the same text, another expert
+    with pytest.raises(DataError, match="another --replay"):
+        add_experts(run_copy, [str(text)], name="mixed", replay=0.5)
+    sampled = []
+    real_sample = Windows.sample
+
+    def recording_sample(self, rng, batch, seq_len):
+        sampled.append((self.name, batch))
+        return real_sample(self, rng, batch, seq_len)
+
+    monkeypatch.setattr(Windows, "sample", recording_sample)
+    with pytest.raises(Interrupted):
+        train_expert(run_copy, mixed, stop_after=1)
+    per_step = run_copy.cfg.expert_train.batch_size
+    replayed = round(0.25 * per_step)
+    assert sampled == [("train documents of partition 0", per_step - replayed),
+                       ("train documents of all partitions", replayed)]

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 MIN_SELECTION_DOCUMENTS = 4  # fewer calibration documents than this: choose on the validation ones too
 SWAP_STREAM = 10_000  # random stream of anchor-swap draws (an expert of batch stream s uses SWAP_STREAM + s)
+REPLAY_STREAM = 20_000  # random stream of an added expert's replayed trunk windows (REPLAY_STREAM + s)
 
 
 def finished_expert(run: Run, spec: ExpertSpec) -> dict | None:
@@ -78,6 +79,9 @@ def train_expert(run: Run, spec: ExpertSpec, stop_after: int | None = None) -> d
     tcfg = cfg.expert_train_for(run.expert_steps(spec))
     seq_len, micro = cfg.seq_len(tcfg), tcfg.micro_batch
     train_windows = data.windows(TRAIN, part)
+    # at least one window of each kind per batch: a share that rounds to none (or to all) still mixes
+    replayed = 0 if spec.replay is None else min(tcfg.batch_size - 1, max(1, round(spec.replay * tcfg.batch_size)))
+    trunk_text = PreparedData(run.data_dir).windows(TRAIN) if replayed else None
     loss = model_loss(model, tcfg.compile, tcfg.loss_chunks)
     keep_best = None
     if cfg.experts.keep_best:
@@ -95,7 +99,11 @@ def train_expert(run: Run, spec: ExpertSpec, stop_after: int | None = None) -> d
             use_anchor[draws.argmax()] = False  # at least one layer trains every step
             for swap, flag in zip(swaps, use_anchor):
                 swap.use_anchor = bool(flag)
-        return train_windows.sample(batch_rng(cfg.run.seed, stream, step), tcfg.batch_size, seq_len)
+        batch = train_windows.sample(batch_rng(cfg.run.seed, stream, step), tcfg.batch_size - replayed, seq_len)
+        if not replayed:
+            return batch
+        trunk_batch = trunk_text.sample(batch_rng(cfg.run.seed, REPLAY_STREAM + stream, step), replayed, seq_len)
+        return torch.cat([batch, trunk_batch])
 
     result = train_loop(
         Objective(params=trainable, loss_fn=loss, sample_batch=sample_batch, val_batches=val_batches,
