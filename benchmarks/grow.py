@@ -54,7 +54,7 @@ from modularforge.inference import open_model  # noqa: E402
 from modularforge.model.transformer import CausalLM  # noqa: E402
 from modularforge.model.weights import load_dense  # noqa: E402
 from modularforge.runs import STAGES, Run  # noqa: E402
-from modularforge.train.loop import LoopPlan, Objective, model_loss, train_loop  # noqa: E402
+from modularforge.train.loop import LoopPlan, ModelLoss, Objective, train_loop  # noqa: E402
 
 log = logging.getLogger("grow")
 
@@ -158,7 +158,7 @@ def continued_training(run: Run, new: list[str], lr: float, out_dir: Path) -> Ca
         return windows[i].sample(batch_rng(cfg.run.seed, CT_STREAM + i, step), tcfg.batch_size, seq_len)
 
     steps = sum(run.expert_steps(s) for s in specs)
-    train_loop(Objective(params=dict(model.named_parameters()), loss_fn=model_loss(model, False, tcfg.loss_chunks),
+    train_loop(Objective(params=dict(model.named_parameters()), loss_fn=ModelLoss(model, False, tcfg.loss_chunks),
                          sample_batch=sample_batch, val_batches=val),
                tcfg, LoopPlan(steps=steps, out_dir=out_dir, label=f"continued training, lr {lr:.1e}",
                               fingerprint=f"{run.fingerprint('train-shared')}-{lr}-{steps}"))

@@ -42,7 +42,7 @@ from modularforge.inference import open_model  # noqa: E402
 from modularforge.model.hf import mixtral_config  # noqa: E402
 from modularforge.model.transformer import CausalLM  # noqa: E402
 from modularforge.sampling import Sampling, generate_ids  # noqa: E402
-from modularforge.train.loop import model_loss  # noqa: E402
+from modularforge.train.loop import ModelLoss  # noqa: E402
 from modularforge.train.optimizer import FusedAdamW  # noqa: E402
 
 SHAPE = dict(hidden=256, intermediate=1024, layers=4, heads=4, vocab=8192, seq=256, batch=8, experts=4, top_k=2)
@@ -93,7 +93,7 @@ def our_step(cfg: ModelConfig, s: dict, phase: str, dtype, compile: bool, device
             layer.mlp.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = FusedAdamW([(params, 0.1)], betas=(0.9, 0.95))
-    loss_fn = model_loss(model, compile)
+    loss_fn = ModelLoss(model, compile)
     batch = torch.randint(0, s["vocab"], (s["batch"], s["seq"] + 1), device=device)
 
     def step():

@@ -5,7 +5,7 @@ import torch
 from modularforge.config import ModelConfig
 from modularforge.model.transformer import CausalLM
 from modularforge.device import autocast
-from modularforge.train.loop import model_loss
+from modularforge.train.loop import ModelLoss
 
 CFG = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, max_seq_len=32,
                   num_experts=4, top_k=2)
@@ -20,7 +20,7 @@ def _model(moe=False):
 def test_bf16_autocast_loss_is_close_to_fp32():
     model = _model()
     batch = torch.randint(0, 300, (4, 33), generator=torch.Generator().manual_seed(1))
-    loss = model_loss(model, compile=False)
+    loss = ModelLoss(model, compile=False)
     with torch.no_grad():
         fp32 = loss(batch).item()
         with autocast(torch.bfloat16):
@@ -43,7 +43,7 @@ def _assert_same_loss_and_gradients(model, batch, reference, candidate):
 def test_compiled_loss_and_gradients_match_eager():
     model = _model()
     batch = torch.randint(0, 300, (4, 33), generator=torch.Generator().manual_seed(2))
-    _assert_same_loss_and_gradients(model, batch, model_loss(model, compile=False), model_loss(model, compile=True))
+    _assert_same_loss_and_gradients(model, batch, ModelLoss(model, compile=False), ModelLoss(model, compile=True))
 
 
 def test_bf16_frozen_matrices_give_the_same_loss_under_autocast():
@@ -51,7 +51,7 @@ def test_bf16_frozen_matrices_give_the_same_loss_under_autocast():
 
     model = _model()
     batch = torch.randint(0, 300, (2, 33), generator=torch.Generator().manual_seed(3))
-    loss = model_loss(model, compile=False)
+    loss = ModelLoss(model, compile=False)
     with torch.no_grad(), autocast(torch.bfloat16):
         before = loss(batch)
         frozen_linears_to_bf16(model)
@@ -63,8 +63,19 @@ def test_bf16_frozen_matrices_give_the_same_loss_under_autocast():
 def test_chunked_loss_and_gradients_match_the_whole_sequence_loss():
     model = _model()
     batch = torch.randint(0, 300, (3, 33), generator=torch.Generator().manual_seed(4))
-    chunked = model_loss(model, compile=False, loss_chunks=3)  # 32 positions: slices of 11, 11, 10
-    _assert_same_loss_and_gradients(model, batch, model_loss(model, compile=False), chunked)
+    chunked = ModelLoss(model, compile=False, loss_chunks=3)  # 32 positions: slices of 11, 11, 10
+    _assert_same_loss_and_gradients(model, batch, ModelLoss(model, compile=False), chunked)
+
+
+def test_per_window_losses_average_to_the_batch_loss():
+    model = _model()
+    batch = torch.randint(0, 300, (3, 33), generator=torch.Generator().manual_seed(5))
+    loss = ModelLoss(model, compile=False, loss_chunks=2)
+    with torch.no_grad():
+        per_window = loss.per_window(batch)
+        assert per_window.shape == (3,)
+        torch.testing.assert_close(per_window.mean(), loss(batch))
+        torch.testing.assert_close(per_window[1], loss(batch[1:2]))
 
 
 def _plain_loss(model):
@@ -78,7 +89,7 @@ def _plain_loss(model):
 def test_fused_head_and_loss_match_autograd_cross_entropy_in_fp32():
     model = _model()
     batch = torch.randint(0, 300, (3, 33), generator=torch.Generator().manual_seed(5))
-    _assert_same_loss_and_gradients(model, batch, _plain_loss(model), model_loss(model, compile=False, loss_chunks=2))
+    _assert_same_loss_and_gradients(model, batch, _plain_loss(model), ModelLoss(model, compile=False, loss_chunks=2))
 
 
 def test_fused_head_and_loss_match_autograd_cross_entropy_under_bf16_autocast(monkeypatch):
@@ -93,7 +104,7 @@ def test_fused_head_and_loss_match_autograd_cross_entropy_under_bf16_autocast(mo
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     with autocast(torch.bfloat16):
-        got = model_loss(model, compile=False, loss_chunks=3)(batch)
+        got = ModelLoss(model, compile=False, loss_chunks=3)(batch)
     got.backward()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     for n, p in model.named_parameters():  # bf16 products: the head's weight gradient is summed per slice
@@ -112,7 +123,7 @@ def test_fused_adamw_takes_the_steps_of_torch_adamw():
     for step in range(3):
         batch = torch.randint(0, 300, (2, 33), generator=torch.Generator().manual_seed(10 + step))
         for model in (ours, theirs):
-            model_loss(model, compile=False)(batch).backward()
+            ModelLoss(model, compile=False)(batch).backward()
         opt_ours.step(lr=1e-2 / (step + 1))
         for group in opt_theirs.param_groups:
             group["lr"] = 1e-2 / (step + 1)

@@ -151,14 +151,14 @@ def test_domain_probe_adds_its_loss_in_training_only_and_trains_the_trunk():
     from modularforge.config import ModelConfig
     from modularforge.data.batches import LABEL_SHIFT
     from modularforge.model.transformer import CausalLM
-    from modularforge.train.loop import model_loss
+    from modularforge.train.loop import ModelLoss
     from modularforge.train.shared import DomainProbe, probed_loss
 
     model = CausalLM(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=16,
                                  num_experts=2, top_k=1), vocab_size=50, moe=False)
     model.init_weights(torch.Generator().manual_seed(0))
     probe = DomainProbe(model, num_partitions=3)
-    lm_loss = model_loss(model, compile=False)
+    lm_loss = ModelLoss(model, compile=False)
     loss = probed_loss(lm_loss, probe, weight=0.5)
     tokens = torch.randint(0, 50, (2, 17), generator=torch.Generator().manual_seed(1))
     batch = tokens | (torch.tensor([[1], [2]]) << LABEL_SHIFT)

@@ -34,7 +34,7 @@ from modularforge.model.weights import FFN_WEIGHTS, build_model, ffn_from_weight
 from modularforge.routers import empty_stats, save_stats, stat_names
 from modularforge.runs import Run
 from modularforge.safetensors_stream import read_tensors
-from modularforge.train.loop import KeepBest, LoopPlan, LoopResult, Objective, model_loss, train_loop
+from modularforge.train.loop import KeepBest, LoopPlan, LoopResult, ModelLoss, Objective, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def train_expert(run: Run, spec: ExpertSpec, stop_after: int | None = None) -> d
     # at least one window of each kind per batch: a share that rounds to none (or to all) still mixes
     replayed = 0 if spec.replay is None else min(tcfg.batch_size - 1, max(1, round(spec.replay * tcfg.batch_size)))
     trunk_text = PreparedData(run.data_dir).windows(TRAIN) if replayed else None
-    loss = model_loss(model, tcfg.compile, tcfg.loss_chunks)
+    loss = ModelLoss(model, tcfg.compile, tcfg.loss_chunks)
     keep_best = None
     if cfg.experts.keep_best:
         val_batches, documents = document_batches(selection_windows(data, part), cfg.experts.select_tokens, seq_len,

@@ -61,8 +61,6 @@ class ModelLoss:
                             for h, t in zip(hidden, targets)])
 
 
-model_loss = ModelLoss
-
 
 def lr_at(step: int, steps: int, cfg: TrainConfig) -> float:
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_fraction * steps)

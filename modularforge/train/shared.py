@@ -17,7 +17,7 @@ from modularforge.files import save_tensors
 from modularforge.model.transformer import CausalLM, count_parameters
 from modularforge.model.weights import split_shared
 from modularforge.runs import Run
-from modularforge.train.loop import LoopPlan, LossFn, Objective, model_loss, train_loop
+from modularforge.train.loop import LoopPlan, LossFn, ModelLoss, Objective, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def train_shared(run: Run, stop_after: int | None = None) -> None:
         # the probe reads states through forward hooks, which a graph compiled earlier in this process for a
         # model of the same structure (dynamo reuses it across instances) would skip: run eagerly then
         compile = cfg.train.compile and probe is None
-        params, loss = dict(model.named_parameters()), model_loss(model, compile, cfg.train.loss_chunks)
+        params, loss = dict(model.named_parameters()), ModelLoss(model, compile, cfg.train.loss_chunks)
         if probe is not None:
             params |= {f"probe.{n}": p for n, p in probe.named_parameters()}
             loss = probed_loss(loss, probe, cfg.train.domain_probe_weight)
