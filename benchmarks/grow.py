@@ -79,6 +79,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-tokens", type=int, help="dev tokens scored per corpus (default 32768; --quick 2048)")
     p.add_argument("--threads", type=int, help="torch threads (run.threads)")
     p.add_argument("--quick", action="store_true", help="tiny model and budgets, to check the benchmark itself")
+    p.add_argument("--replay", type=float, help="add the new experts with `add-expert --replay F` (its own work "
+                   "folder and grow-replay-F.json)")
     p.add_argument("--set", action="append", default=[], help="override a config key of the run (section.key=value)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results", help="where grow.json and grow.png go")
     return p.parse_args()
@@ -132,8 +134,9 @@ def add_new(run: Run, args: argparse.Namespace, new: list[str], state: dict, wor
     for corpus in new:
         if corpus in {s.name for s in run.experts()} and run.is_done("evaluate"):
             continue
+        replay = ["--replay", str(args.replay)] if args.replay is not None else []
         modularforge("add-expert", "--run-dir", str(run.dir), "--data", str(args.data / corpus / train_files(args)),
-                     "--name", corpus)
+                     "--name", corpus, *replay)
     state["after_hashes"] = {name: file_hashes(run.expert_dir(name)) for name in state["base_experts"]}
     write_json(work / "state.json", state)
 
@@ -290,7 +293,8 @@ def main() -> None:
     new = [c.strip() for c in args.new.split(",") if c.strip()]
     args.eval_tokens = args.eval_tokens or (2048 if args.quick else 32768)
     old = [c for c in CORPORA if c not in new]
-    work = args.work / ("quick" if args.quick else "full")
+    suffix = "" if args.replay is None else f"-replay{args.replay:g}"
+    work = args.work / (("quick" if args.quick else "full") + suffix)
     work.mkdir(parents=True, exist_ok=True)
     raw = base_config(args, new)
     config_path = work / "config.yaml"
@@ -340,6 +344,7 @@ def main() -> None:
         "benchmark": "grow",
         "command": " ".join(["python", *sys.argv]),
         "quick": args.quick,
+        "replay": args.replay,
         "new_corpora": new,
         "old_corpora": old,
         "eval_tokens_per_corpus": args.eval_tokens,
@@ -353,9 +358,10 @@ def main() -> None:
     print_table(rows.rows, summary, new)
     if not args.quick:
         args.out.mkdir(parents=True, exist_ok=True)
-        write_json(args.out / "grow.json", result)
-        plot(rows.rows, args.out / "grow.png", new)
-        print(f"\nwrote {args.out / 'grow.json'} and {args.out / 'grow.png'}")
+        name = "grow" + suffix
+        write_json(args.out / f"{name}.json", result)
+        plot(rows.rows, args.out / f"{name}.png", new)
+        print(f"\nwrote {args.out / name}.json and .png")
     else:
         write_json(work / "grow.json", result)
         plot(rows.rows, work / "grow.png", new)
