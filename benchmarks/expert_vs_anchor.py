@@ -28,11 +28,9 @@ from modularforge.config import load_config  # noqa: E402
 from modularforge.data.batches import PreparedData, document_batches  # noqa: E402
 from modularforge.data.shards import VAL  # noqa: E402
 from modularforge.device import autocast_dtype  # noqa: E402
-from modularforge.files import write_json  # noqa: E402
-from modularforge.model.weights import FFN_WEIGHTS, ffn_key  # noqa: E402
+from modularforge.files import load_tensors, write_json  # noqa: E402
+from modularforge.model.weights import load_dense  # noqa: E402
 from modularforge.runs import Run  # noqa: E402
-from modularforge.safetensors_stream import read_tensors  # noqa: E402
-from modularforge.train.expert import expert_model  # noqa: E402
 from modularforge.train.loop import ModelLoss, PairedGain, window_losses  # noqa: E402
 
 
@@ -43,16 +41,12 @@ def check(run_dir: Path, name: str, micro: int = 16) -> dict:
         raise SystemExit(f"error: {name} was imported and has no partition in {run_dir}")
     windows = PreparedData(run.dir / spec.data).windows(VAL, spec.partition)
     batches, documents = document_batches(windows, windows.total, cfg.model.max_seq_len, micro)
-    model = expert_model(cfg, run.vocab_size(), run, 0).eval()
     dtype = autocast_dtype(cfg.evaluate.precision, torch.device("cpu"))
-    loss = ModelLoss(model, compile=False)
-    anchor = window_losses(loss.per_window, batches, dtype)
-    tensors = read_tensors(run.expert_dir(name) / "expert.safetensors")
-    with torch.no_grad():
-        for i, layer in enumerate(model.model.layers):
-            for w in FFN_WEIGHTS:
-                getattr(layer.mlp, w).weight.copy_(tensors[ffn_key(i, w)])
-    expert = window_losses(loss.per_window, batches, dtype)
+    scores = {}
+    for role, ffn in (("anchor", None), ("expert", load_tensors(run.expert_files(name)["expert"]))):
+        model = load_dense(cfg.model, run.vocab_size(), run.shared_dir, ffn=ffn).eval()
+        scores[role] = window_losses(ModelLoss(model, compile=False).per_window, batches, dtype)
+    anchor, expert = scores["anchor"], scores["expert"]
     gain = PairedGain.of(anchor, expert, documents)
     return {"run": str(run_dir), "expert": name, "windows": gain.windows, "documents": gain.documents,
             "tokens": int(sum(b.shape[0] * (b.shape[1] - 1) for b in batches)),

@@ -84,9 +84,9 @@ def train_expert(run: Run, spec: ExpertSpec, stop_after: int | None = None) -> d
     trunk_text = PreparedData(run.data_dir).windows(TRAIN) if replayed else None
     loss = ModelLoss(model, tcfg.compile, tcfg.loss_chunks)
     keep_best = None
-    if cfg.experts.keep_best:
-        val_batches, documents = document_batches(selection_windows(data, part), cfg.experts.select_tokens, seq_len,
-                                                  micro)
+    selection_text = selection_windows(data, part) if cfg.experts.keep_best else None
+    if selection_text is not None:
+        val_batches, documents = document_batches(selection_text, cfg.experts.select_tokens, seq_len, micro)
         keep_best = KeepBest(window_losses=loss.per_window, documents=documents, margin=cfg.experts.select_margin)
     else:
         val_batches = fixed_batches(data.windows(VAL, part), tcfg.eval_batches * micro, seq_len, micro)
@@ -137,7 +137,7 @@ def train_expert(run: Run, spec: ExpertSpec, stop_after: int | None = None) -> d
     if keep_best is not None:
         gain = result.best_gain
         summary["selection"] = {
-            "text": selection_windows(data, part).name,
+            "text": selection_text.name,
             "windows": gain.windows, "documents": gain.documents, "margin": cfg.experts.select_margin,
             "anchor_loss": result.initial_val_loss, "best_loss": result.best_val_loss, "best_step": result.best_step,
             "beats_anchor": result.best_step != 0,
