@@ -4,9 +4,10 @@ would try, continuing to train the dense model on the new text.
 1. The whole pipeline (`modularforge run`) on six of the eight corpora of ../shared/data: trunk, six clustered
    partitions, one expert each, assembled, calibrated, evaluated. That model is "before".
 2. The other two corpora are added with `modularforge add-expert --data <corpus>/train-*.jsonl --name <corpus>`,
-   one call each, as a user would: only the new expert trains, then re-assembly, calibration and the report.
+   one call each, as a user would: only the new expert trains (alone, then fitted into the grown model,
+   `experts.fit_fraction`), then re-assembly, calibration and the report.
 3. Continued training: the dense anchor model (trunk + anchor FFN, every weight trainable) trained on the two new
-   corpora for as many tokens as the two new experts saw together, half each, at the expert phase's learning
+   corpora for as many tokens of them as the two new experts saw together (alone and in their fit), half each, at the expert phase's learning
    rate and at the trunk's peak rate (the better one on the new corpora is the comparison).
 
 Rows, on the first --eval-tokens tokens of every corpus's dev file (every position but the first): the dense
@@ -54,6 +55,7 @@ from modularforge.inference import open_model  # noqa: E402
 from modularforge.model.transformer import CausalLM  # noqa: E402
 from modularforge.model.weights import load_dense  # noqa: E402
 from modularforge.runs import STAGES, Run  # noqa: E402
+from modularforge.train.fit import fit_windows  # noqa: E402
 from modularforge.train.loop import LoopPlan, ModelLoss, Objective, train_loop  # noqa: E402
 
 log = logging.getLogger("grow")
@@ -143,7 +145,8 @@ def add_new(run: Run, args: argparse.Namespace, new: list[str], state: dict, wor
 
 def continued_training(run: Run, new: list[str], lr: float, out_dir: Path) -> CausalLM:
     """The dense anchor model, every weight trainable, trained on the new corpora's training text (the files
-    add-expert wrote) for as many tokens as their experts saw together, alternating corpora step by step, with the
+    add-expert wrote) for as many tokens of it as their experts saw together (alone and in their fit), alternating
+    corpora step by step, with the
     expert phase's recipe (AdamW, warmup, wsd decay) at peak rate `lr`."""
     cfg = run.cfg
     specs = [run.expert(c) for c in new]
@@ -160,13 +163,21 @@ def continued_training(run: Run, new: list[str], lr: float, out_dir: Path) -> Ca
         i = step % len(windows)
         return windows[i].sample(batch_rng(cfg.run.seed, CT_STREAM + i, step), tcfg.batch_size, seq_len)
 
-    steps = sum(run.expert_steps(s) for s in specs)
+    steps = round(sum(own_text_tokens(run, s.name) for s in specs) / cfg.tokens_per_step(tcfg))
     train_loop(Objective(params=dict(model.named_parameters()), loss_fn=ModelLoss(model, False, tcfg.loss_chunks),
                          sample_batch=sample_batch, val_batches=val),
                tcfg, LoopPlan(steps=steps, out_dir=out_dir, label=f"continued training, lr {lr:.1e}",
                               fingerprint=f"{run.fingerprint('train-shared')}-{lr}-{steps}"))
     model.requires_grad_(False)
     return model.eval()
+
+
+def own_text_tokens(run: Run, name: str) -> int:
+    """Tokens of its own text an added expert trained on: alone, then in its fit (done.json)."""
+    done = read_json(run.expert_dir(name) / "done.json")
+    cfg = run.cfg
+    fit_steps = done.get("fit", {}).get("steps", 0)
+    return done["tokens"] + fit_steps * fit_windows(cfg.expert_train.batch_size)[0] * cfg.seq_len(cfg.expert_train)
 
 
 # ----------------------------------------------------------------------------------------------- rows

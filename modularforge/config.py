@@ -317,6 +317,24 @@ class ExpertsConfig(Section):
         "many standard errors of the paired per-window difference, windows clustered by document; 0 takes any "
         "lower loss. An expert that cannot show a gain ships as the anchor FFN and the report names it.",
     )
+    fit_fraction: float = Field(
+        0.5, ge=0, le=100,
+        description="add-expert: after training alone, an added expert trains this share of its steps more inside "
+        "the grown model (the experts it joins, their routers and the trunk frozen; routers solved from the "
+        "statistics as assembly solves them), on batches half its own text and half the older text of the set it "
+        "joins, so that it learns the routing the exported model gives it (train/fit.py). 0 turns fitting off.",
+    )
+    fit_lr: float = Field(
+        0.25, gt=0, le=10, description="add-expert fitting: peak learning rate as a share of the expert's own."
+    )
+    fit_distill: float = Field(
+        10.0, ge=0, le=100,
+        description="add-expert fitting: weight, on the older text, of the KL divergence from the model before the "
+        "add (the same MoE without the new expert) beside the next-token loss, so that what the routers send the "
+        "new expert of the older text changes that model as little as it can. In the grow benchmark 1 / 3 / 10 "
+        "left the exported model's old corpora +5.5% / +3.9% / +1.8% above before and its new corpora at 65.4 / "
+        "65.0 / 67.3 perplexity (149.3 before; docs/RESULTS.md section 7).",
+    )
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=1e-3))
 
     @field_validator("lr_from_trunk")

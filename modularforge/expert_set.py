@@ -35,6 +35,9 @@ class ExpertSpec:
     data_sha256: str | None = None  # added: identity of its text (shards and partition assignment)
     tokens: int | None = None  # added: training tokens (None: the run's tokens per expert)
     replay: float | None = None  # added: share of each batch drawn from the trunk's training text (None: none)
+    # added: the set it is fitted into (train/fit.py), as registered: {"experts": {name: fingerprint}, "temperature":
+    # the routers' calibrated temperatures then (None: 1)}; None: not fitted
+    fit_into: dict | None = None
     fingerprint: str | None = None  # imported: the fingerprint it was trained under
     origin: str | None = None  # imported: the folder it came from
 

@@ -78,13 +78,31 @@ def add_experts(run: Run, sources: list[str], dataset: str | None = None, name: 
     if registered:
         log.info("%s: registered by an add that did not finish, on the same text; training now", ", ".join(names))
         return registered
+    fit_into = fit_context(run)
     specs = [ExpertSpec(n, "added", data=folder.relative_to(run.dir).as_posix(), partition=j, data_sha256=text_sha,
-                        tokens=tokens, replay=replay) for j, n in enumerate(names)]
+                        tokens=tokens, replay=replay, fit_into=fit_into) for j, n in enumerate(names)]
     registry.added += specs
     registry.save(run.experts_dir)
     log.info("registered %s on %s (%d tokens of training text%s)", ", ".join(names), folder,
              PreparedData(folder).windows(TRAIN).total, f" in {clusters} clusters" if clusters > 1 else "")
     return specs
+
+
+def fit_context(run: Run) -> dict | None:
+    """What an expert registered now is fitted into: the set's experts with their fingerprints, and the routers'
+    calibrated temperatures. None when fitting is off or an expert of the set is not trained yet."""
+    if run.cfg.experts.fit_fraction == 0:
+        return None
+    experts = {}
+    for spec in run.experts():
+        done = run.expert_dir(spec.name) / "done.json"
+        if not done.is_file():
+            log.info("%s is not trained yet, so a new expert is not fitted into the set", spec.name)
+            return None
+        experts[spec.name] = read_json(done)["fingerprint"]
+    info = run.model_dir / "modularforge.json"
+    calibration = read_json(info).get("calibration") or {} if info.is_file() else {}
+    return {"experts": experts, "temperature": calibration.get("temperature")}
 
 
 def _next_free_name(taken: set[str], start: int) -> str:

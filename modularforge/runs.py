@@ -67,6 +67,9 @@ _EXPERT_RECIPE = ["experts.init", "experts.mode", "experts.anchor_swap", "expert
                   "experts.lr_from_trunk", "experts.keep_best", "experts.select_tokens", "experts.select_margin",
                   "run.seed"]
 
+# and, for an added expert fitted into the set it joins (train/fit.py), what its fit reads
+_FIT_RECIPE = ["experts.fit_fraction", "experts.fit_lr", "experts.fit_distill", "assemble", "model.top_k"]
+
 EXPERT_FILES = {"expert": "expert.safetensors", "stats": "router_stats.safetensors"}  # role -> name in experts/<name>/
 MARKER = ".modularforge-run"
 LOCK = ".lock"
@@ -151,6 +154,8 @@ class Run:
             "trunk": self.fingerprint("train-shared"),
             "text": {"partition": spec.partition, "added": spec.data_sha256,
                      **({"replay": spec.replay} if spec.replay is not None else {})},
+            **({"fit": {"into": spec.fit_into, **{key: _lookup(dump, key) for key in _FIT_RECIPE}}}
+               if spec.fit_into is not None else {}),
         }, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -10,6 +10,7 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -239,3 +240,60 @@ def test_replay_mixes_the_trunks_text_into_an_added_experts_batches(run_copy, tm
     replayed = round(0.25 * per_step)
     assert sampled == [("train documents of partition 0", per_step - replayed),
                        ("train documents of all partitions", replayed)]
+
+
+def test_an_added_expert_is_fitted_into_the_model_it_joins(run_copy, tmp_path):
+    from modularforge.data.batches import LABEL_SHIFT
+    from modularforge.inference import open_model
+    from modularforge.train.fit import OLDER, FitLoss, before_the_add, fit_steps, grown_model
+
+    text = _new_text(tmp_path / "new.jsonl")
+    (fitted,) = add_experts(run_copy, [str(text)], name="fitted")
+    set_before = {s.name: read_json(run_copy.expert_dir(s.name) / "done.json")["fingerprint"] for s in run_copy.experts()
+                  if s.name != "fitted"}
+    assert fitted.fit_into["experts"] == set_before  # the set it joins, as registered
+    assert run_copy.registry().added[-1].fit_into == fitted.fit_into
+    plain = ExpertSpec(**{**fitted.to_json(), "name": "plain", "fit_into": None})
+    assert run_copy.expert_fingerprint(fitted) != run_copy.expert_fingerprint(plain)
+    summary = train_expert(run_copy, fitted)
+    assert summary["fit"]["steps"] == fit_steps(run_copy, fitted) and summary["fit"]["into"] == list(set_before)
+    batch, seq_len = run_copy.cfg.expert_train.batch_size, run_copy.cfg.seq_len(run_copy.cfg.expert_train)
+    assert summary["fit"]["own_tokens"] == summary["fit"]["older_tokens"] == summary["fit"]["steps"] * batch // 2 * seq_len
+    assert not (run_copy.expert_dir("fitted") / "fit").exists()
+    train_expert(run_copy, plain)  # the same expert trained alone, not fitted
+
+    def weights(name):
+        from modularforge.safetensors_stream import read_tensors
+        return read_tensors(run_copy.expert_files(name)["expert"])
+
+    joined, temperature = list(set_before), fitted.fit_into["temperature"]
+    stats = run_copy.expert_files("fitted")["stats"]
+    model, older_rows = grown_model(run_copy, joined, weights("plain"), stats, temperature)
+    # the fit's reference is the model before the add, as calibrated: the run's assembled model
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), before_the_add(model, older_rows):
+        reference = model(ids)
+    assert (reference - open_model(run_copy.model_dir).eval()(ids)).abs().max().item() < 1e-4
+    # fitting lowers the grown model's loss on a batch of the new text and of the older text
+    from modularforge.data.batches import PreparedData
+    from modularforge.data.shards import CALIB, TRAIN
+    own = PreparedData(run_copy.dir / fitted.data).windows((TRAIN, CALIB), 0).sample(np.random.default_rng(0), 8, 32)
+    older = PreparedData(run_copy.data_dir).windows(CALIB).sample(np.random.default_rng(0), 8, 32)
+    batch = torch.cat([own, older | (OLDER << LABEL_SHIFT)])
+    losses = {}
+    for name in ("plain", "fitted"):
+        model, older_rows = grown_model(run_copy, joined, weights(name), stats, temperature)
+        with torch.no_grad():
+            losses[name] = FitLoss(model.eval(), older_rows, run_copy.cfg.experts.fit_distill)(batch).item()
+    assert losses["fitted"] < losses["plain"], losses
+
+
+def test_fitting_can_be_turned_off_and_needs_a_trained_set(run_copy, tmp_path):
+    off = Run(run_copy.cfg.model_copy(update={"experts": run_copy.cfg.experts.model_copy(update={"fit_fraction": 0.0})}),
+              run_copy.dir)
+    (spec,) = add_experts(off, [str(_new_text(tmp_path / "new.jsonl"))], name="alone")
+    assert spec.fit_into is None
+    (run_copy.expert_dir("expert_01") / "done.json").unlink()  # an expert of the set not trained: nothing to fit into
+    (spec,) = add_experts(run_copy, [str(_new_text(tmp_path / "other.jsonl", 40, 20, "us_state_of_the_union"))],
+                          name="early")
+    assert spec.fit_into is None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 
 import torch
 from torch import nn
@@ -34,6 +35,7 @@ from modularforge.model.weights import FFN_WEIGHTS, build_model, ffn_from_weight
 from modularforge.routers import empty_stats, save_stats, stat_names
 from modularforge.runs import Run
 from modularforge.safetensors_stream import read_tensors
+from modularforge.train.fit import FIT_DIR, fit_expert, fit_windows
 from modularforge.train.loop import KeepBest, LoopPlan, LoopResult, ModelLoss, Objective, train_loop
 
 log = logging.getLogger(__name__)
@@ -119,8 +121,13 @@ def train_expert(run: Run, spec: ExpertSpec, stop_after: int | None = None) -> d
     tokens = result.steps * cfg.tokens_per_step(tcfg)
     provenance = {"stage": "train-experts", "expert": spec.name, "fingerprint": fingerprint, "tokens": tokens}
     files = run.expert_files(spec.name)
-    save_tensors(files["expert"], {n: t.cpu() for n, t in expert_tensors(model).items()}, provenance)
     save_stats(files["stats"], stats, provenance)
+    weights = {n: t.cpu() for n, t in expert_tensors(model).items()}
+    fit = None
+    if spec.fit_into is not None:  # an added expert: trained on inside the model it joins
+        del model, loss, trainable, keep_best, sample_batch, val_batches  # free the expert trained alone
+        weights, fit = fit_expert(run, spec, weights, files["stats"], out / FIT_DIR)
+    save_tensors(files["expert"], weights, provenance)
     summary = {
         "name": spec.name,
         "fingerprint": fingerprint,
@@ -131,10 +138,10 @@ def train_expert(run: Run, spec: ExpertSpec, stop_after: int | None = None) -> d
         "tokens": tokens,
         "train_loss": result.train_loss,
         "val_loss": result.val_loss,
-        "seconds": round(result.seconds, 1),
+        "seconds": round(result.seconds + (fit.seconds if fit else 0), 1),
         "sha256": {name: sha256_file(path) for name, path in files.items()},
     }
-    if keep_best is not None:
+    if selection_text is not None:
         gain = result.best_gain
         summary["selection"] = {
             "text": selection_text.name,
@@ -143,9 +150,15 @@ def train_expert(run: Run, spec: ExpertSpec, stop_after: int | None = None) -> d
             "beats_anchor": result.best_step != 0,
             "gain": gain.gain, "standard_error": gain.standard_error if math.isfinite(gain.standard_error) else None,
         }
+    if fit is not None:
+        own, older = (fit.steps * count * cfg.seq_len(tcfg) for count in fit_windows(tcfg.batch_size))
+        summary["fit"] = {"into": list(spec.fit_into["experts"]), "steps": fit.steps, "seconds": round(fit.seconds, 1),
+                          "own_tokens": own, "older_tokens": older, "train_loss": fit.train_loss,
+                          "val_loss": fit.val_loss}
     write_json(out / "done.json", summary)
     for leftover in ("ckpt.safetensors", "best.safetensors"):  # the finished files supersede them
         (out / leftover).unlink(missing_ok=True)
+    shutil.rmtree(out / FIT_DIR, ignore_errors=True)
     return summary
 
 
