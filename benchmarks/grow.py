@@ -7,8 +7,8 @@ would try, continuing to train the dense model on the new text.
    one call each, as a user would: only the new expert trains (alone, then fitted into the grown model,
    `experts.fit_fraction`), then re-assembly, calibration and the report.
 3. Continued training: the dense anchor model (trunk + anchor FFN, every weight trainable) trained on the two new
-   corpora for as many tokens of them as the two new experts saw together (alone and in their fit), half each, at the expert phase's learning
-   rate and at the trunk's peak rate (the better one on the new corpora is the comparison).
+   corpora for as many tokens of them as the two new experts saw together (alone and in their fit), half each, at
+   the expert phase's learning rate and at the trunk's peak rate (the better one on the new corpora is the comparison).
 
 Rows, on the first --eval-tokens tokens of every corpus's dev file (every position but the first): the dense
 anchor; before (token routing, the exported model; sequence routing); after adding (token routing, exported;
@@ -55,7 +55,6 @@ from modularforge.inference import open_model  # noqa: E402
 from modularforge.model.transformer import CausalLM  # noqa: E402
 from modularforge.model.weights import load_dense  # noqa: E402
 from modularforge.runs import STAGES, Run  # noqa: E402
-from modularforge.train.fit import fit_windows  # noqa: E402
 from modularforge.train.loop import LoopPlan, ModelLoss, Objective, train_loop  # noqa: E402
 
 log = logging.getLogger("grow")
@@ -146,8 +145,7 @@ def add_new(run: Run, args: argparse.Namespace, new: list[str], state: dict, wor
 def continued_training(run: Run, new: list[str], lr: float, out_dir: Path) -> CausalLM:
     """The dense anchor model, every weight trainable, trained on the new corpora's training text (the files
     add-expert wrote) for as many tokens of it as their experts saw together (alone and in their fit), alternating
-    corpora step by step, with the
-    expert phase's recipe (AdamW, warmup, wsd decay) at peak rate `lr`."""
+    corpora step by step, with the expert phase's recipe (AdamW, warmup, wsd decay) at peak rate `lr`."""
     cfg = run.cfg
     specs = [run.expert(c) for c in new]
     data = [PreparedData(run.dir / s.data) for s in specs]
@@ -175,9 +173,7 @@ def continued_training(run: Run, new: list[str], lr: float, out_dir: Path) -> Ca
 def own_text_tokens(run: Run, name: str) -> int:
     """Tokens of its own text an added expert trained on: alone, then in its fit (done.json)."""
     done = read_json(run.expert_dir(name) / "done.json")
-    cfg = run.cfg
-    fit_steps = done.get("fit", {}).get("steps", 0)
-    return done["tokens"] + fit_steps * fit_windows(cfg.expert_train.batch_size)[0] * cfg.seq_len(cfg.expert_train)
+    return done["tokens"] + done.get("fit", {}).get("own_tokens", 0)
 
 
 # ----------------------------------------------------------------------------------------------- rows

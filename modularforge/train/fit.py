@@ -54,8 +54,8 @@ def fit_windows(batch_size: int) -> tuple[int, int]:
     return batch_size - older, older
 
 
-def fit_expert(run: Run, spec: ExpertSpec, expert: dict[str, torch.Tensor], stats_path: Path, out_dir: Path,
-               stop_after: int | None = None) -> tuple[dict[str, torch.Tensor], LoopResult]:
+def fit_expert(run: Run, spec: ExpertSpec, expert: dict[str, torch.Tensor], stats_path: Path,
+               out_dir: Path) -> tuple[dict[str, torch.Tensor], LoopResult]:
     """The added expert `expert` (dense FFN names) fitted into the set `spec.fit_into`; the fit's loop result."""
     cfg = run.cfg
     joined = list(spec.fit_into["experts"])
@@ -81,8 +81,9 @@ def fit_expert(run: Run, spec: ExpertSpec, expert: dict[str, torch.Tensor], stat
     # and the CPU kernels' per-shape caches grew the process by about 100 MB a step (1.3 GB after 6 steps, against
     # 0.7 GB in fp32, which was also faster: 0.54 against 0.62 s a step; the grow benchmark's us_code expert).
     # The grown model holds every expert, so its activations must shrink to keep the fit within the expert phase's
-    # peak: micro-batches of a quarter of the batch, each of one kind of text (peak 533 MB against the expert
-    # phase's 550 MB there; 608 MB with halves, 695 MB with the whole batch).
+    # peak: micro-batches of a quarter of the batch, each of one kind of text (the fit alone peaked at 533 MB, at
+    # 608 MB with halves and 695 MB with the whole batch; add-expert's training step at 575 MB against the expert
+    # phase's 544 MB).
     quarters = older_count > 0 and own_count == older_count and older_count % 2 == 0
     fit_cfg = tcfg.model_copy(update={
         "lr": tcfg.lr * cfg.experts.fit_lr, "warmup_steps": None,
@@ -109,7 +110,7 @@ def fit_expert(run: Run, spec: ExpertSpec, expert: dict[str, torch.Tensor], stat
         Objective(params=trainable, loss_fn=loss, sample_batch=sample_batch, val_batches=val_own + val_older),
         fit_cfg,
         LoopPlan(steps=fit_steps(run, spec), out_dir=out_dir, label=f"{spec.name} (fit)",
-                 fingerprint=run.expert_fingerprint(spec), stop_after=stop_after),
+                 fingerprint=run.expert_fingerprint(spec)),
     )
     fitted = {ffn_key(i, w): trainable[expert_key(i, new, w)].detach().cpu()
               for i in range(cfg.model.num_layers) for w in FFN_WEIGHTS}
