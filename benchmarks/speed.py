@@ -39,7 +39,7 @@ from modularforge.config import ModelConfig, TrainConfig  # noqa: E402
 from modularforge.device import autocast, autocast_dtype  # noqa: E402
 from modularforge.files import write_json  # noqa: E402
 from modularforge.inference import open_model  # noqa: E402
-from modularforge.model.hf import mixtral_config  # noqa: E402
+from modularforge.model.hf import hf_config  # noqa: E402
 from modularforge.model.transformer import CausalLM  # noqa: E402
 from modularforge.sampling import Sampling, generate_ids  # noqa: E402
 from modularforge.train.loop import ModelLoss  # noqa: E402
@@ -143,7 +143,7 @@ def exported_folder(cfg: ModelConfig, s: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(mixtral_config(cfg, s["vocab"], eos_id=0)))
+    (out / "config.json").write_text(json.dumps(hf_config(cfg, s["vocab"], eos_id=0)))
     return out
 
 

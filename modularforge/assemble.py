@@ -1,5 +1,5 @@
-"""Stage 4, assemble: stream the shared part and every expert of the run's set into one Mixtral folder
-(DESIGN.md section 4).
+"""Stage 4, assemble: stream the shared part and every expert of the run's set into one Mixtral folder (a Qwen3-MoE
+folder for a run that starts from a Qwen3 base) (DESIGN.md section 4).
 
 1. Validate everything before writing anything: files present, headers readable, names, shapes and
    dtypes as the config says, checksums as recorded when they were written, each expert trained under
@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 
+from modularforge.data.tokenizer import LLAMA_CPP_TOKENIZER, TOKENIZER_FILES
 from modularforge.device import resolve_device
 from modularforge.errors import AssemblyError, DataError
 from modularforge.files import atomic_dir, load_tensors, read_json, sha256_file, write_json
-from modularforge.model.hf import mixtral_config
+from modularforge.model.hf import hf_config, hf_name
 from modularforge.model.transformer import CausalLM
 from modularforge.model.weights import build_model, dense_shapes, ffn_to_expert
 from modularforge.routers import compute_routers, stats_shapes
@@ -40,7 +41,6 @@ from modularforge.safetensors_stream import TensorInfo, from_file, from_tensor, 
 log = logging.getLogger(__name__)
 
 OnRead = Callable[[Path, str], None]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclass
@@ -65,10 +65,12 @@ def assemble(run: Run, on_read: OnRead | None = None) -> None:
         model = cfg.model.model_copy(update={"num_experts": len(inputs.names)})
         with atomic_dir(run.model_dir) as tmp:
             files = write_weights(tmp, run, inputs, routers, on_read)
-            write_json(tmp / "config.json", mixtral_config(model, run.vocab_size(), _eos(run), inputs.names))
+            write_json(tmp / "config.json", hf_config(model, run.vocab_size(), _eos(run), _bos(run), inputs.names))
             write_json(tmp / "generation_config.json", _generation_config(run))
             for name in TOKENIZER_FILES:
                 shutil.copy2(run.tokenizer_dir / name, tmp / name)
+            if (run.tokenizer_dir / LLAMA_CPP_TOKENIZER).is_file():  # a base's tokenizer, for GGUF export
+                shutil.copy2(run.tokenizer_dir / LLAMA_CPP_TOKENIZER, tmp / LLAMA_CPP_TOKENIZER)
             write_json(tmp / "modularforge.json", {
                 "router": cfg.assemble.router, "centred": cfg.assemble.centred,
                 "experts": inputs.names, "calibration": None,
@@ -97,10 +99,16 @@ def _eos(run: Run) -> int:
     return read_json(run.data_dir / "shards.json")["eos_id"]
 
 
+def _bos(run: Run) -> int:
+    """The base's beginning-of-text token, recorded by prepare; our own tokenizer's is its EOS."""
+    shards = read_json(run.data_dir / "shards.json")
+    return shards.get("bos_id", shards["eos_id"])
+
+
 def _generation_config(run: Run) -> dict:
     g, eos = run.cfg.generate, _eos(run)
     return {
-        "bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "do_sample": g.temperature > 0,
+        "bos_token_id": _bos(run), "eos_token_id": eos, "pad_token_id": eos, "do_sample": g.temperature > 0,
         "temperature": g.temperature or 1.0, "top_k": g.top_k or 0, "top_p": g.top_p or 1.0,
     }
 
@@ -185,17 +193,18 @@ def write_weights(
     for name, group in zip(names, groups):
         total_bytes += write_streaming(out / name, [from_file(inputs.shared, t, on_read) for t in group], meta)
         weight_map |= {t.name: name for t in group}
+    architecture = cfg.model.architecture
     for k, (path, table) in enumerate(zip(inputs.experts, inputs.expert_tables)):
         name = names[len(groups) + k]
-        renamed = {t.name: ffn_to_expert(t.name, k) for t in table.values()}
+        renamed = {t.name: hf_name(ffn_to_expert(t.name, k), architecture) for t in table.values()}
         total_bytes += write_streaming(out / name, [from_file(path, t, on_read, renamed[t.name]) for t in table.values()],
                                        meta)
         weight_map |= {new: name for new in renamed.values()}
     last = names[-1]
     norm_tensors = load_tensors(inputs.shared, norms) if norms else {}
-    sources = [from_tensor(n, t) for n, t in (routers | norm_tensors).items()]
+    sources = [from_tensor(hf_name(n, architecture), t) for n, t in (routers | norm_tensors).items()]
     total_bytes += write_streaming(out / last, sources, meta)
-    weight_map |= {n: last for n in routers | norm_tensors}
+    weight_map |= {hf_name(n, architecture): last for n in routers | norm_tensors}
     write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
     return names
 

@@ -179,4 +179,4 @@ def write_calibration_shard(folder: AssembledFolder, model: CausalLM) -> None:
     state = dict(model.named_parameters())
     names = [n for n, f in folder.files.items() if f == shard]
     with atomic_path(folder.dir / shard) as tmp:
-        write_streaming(tmp, [from_tensor(n, state[n].cpu()) for n in names], {"calibrated": "true"})
+        write_streaming(tmp, [from_tensor(folder.stored[n], state[n].cpu()) for n in names], {"calibrated": "true"})

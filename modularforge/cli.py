@@ -36,7 +36,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable); `modularforge config --keys` lists them")
     g.add_argument("--run-dir", type=Path, help="run directory (default: <run.root>/<run.name>)")
-    g.add_argument("--smoke-test", action="store_true", help="use the tiny `smoke` preset")
+    g.add_argument("--smoke-test", action="store_true", help="use the tiny `smoke` preset (`smoke-base` with --base)")
+    g.add_argument("--base", metavar="PATH", help="start from this pretrained model: a Hugging Face folder, a .gguf "
+                   "file or a hub id (model.base); its shape and tokenizer replace the preset's")
 
 
 def resolve(args: argparse.Namespace) -> Run:
@@ -44,9 +46,12 @@ def resolve(args: argparse.Namespace) -> Run:
     chosen = [x for x in (args.smoke_test and "smoke", args.config, args.preset) if x]
     if len(chosen) > 1:
         raise ModularForgeError("give only one of --smoke-test, --config and --preset")
+    if args.base:
+        local = Path(args.base).expanduser()
+        args.set.append(f"model.base={json.dumps(str(local.resolve()) if local.exists() else args.base)}")
     saved = args.run_dir / "config.yaml" if args.run_dir else None
     if args.smoke_test:
-        path = preset_path("smoke")
+        path = preset_path("smoke-base" if args.base else "smoke")
     elif args.config:
         path = args.config
     elif args.preset:
@@ -180,7 +185,7 @@ GENERATE_FLAGS = {
 
 
 def cmd_generate(args) -> None:
-    from modularforge.data.tokenizer import load_tokenizer
+    from modularforge.data.tokenizer import eos_id, load_tokenizer
     from modularforge.generate import stream_to_stdout
     from modularforge.inference import open_model
     from modularforge.sampling import Sampling, generate_text
@@ -203,7 +208,8 @@ def cmd_generate(args) -> None:
             shown = True
         stream_to_stdout(piece)
 
-    generate_text(model, tokenizer, args.prompt, Sampling.from_config(g), routing=g.routing, on_text=show)
+    generate_text(model, tokenizer, args.prompt, Sampling.from_config(g), routing=g.routing, on_text=show,
+                  eos=eos_id(tokenizer, model_dir))
     if not shown:
         sys.stdout.write(args.prompt)
     sys.stdout.write("\n")

@@ -117,16 +117,52 @@ class PartitionConfig(Section):
     kmeans_iters: int = Field(30, ge=1, le=10**6, description="Balanced k-means iterations.")
 
 
+class RopeScaling(Section):
+    """Llama 3.x's rotary frequency scaling (`rope_type: llama3` in transformers, `rope_freqs` in llama.cpp)."""
+
+    rope_type: Literal["llama3"] = Field("llama3", description="The scaling rule (only llama3).")
+    factor: float = Field(8.0, gt=0, le=1e6, description="Wavelengths above the low-frequency bound are this many times longer.")
+    low_freq_factor: float = Field(1.0, gt=0, le=1e6, description="Low-frequency bound: original context / this.")
+    high_freq_factor: float = Field(4.0, gt=0, le=1e6, description="High-frequency bound: original context / this.")
+    original_max_position_embeddings: int = Field(8192, ge=1, le=1 << 24, description="Context the base was first trained at.")
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> RopeScaling:
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError("high_freq_factor must exceed low_freq_factor")
+        return self
+
+
 class ModelConfig(Section):
+    base: str | None = Field(
+        None,
+        description="A pretrained dense model to start from instead of training the trunk: a local Hugging Face "
+        "folder (config.json + safetensors), a GGUF file, or a hub id (needs network or a cache). Its shape, "
+        "tokenizer, trunk and FFN (the anchor) are used as they are; the shape keys below are taken from it.",
+    )
+    architecture: Literal["mixtral", "qwen3_moe"] = Field(
+        "mixtral",
+        description="The exported MoE family: mixtral (Llama-family layers) or qwen3_moe (Qwen3 layers: an RMSNorm "
+        "on each head's queries and keys). Taken from the base.",
+    )
     hidden_size: int = Field(256, ge=8, le=1 << 16, description="Model width (d_model).")
     intermediate_size: int = Field(768, ge=8, le=1 << 18, description="SwiGLU hidden width of each FFN / expert (d_ff).")
     num_layers: int = Field(4, ge=1, le=1024, description="Transformer blocks.")
     num_heads: int = Field(4, ge=1, le=1024, description="Attention heads.")
     num_kv_heads: int | None = Field(None, ge=1, le=1024, description="Key/value heads (grouped-query); None = num_heads.")
-    max_seq_len: int = Field(256, ge=8, le=1 << 20, description="Context length (max_position_embeddings).")
+    head_size: int | None = Field(
+        None, ge=2, le=1 << 12, description="Width of each attention head; None = hidden_size / num_heads."
+    )
+    max_seq_len: int = Field(256, ge=8, le=1 << 20, description="Context length the run trains and scores at.")
+    context_length: int | None = Field(
+        None, ge=8, le=1 << 24,
+        description="Context the exported model declares (max_position_embeddings); None = max_seq_len. A base's "
+        "own context, which may exceed what the run trains at.",
+    )
     num_experts: int = Field(4, ge=1, le=1024, description="Experts = data partitions.")
     top_k: int = Field(2, ge=1, le=1024, description="Experts used per token in token-level routing.")
     rope_theta: float = Field(10_000.0, gt=0, le=1e12, description="Rotary embedding base.")
+    rope_scaling: RopeScaling | None = Field(None, description="Rotary frequency scaling (Llama 3.x); None = none.")
     norm_eps: float = Field(1e-5, gt=0, le=1, description="RMSNorm epsilon.")
     tie_embeddings: bool = Field(False, description="Share the input embedding with the LM head.")
     init_std: float = Field(0.02, gt=0, le=10, description="Standard deviation of the normal weight initialisation.")
@@ -137,12 +173,21 @@ class ModelConfig(Section):
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.head_size or self.hidden_size // self.num_heads
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3's RMSNorm over each head's queries and keys, before the rotary embedding."""
+        return self.architecture == "qwen3_moe"
+
+    @property
+    def declared_context(self) -> int:
+        return self.context_length or self.max_seq_len
 
     def dense_parameters(self, vocab_size: int) -> int:
         """Parameters of the dense model (shared part + one FFN per layer)."""
-        h, kv = self.hidden_size, self.kv_heads * self.head_dim
-        layer = 2 * h * h + 2 * h * kv + 3 * h * self.intermediate_size + 2 * h
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.kv_heads * self.head_dim
+        layer = 2 * h * q + 2 * h * kv + 3 * h * self.intermediate_size + 2 * h + (2 * self.head_dim if self.qk_norm else 0)
         return vocab_size * h * (1 if self.tie_embeddings else 2) + self.num_layers * layer + h
 
 
@@ -257,6 +302,11 @@ def auto_lr_from_trunk(tokens: int) -> float:
     if tokens >= t1:
         return m1
     return m0 * (m1 / m0) ** (math.log(tokens / t0) / math.log(t1 / t0))
+
+
+# The peak learning rate of an expert branched from a frozen pretrained base (`model.base`, no shared phase):
+# measured by benchmarks/upcycle.py --lr-sweep on SmolLM2-135M (docs/RESULTS.md).
+BASE_EXPERT_LR = 3e-4
 
 
 class ExpertsConfig(Section):
@@ -460,12 +510,15 @@ class Config(Section):
         m = self.model
         if m.top_k > m.num_experts:
             raise ValueError(f"model.top_k={m.top_k} exceeds model.num_experts={m.num_experts}; lower top_k")
-        if m.hidden_size % m.num_heads:
+        if m.head_size is None and m.hidden_size % m.num_heads:
             raise ValueError(
-                f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}"
+                f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; set "
+                "model.head_size"
             )
         if m.head_dim % 2:
-            raise ValueError(f"model.hidden_size / model.num_heads = {m.head_dim} must be even for rotary embeddings")
+            raise ValueError(f"the attention head width {m.head_dim} must be even for rotary embeddings")
+        if m.context_length is not None and m.context_length < m.max_seq_len:
+            raise ValueError(f"model.max_seq_len={m.max_seq_len} exceeds model.context_length={m.context_length}")
         if m.num_heads % m.kv_heads:
             raise ValueError(f"model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.kv_heads}")
         for name, train in (("train", self.train), ("experts.train", self.experts.train)):
@@ -484,7 +537,7 @@ class Config(Section):
             raise ValueError(
                 f"generate.context_window={self.generate.context_window} exceeds model.max_seq_len={m.max_seq_len}"
             )
-        if self.experts.lr_from_trunk is not None and self.train.min_lr_ratio == 0:
+        if self.experts.lr_from_trunk is not None and self.train.min_lr_ratio == 0 and self.shared_steps:
             raise ValueError("experts.lr_from_trunk continues from the shared phase's final learning rate, which "
                              "train.min_lr_ratio=0 makes 0; raise train.min_lr_ratio or set experts.lr_from_trunk=null")
         if self.experts.anchor_swap and self.experts.mode == "with_anchor":
@@ -497,7 +550,7 @@ class Config(Section):
         if max(self.shared_steps, self.expert_steps) > MAX_STEPS:
             raise ValueError(f"the budget gives {max(self.shared_steps, self.expert_steps):,} steps in a phase, over "
                              f"{MAX_STEPS:,}; lower budget.total_tokens (or budget.expert_tokens)")
-        if self.shared_steps < 1 or self.expert_steps < 1:
+        if (self.shared_steps < 1 and m.base is None) or self.expert_steps < 1:
             raise ValueError(
                 f"budget.total_tokens={self.budget.total_tokens} is too small for one step per phase; raise it"
             )
@@ -511,9 +564,12 @@ class Config(Section):
 
     @property
     def shared_fraction(self) -> float:
-        """budget.shared_fraction, with `auto` resolved from the tokens per dense parameter."""
+        """budget.shared_fraction, with `auto` resolved from the tokens per dense parameter; for a run that starts
+        from a base, `auto` is 0: the base's trunk is used frozen, as it is."""
         if self.budget.shared_fraction != "auto":
             return self.budget.shared_fraction
+        if self.model.base is not None:
+            return 0.0
         return auto_shared_fraction(self.budget.total_tokens / self.model.dense_parameters(self.tokenizer.vocab_size))
 
     @property
@@ -533,10 +589,13 @@ class Config(Section):
 
     def expert_train_for(self, steps: int) -> TrainConfig:
         """experts.train with the peak learning rate that `experts.lr_from_trunk` resolves to for an expert that
-        trains `steps` steps."""
+        trains `steps` steps; an expert of a frozen base (no shared phase, so no final rate to continue from) takes
+        BASE_EXPERT_LR."""
         multiple = self.experts.lr_from_trunk
         if multiple is None:
             return self.experts.train
+        if self.shared_steps == 0:
+            return self.experts.train.model_copy(update={"lr": BASE_EXPERT_LR})
         if multiple == "auto":
             multiple = auto_lr_from_trunk(steps * self.tokens_per_step(self.experts.train))
         final = self.train.lr * self.train.min_lr_ratio

@@ -90,6 +90,8 @@ def decode_step(model: CausalLM, rotary: RotaryRows, token: int, cache: KVCache,
         attn = layer.self_attn
         qkv = matvec(rms_norm(x, layer.input_layernorm), attn.qkv_weight)[0]
         qk = qkv[: (heads + kv_heads) * head_dim].view(heads + kv_heads, head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3: each head's query and key normalised before the rotation
+            qk = torch.cat([rms_norm(qk[:heads], attn.q_norm), rms_norm(qk[heads:], attn.k_norm)])
         qk = qk * cos + qk[:, rotary.swap] * sin
         layer_cache.k[0, :, position] = qk[heads:]
         layer_cache.v[0, :, position] = qkv[(heads + kv_heads) * head_dim :].view(kv_heads, head_dim)

@@ -291,7 +291,7 @@ def evaluate(run: Run) -> dict:
             "partition_labels": [part.label for part in parts],
             "routing": scores.routing.summary(),
             "experts": expert_gains(run, own_partition),
-            "samples": samples(moe, tokenizer, cfg),
+            "samples": samples(moe, tokenizer, cfg, eos_id(tokenizer, run.tokenizer_dir)),
             "stages": {name: {k: v for k, v in entry.items() if k in ("wall_seconds", "peak_rss_mb")}
                        for name, entry in run.manifest()["stages"].items()},
             "partitions": _partition_summary(run),
@@ -337,14 +337,14 @@ def _partition_summary(run: Run) -> list[dict]:
     return rows
 
 
-def samples(model: CausalLM, tokenizer, cfg) -> list[dict]:
+def samples(model: CausalLM, tokenizer, cfg, eos: int) -> list[dict]:
     s = Sampling.from_config(cfg.generate)
     s.max_new_tokens = cfg.evaluate.sample_tokens
     out = []
     for prompt in cfg.evaluate.sample_prompts:
         for routing in ("token", "sequence"):
             out.append({"prompt": prompt, "routing": routing,
-                        "text": generate_text(model, tokenizer, prompt, s, routing=routing)})
+                        "text": generate_text(model, tokenizer, prompt, s, routing=routing, eos=eos)})
     return out
 
 
@@ -382,7 +382,8 @@ def evaluate_file(model_dir: Path, path: Path, how: FileScoring = FileScoring(),
     if expert is not None:
         how = replace(how, expert=expert_position(folder, expert))
     model = open_model(folder, expert_cache=expert_cache, device=device)
-    return score_file(model, load_tokenizer(model_dir), path, how, text_field)
+    tokenizer = load_tokenizer(model_dir)
+    return score_file(model, tokenizer, path, how, text_field, eos_id(tokenizer, model_dir))
 
 
 def expert_position(folder: AssembledFolder, expert: str) -> int:
@@ -396,7 +397,7 @@ def expert_position(folder: AssembledFolder, expert: str) -> int:
 
 
 def score_file(model: CausalLM, tokenizer, path: Path, how: FileScoring = FileScoring(),
-               text_field: str = "text") -> dict:
+               text_field: str = "text", eos: int | None = None) -> dict:
     """Perplexity of `model` (an assembled MoE, or a dense model with token routing) on a file, in windows of
     `how.window` tokens every `how.stride` tokens. The first window scores every position it can predict; a later
     one only the tokens no earlier window predicted (its last `stride`, or `stride - 1` when stride == window,
@@ -404,7 +405,7 @@ def score_file(model: CausalLM, tokenizer, path: Path, how: FileScoring = FileSc
     Sequence routing scores only the positions after each window's prefix.
 
     .jsonl(.gz) / .parquet files are read as `prepare` reads them (the `text_field` of each record, stripped,
-    documents separated by EOS); other files as UTF-8 text (.gz: compressed). The file is tokenized and scored
+    documents separated by `eos`, default our tokenizer's); other files as UTF-8 text (.gz: compressed). The file is tokenized and scored
     as a stream, so memory holds a few MB of text, one batch of windows and the model, whatever the file's size.
     This is the one scoring function of files: `evaluate --data` and the benchmarks use it."""
     path = Path(path)
@@ -435,7 +436,7 @@ def score_file(model: CausalLM, tokenizer, path: Path, how: FileScoring = FileSc
             if how.max_tokens is not None and total >= how.max_tokens:
                 return
 
-    stream = counted(file_tokens(path, tokenizer, text_field))
+    stream = counted(file_tokens(path, tokenizer, text_field, eos))
     for batch, starts in batched_windows(stream, window, stride, max(1, NLL_BATCH_TOKENS // window)):
         on_device = to_device(batch, device)
         with torch.no_grad(), autocast(dtype, device):
@@ -483,9 +484,9 @@ def check_windowing(window: int, stride: int, context: int, routing: str, prefix
                         f"prefix_len), so the window must be longer than it, got {window}")
 
 
-def file_tokens(path: Path, tokenizer, text_field: str = "text") -> Iterator[np.ndarray]:
+def file_tokens(path: Path, tokenizer, text_field: str = "text", eos: int | None = None) -> Iterator[np.ndarray]:
     """Token ids of a file (see `evaluate_file`) as a stream of arrays, TEXT_BATCH_CHARS of text at a time."""
-    eos = np.array([eos_id(tokenizer)], dtype=np.int64)
+    eos = np.array([eos_id(tokenizer) if eos is None else eos], dtype=np.int64)
     documents = path.name.endswith((".jsonl", ".jsonl.gz", ".parquet"))
     pending: list[tuple[str, bool]] = []
     size, after_document = 0, False

@@ -33,6 +33,7 @@ from modularforge.errors import ConfigError, DataError, ModularForgeError
 from modularforge.data.tokenizer import PRE_TOKENIZER_NAME
 from modularforge.files import atomic_path
 from modularforge.inference import AssembledFolder
+from modularforge.model.layers import permute_rotary
 from modularforge.model.weights import expert_key
 
 log = logging.getLogger(__name__)
@@ -103,19 +104,6 @@ def _check_tokenizer(model: AssembledFolder) -> None:
             f"{model.dir / 'tokenizer.json'} is not a byte-level BPE tokenizer with GPT-2's regex; "
             "GGUF export supports only the tokenizers ModularForge trains"
         )
-
-
-def permute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows of a q/k projection (heads * head_dim, H) from HF's rotate_half order (dimension j pairs with
-    j + head_dim/2) to the interleaved order (2j pairs with 2j + 1) that llama.cpp's `llama` RoPE uses."""
-    rows = weight.shape[0]
-    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
-
-
-def unpermute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """Inverse of `permute_rotary`."""
-    rows = weight.shape[0]
-    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
 def storage_type(gguf, kind: str, shape: tuple[int, ...], dtype: str):

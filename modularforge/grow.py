@@ -117,7 +117,8 @@ def _tokenize(run: Run, data_cfg: DataConfig, out: Path, clusters: int) -> str:
     cfg = run.cfg
     tokenizer = load_tokenizer(run.tokenizer_dir)
     try:
-        write_shards(iter_documents(data_cfg), tokenizer, eos_id(tokenizer), data_cfg, out)
+        write_shards(iter_documents(data_cfg), tokenizer, eos_id(tokenizer, run.tokenizer_dir), data_cfg, out,
+                     vocab_size=run.vocab_size())
     except DataError as e:
         raise DataError(f"the new text gives no training data: {e}") from None
     store = TokenStore.open(out)

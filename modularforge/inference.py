@@ -1,7 +1,7 @@
 """The one reader of an assembled model folder (DESIGN.md section 8): calibrate, evaluate, generate and export
 open folders only through it.
 
-`AssembledFolder` checks a folder before any weight is read: config.json a Mixtral config of ours, the index
+`AssembledFolder` checks a folder before any weight is read: config.json a Mixtral or Qwen3-MoE config of ours, the index
 (or the single model.safetensors), every shard present with a readable header that holds what the index says,
 and every tensor the config implies at its shape, with no other. It keeps the header table and reads single
 tensors and experts on demand.
@@ -26,7 +26,7 @@ from torch import nn
 
 from modularforge.errors import DataError
 from modularforge.files import read_json
-from modularforge.model.hf import model_config_from_hf
+from modularforge.model.hf import model_config_from_hf, our_name
 from modularforge.model.layers import Attention, SwiGLU
 from modularforge.model.transformer import CausalLM
 from modularforge.model.weights import (
@@ -48,10 +48,14 @@ class AssembledFolder:
             raise DataError(f"{self.dir} has no config.json; is it an assembled model folder (runs/<name>/model)?")
         self.config = _read_config(self.dir / "config.json")
         self.cfg = model_config_from_hf(self.config)
-        self.files = self._weight_map()  # tensor name -> shard file
+        # our tensor name -> its name in the folder (Qwen3-MoE names its MoE tensors its own way), and -> its shard
+        stored_files = self._weight_map()
+        self.stored = {our_name(name, self.cfg.architecture): name for name in stored_files}
+        self.files = {ours: stored_files[name] for ours, name in self.stored.items()}
+        ours_of = {name: ours for ours, name in self.stored.items()}
         self.table: dict[str, TensorInfo] = {}
         for file in sorted(set(self.files.values())):
-            self.table |= read_header(self.dir / file)[0]
+            self.table |= {ours_of.get(name, name): info for name, info in read_header(self.dir / file)[0].items()}
         self._check_tensors()
 
     @property
@@ -89,7 +93,7 @@ class AssembledFolder:
                                 f"{list(shape)}")
         unexpected = sorted(set(self.files) - set(expected))
         if unexpected:  # a model built from the folder would drop them, exporting them would change the model
-            raise DataError(f"{self.dir} holds tensors a Mixtral model of its config.json has no place for: "
+            raise DataError(f"{self.dir} holds tensors a model of its config.json has no place for: "
                             f"{', '.join(unexpected[:3])}")
 
     def read(self, name: str) -> torch.Tensor:
@@ -97,7 +101,7 @@ class AssembledFolder:
         path = self.dir / self.files[name]
         try:
             with safe_open(str(path), framework="pt") as f:
-                return f.get_tensor(name)
+                return f.get_tensor(self.stored[name])
         except Exception as e:  # safetensors raises several types for a damaged header or body
             raise DataError(f"cannot read {name} from {path}: {e}") from None
 
@@ -111,19 +115,20 @@ class AssembledFolder:
         tensors: dict[str, torch.Tensor] = {}
         for file, in_file in by_file.items():
             if not mapped:
-                tensors |= read_tensors(self.dir / file, in_file)
+                stored = read_tensors(self.dir / file, [self.stored[n] for n in in_file])
+                tensors |= {n: stored[self.stored[n]] for n in in_file}
                 continue
             try:
                 with safe_open(str(self.dir / file), framework="pt") as f:
-                    tensors |= {n: f.get_tensor(n) for n in in_file}
+                    tensors |= {n: f.get_tensor(self.stored[n]) for n in in_file}
             except Exception as e:
                 raise DataError(f"cannot read {self.dir / file}: {e}") from None
         return tensors
 
     def expert(self, layer: int, expert: int) -> SwiGLU:
         """One expert's FFN in one layer, its three matrices read into their own memory."""
-        names = {w: expert_key(layer, expert, w) for w in FFN_WEIGHTS}
-        tensors = read_tensors(self.dir / self.files[names["w1"]], names.values())
+        names = {w: self.stored[expert_key(layer, expert, w)] for w in FFN_WEIGHTS}
+        tensors = read_tensors(self.dir / self.files[expert_key(layer, expert, "w1")], names.values())
         return ffn_from_weights({w: tensors[n] for w, n in names.items()})
 
 
@@ -135,7 +140,7 @@ def _read_config(path: Path) -> dict:
         if missing:
             raise KeyError(missing[0])
     except (KeyError, ValueError) as e:  # a missing key, or a value our model config rejects
-        raise DataError(f"{path} is not a ModularForge Mixtral config ({type(e).__name__}: "
+        raise DataError(f"{path} is not a ModularForge Mixtral or Qwen3-MoE config ({type(e).__name__}: "
                         f"{str(e).splitlines()[0]})") from None
     return config
 

@@ -1,4 +1,4 @@
-"""Stage 1, prepare: text -> BPE tokenizer -> token shards -> partitions with a report."""
+"""Stage 1, prepare: text -> BPE tokenizer (or a base's own) -> token shards -> partitions with a report."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import logging
 from modularforge.data.partition import partition_documents
 from modularforge.data.shards import TokenStore, write_shards
 from modularforge.data.sources import iter_documents
-from modularforge.data.tokenizer import eos_id, train_tokenizer
+from modularforge.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
+from modularforge.pretrained import write_tokenizer
 from modularforge.runs import Run
 
 log = logging.getLogger(__name__)
@@ -18,13 +19,20 @@ def prepare(run: Run) -> None:
     cfg = run.cfg
     with run.stage("prepare") as facts:
         log.info("prepare reads and writes files on the CPU (run.device applies to the stages that compute)")
-        total_chars = sum(len(doc.text) for doc in iter_documents(cfg.data))
-        share = min(1.0, cfg.tokenizer.train_max_chars / max(total_chars, 1))
-        log.info("training a %d-token BPE tokenizer on %.0f%% of %.1fM characters",
-                 cfg.tokenizer.vocab_size, 100 * share, total_chars / 1e6)
-        texts = (doc.text for doc in iter_documents(cfg.data) if _sampled(doc.id, share))
-        tokenizer = train_tokenizer(texts, cfg.tokenizer, cfg.model.max_seq_len, run.tokenizer_dir)
-        shards = write_shards(iter_documents(cfg.data), tokenizer, eos_id(tokenizer), cfg.data, run.data_dir)
+        if run.base is not None:
+            facts_of_base = write_tokenizer(run.base, run.tokenizer_dir, cfg.model.max_seq_len)
+            tokenizer = load_tokenizer(run.tokenizer_dir)
+            log.info("using the tokenizer of %s as it is (%d tokens)", cfg.model.base, facts_of_base.vocab)
+            shards = write_shards(iter_documents(cfg.data), tokenizer, facts_of_base.eos_id, cfg.data, run.data_dir,
+                                  vocab_size=run.base.vocab_size, bos=facts_of_base.bos_id)
+        else:
+            total_chars = sum(len(doc.text) for doc in iter_documents(cfg.data))
+            share = min(1.0, cfg.tokenizer.train_max_chars / max(total_chars, 1))
+            log.info("training a %d-token BPE tokenizer on %.0f%% of %.1fM characters",
+                     cfg.tokenizer.vocab_size, 100 * share, total_chars / 1e6)
+            texts = (doc.text for doc in iter_documents(cfg.data) if _sampled(doc.id, share))
+            tokenizer = train_tokenizer(texts, cfg.tokenizer, cfg.model.max_seq_len, run.tokenizer_dir)
+            shards = write_shards(iter_documents(cfg.data), tokenizer, eos_id(tokenizer), cfg.data, run.data_dir)
         log.info("%d documents, %d tokens", shards["num_documents"], shards["num_tokens"])
         store = TokenStore.open(run.data_dir)
         report = partition_documents(store, tokenizer, cfg.partition, cfg.model.num_experts, cfg.run.seed)
@@ -32,7 +40,7 @@ def prepare(run: Run) -> None:
         facts.update(
             documents=shards["num_documents"],
             tokens=shards["num_tokens"],
-            vocab_size=tokenizer.get_vocab_size(),
+            vocab_size=shards["vocab_size"],
             purity=report["purity"],
         )
 

@@ -38,9 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from modularforge.config import Config
-from modularforge.errors import RunDirectoryError, StageOrderError, os_error
+from modularforge.errors import DataError, RunDirectoryError, StageOrderError, os_error
 from modularforge.expert_set import PREPARED, ExpertSpec, Registry, partition_expert_name
 from modularforge.files import LEFTOVER, read_json, remove_leftovers, sha256_file, write_json, write_text
+from modularforge.pretrained import PretrainedBase, cached_base, with_base_shape
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,11 @@ _STAGE_KEYS: dict[str, list[str]] = {
     "evaluate": ["evaluate"],
 }
 
+
+# Model keys that came with starting from a base, at their defaults: left out of fingerprints, so that runs from
+# scratch keep the fingerprints (and finished stages) they had before the keys existed
+_BASE_KEY_DEFAULTS = {"base": None, "architecture": "mixtral", "head_size": None, "context_length": None,
+                      "rope_scaling": None}
 
 # What one expert's fingerprint covers beside its trunk, its text and its steps
 _EXPERT_RECIPE = ["experts.init", "experts.mode", "experts.anchor_swap", "experts.stats_tokens", "experts.train",
@@ -93,8 +99,27 @@ def peak_device_memory() -> dict[str, float]:
 
 class Run:
     def __init__(self, cfg: Config, run_dir: str | Path | None = None):
-        self.cfg = cfg
+        self.cfg = with_base_shape(cfg)  # a run that starts from a base takes its shape from it
         self.dir = Path(run_dir) if run_dir is not None else Path(cfg.run.root) / cfg.run.name
+
+    @property
+    def base(self) -> PretrainedBase | None:
+        """The pretrained model the run starts from (`model.base`), if any."""
+        return cached_base(self.cfg.model.base) if self.cfg.model.base is not None else None
+
+    def check_base(self) -> None:
+        """A run's trunk, anchor and every expert come from its base's bytes: if the file at `model.base` changed
+        since the trunk was taken from it, nothing may go on from it (a DataError, before anything is written)."""
+        base = self.base
+        recorded = self.manifest()["stages"].get("train-shared", {})
+        if base is None or recorded.get("status") != "done" or "base_sha256" not in recorded:
+            return
+        if recorded.get("base") == self.cfg.model.base and recorded["base_sha256"] != base.identity():
+            raise DataError(
+                f"the base model {self.cfg.model.base} has changed since this run took its trunk from it (sha256 "
+                f"{recorded['base_sha256'][:12]}... then, {base.identity()[:12]}... now); put the original back, or "
+                f"start a new run from it (--set run.name=NEW)"
+            )
 
     tokenizer_dir = property(lambda self: self.dir / "tokenizer")
     data_dir = property(lambda self: self.dir / "data")
@@ -188,9 +213,12 @@ class Run:
         elif "budget" in picked:
             picked["budget"] = {**picked["budget"], "shared_fraction": self.cfg.shared_fraction}
         if "model" in picked:  # top_k matters only from assembly on (listed there)
-            picked["model"] = {k: v for k, v in picked["model"].items() if k != "top_k"}
+            picked["model"] = {k: v for k, v in picked["model"].items()
+                               if k != "top_k" and not (k in _BASE_KEY_DEFAULTS and v == _BASE_KEY_DEFAULTS[k])}
         if stage == "train-experts":
             picked["expert set"] = [[s.name, self.expert_fingerprint(s)] for s in self.experts()]
+        if stage == "prepare" and self.base is not None:  # the base's tokenizer, and its bytes for every later stage
+            picked["base"] = {"source": self.cfg.model.base, "sha256": self.base.identity()}
         index = STAGES.index(stage)
         upstream = self.fingerprint(STAGES[index - 1]) if index else ""
         blob = json.dumps({"keys": picked, "upstream": upstream}, sort_keys=True)
@@ -236,6 +264,7 @@ class Run:
     def require(self, stage: str) -> None:
         """`stage` must have finished under this config. Its files are not hashed here: the stage that reads them
         validates them itself and says which file is wrong (assembly checks every input's checksum)."""
+        self.check_base()
         entry = self.manifest()["stages"].get(stage)
         if not entry or entry.get("status") != "done":
             why = "has not finished"
@@ -396,6 +425,7 @@ class Run:
 
         resolve_device(self.cfg)  # a device this machine cannot use fails before anything is written
         with self.lock():
+            self.check_base()
             index = STAGES.index(name)
             if index:
                 self.require(STAGES[index - 1])

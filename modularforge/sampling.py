@@ -173,13 +173,15 @@ def generate_text(
     s: Sampling,
     routing: str = "token",
     on_text: Callable[[str], None] | None = None,
+    eos: int | None = None,
 ) -> str:
-    """Generate a continuation of `prompt`; `on_text` receives each new piece of decoded text as it is ready."""
+    """Generate a continuation of `prompt`, ending at `eos` (default: our tokenizer's end-of-text); `on_text`
+    receives each new piece of decoded text as it is ready."""
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     expert = choose_expert(model, prompt_ids) if routing == "sequence" else None
     new: list[int] = []
     shown = ""
-    for token in generate_ids(model, prompt_ids, s, eos_id(tokenizer), expert):
+    for token in generate_ids(model, prompt_ids, s, eos if eos is not None else eos_id(tokenizer), expert):
         new.append(token)
         text = tokenizer.decode(new)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character

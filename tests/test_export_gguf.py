@@ -10,10 +10,11 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from modularforge.cli import main  # noqa: E402
+from modularforge.config import ModelConfig  # noqa: E402
 from modularforge.errors import ConfigError, DataError  # noqa: E402
-from modularforge.export import export, permute_rotary, unpermute_rotary  # noqa: E402
+from modularforge.export import export  # noqa: E402
 from modularforge.inference import AssembledFolder, open_model  # noqa: E402
-from modularforge.model.layers import apply_rotary, rotary_tables  # noqa: E402
+from modularforge.model.layers import apply_rotary, permute_rotary, rotary_tables, unpermute_rotary  # noqa: E402
 
 DTYPES = ("f32", "f16", "q8_0")
 
@@ -146,7 +147,8 @@ def test_permuted_rotary_rotates_interleaved_pairs_to_the_same_attention_scores(
     heads, head_dim, hidden, T = 2, 8, 16, 5
     torch.manual_seed(0)
     wq, wk, x = torch.randn(heads * head_dim, hidden), torch.randn(heads * head_dim, hidden), torch.randn(T, hidden)
-    cos, sin = rotary_tables(head_dim, T, 10000.0)
+    cos, sin = rotary_tables(ModelConfig(hidden_size=hidden, num_heads=heads, head_size=head_dim, max_seq_len=8))
+    cos, sin = cos[:T], sin[:T]
 
     def ours(w):  # (heads, T, head_dim) after rotate_half RoPE
         return apply_rotary((x @ w.T).view(T, heads, head_dim).transpose(0, 1), cos, sin)

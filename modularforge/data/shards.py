@@ -44,10 +44,13 @@ def split_of(key: str, cfg: DataConfig) -> int:
     return TRAIN
 
 
-def write_shards(docs: Iterable[Document], tokenizer: Tokenizer, eos: int, cfg: DataConfig, out_dir: Path) -> dict:
-    """Tokenise `docs` into shards under `out_dir`; return the shard manifest."""
+def write_shards(docs: Iterable[Document], tokenizer: Tokenizer, eos: int, cfg: DataConfig, out_dir: Path,
+                 vocab_size: int | None = None, bos: int | None = None) -> dict:
+    """Tokenise `docs` into shards under `out_dir`, `eos` after each document; return the shard manifest. The
+    manifest records `vocab_size`, the model's (a base's embeddings may have more rows than its tokenizer has ids;
+    default the tokenizer's), and `bos`, a base's beginning-of-text token (ours: `eos`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    vocab = tokenizer.get_vocab_size()
+    vocab = vocab_size or tokenizer.get_vocab_size()
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
     columns: dict[str, list[int]] = {k: [] for k in ("shard", "start", "length", "bytes", "split", "label")}
     ids: list[str] = []
@@ -85,6 +88,7 @@ def write_shards(docs: Iterable[Document], tokenizer: Tokenizer, eos: int, cfg: 
     manifest = {
         "dtype": np.dtype(dtype).name,
         "eos_id": eos,
+        **({"bos_id": bos} if bos is not None else {}),
         "vocab_size": vocab,
         "num_documents": len(ids),
         "num_tokens": int(arrays["length"].sum()),

@@ -8,6 +8,8 @@ ids equal what `AutoTokenizer(text)` returns.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,9 +18,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from modularforge.config import TokenizerConfig
 from modularforge.errors import DataError
-from modularforge.files import atomic_dir, write_json
+from modularforge.files import atomic_dir, read_json, write_json
 
 EOS = "<|endoftext|>"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+LLAMA_CPP_TOKENIZER = "llama_cpp.json"  # a base's tokenizer: llama.cpp's names for it, read by GGUF export
 PRE_TOKENIZER_NAME = "gpt-2"  # the llama.cpp name of this pre-tokenizer
 
 
@@ -70,20 +74,38 @@ def load_tokenizer(tokenizer_dir: Path) -> Tokenizer:
         raise DataError(f"cannot read tokenizer {path}: {e}") from None
 
 
-def eos_id(tokenizer: Tokenizer) -> int:
-    token_id = tokenizer.token_to_id(EOS)
-    assert token_id is not None, "tokenizer lacks the EOS token"
+def eos_id(tokenizer: Tokenizer, tokenizer_dir: Path | None = None) -> int:
+    """The end-of-text id: the `eos_token` that `tokenizer_dir`'s tokenizer_config.json names (a base's own), or our
+    tokenizer's `<|endoftext|>`."""
+    token = EOS
+    config = Path(tokenizer_dir) / "tokenizer_config.json" if tokenizer_dir is not None else None
+    if config is not None and config.is_file():
+        named = read_json(config).get("eos_token")
+        token = named.get("content") if isinstance(named, dict) else named or EOS
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise DataError(f"the tokenizer has no end-of-text token {token!r}" + (f" ({config})" if config else ""))
     return token_id
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     """Bytes of UTF-8 text each token id stands for (0 for special tokens), for bits-per-byte.
 
-    Byte-level BPE maps every byte to one printable character, so a token's length in
-    characters is its length in bytes.
+    Byte-level BPE (ours, GPT-2's, Llama 3's, Qwen's) maps every byte to one printable character, so a token's
+    length in characters is its length in bytes. SentencePiece-style vocabularies (Llama 2, TinyLlama) write a
+    space as U+2581 and a byte they cannot spell as `<0xNN>`.
     """
+    decoder = json.dumps(json.loads(tokenizer.to_str()).get("decoder"))
+    byte_level = '"ByteLevel"' in decoder
     lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
-    special = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
     for token, index in tokenizer.get_vocab().items():
-        lengths[index] = 0 if token in special else len(token)
+        if index >= len(lengths) or token in special:
+            continue
+        if byte_level:
+            lengths[index] = len(token)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            lengths[index] = 1
+        else:
+            lengths[index] = len(token.replace("\u2581", " ").encode("utf-8"))
     return lengths

@@ -1,10 +1,14 @@
 """Building blocks of the Mixtral architecture, named as transformers names them.
 
 RMSNorm and rotary embeddings follow `transformers.models.mixtral` (fp32 normalisation,
-`rotate_half` rotary convention); attention uses `scaled_dot_product_attention` with grouped KV heads.
+`rotate_half` rotary convention, Llama 3.x's `llama3` frequency scaling); attention uses
+`scaled_dot_product_attention` with grouped KV heads, and for Qwen3 an RMSNorm over each head's queries and
+keys before the rotary embedding (`transformers.models.qwen3`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +30,31 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (max_len, head_dim), in fp32, on the CPU even under a meta-device context:
+def rotary_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """The (head_dim / 2,) inverse wavelengths of the rotary embedding, scaled as Llama 3.x scales them:
+    wavelengths beyond original context / low_freq_factor are `factor` times longer, those below original
+    context / high_freq_factor unchanged, and those between interpolated (transformers'
+    `_compute_llama3_parameters`)."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    wavelength = 2 * math.pi / inv_freq
+    low_wavelength = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelength = s.original_max_position_embeddings / s.high_freq_factor
+    scaled = torch.where(wavelength > low_wavelength, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelength - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    between = (wavelength >= high_wavelength) & (wavelength <= low_wavelength)
+    return torch.where(between, smoothed, scaled)
+
+
+def rotary_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (max_seq_len, head_dim), in fp32, on the CPU even under a meta-device context:
     the first computation on meta tensors imports torch's meta kernels, about 70 MB of resident memory."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
-    freqs = torch.arange(max_len, dtype=torch.int64, device="cpu").float()[:, None] * inv_freq[None, :]
+    inv_freq = rotary_frequencies(cfg)
+    freqs = torch.arange(cfg.max_seq_len, dtype=torch.int64, device="cpu").float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
@@ -44,6 +68,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """x: (B, heads, T, head_dim); cos/sin: (T, head_dim)."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
+
+
+def permute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of a q/k projection (heads * head_dim, H) from HF's rotate_half order (dimension j pairs with
+    j + head_dim/2) to the interleaved order (2j pairs with 2j + 1) that llama.cpp's `llama` RoPE uses."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def unpermute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Inverse of `permute_rotary`."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
 class LayerKV:
@@ -69,6 +106,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         # q|k|v as one (q + k + v outs, in) matrix whose rows the three weights view; set by
         # `inference.for_decoding`, read by `decode.decode_step`
         self.qkv_weight: torch.Tensor | None = None
@@ -80,6 +120,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         mask = None
         if cache is not None:

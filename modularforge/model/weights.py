@@ -51,6 +51,8 @@ def dense_shapes(cfg: ModelConfig, vocab_size: int) -> dict[str, tuple[int, ...]
             layer + "self_attn.k_proj.weight": (kv, h),
             layer + "self_attn.v_proj.weight": (kv, h),
             layer + "self_attn.o_proj.weight": (h, q),
+            **({layer + "self_attn.q_norm.weight": (cfg.head_dim,), layer + "self_attn.k_norm.weight": (cfg.head_dim,)}
+               if cfg.qk_norm else {}),
             layer + "post_attention_layernorm.weight": (h,),
             ffn_key(i, "w1"): (inner, h),
             ffn_key(i, "w2"): (h, inner),
@@ -107,7 +109,7 @@ def build_model(
     model.load_state_dict(tensors, assign=True, strict=False)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.rope_cos, model.rope_sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    model.rope_cos, model.rope_sin = rotary_tables(cfg)
     # frozen until a trainer says otherwise: autocast caches a bf16 copy of every weight that requires grad
     model.requires_grad_(False)
     return model.to(device)

@@ -219,7 +219,7 @@ def frozen_linears_to_bf16(model: CausalLM) -> None:
     weight to bf16 before the product, so the results are unchanged and the fp32 copies are not needed."""
     linears = [layer.self_attn for layer in model.model.layers]
     heads = [] if model.cfg.tie_embeddings else [model.lm_head]
-    for module in [m for attn in linears for m in attn.children()] + heads:
+    for module in [m for attn in linears for m in attn.children() if isinstance(m, nn.Linear)] + heads:
         module.weight.data = module.weight.data.to(torch.bfloat16)
 
 

@@ -1,9 +1,15 @@
 """Stage 2, train-shared: embeddings, attention, norms, LM head and a dense anchor FFN, trained
-together on all partitions (DESIGN.md section 2); then split into the frozen shared part and the anchor."""
+together on all partitions (DESIGN.md section 2); then split into the frozen shared part and the anchor.
+
+A run that starts from a pretrained base (`model.base`, DESIGN.md section 9) takes them from it instead: with no
+shared-phase budget (`budget.shared_fraction: auto`) the base's tensors are written as they are, one at a time,
+into the same two files; with a budget, the shared phase trains from the base rather than from random weights."""
 
 from __future__ import annotations
 
 import logging
+import math
+from typing import BinaryIO
 
 import torch
 import torch.nn.functional as F
@@ -13,10 +19,11 @@ from modularforge.data.batches import PreparedData, batch_rng, fixed_batches, sp
 from modularforge.data.shards import TRAIN, VAL
 from modularforge.device import resolve_device
 from modularforge.errors import TrainingError
-from modularforge.files import save_tensors
+from modularforge.files import atomic_path, save_tensors, sha256_file
 from modularforge.model.transformer import CausalLM, count_parameters
-from modularforge.model.weights import split_shared
+from modularforge.model.weights import build_model, is_ffn, split_shared
 from modularforge.runs import Run
+from modularforge.safetensors_stream import Source, TensorInfo, write_streaming
 from modularforge.train.loop import LoopPlan, LossFn, ModelLoss, Objective, train_loop
 
 log = logging.getLogger(__name__)
@@ -69,12 +76,21 @@ def probed_loss(lm_loss: LossFn, probe: DomainProbe, weight: float) -> LossFn:
 def train_shared(run: Run, stop_after: int | None = None) -> None:
     cfg = run.cfg
     with run.stage("train-shared") as facts:
+        if run.base is not None:
+            facts.update(base=cfg.model.base, base_sha256=run.base.identity())
+            if cfg.shared_steps == 0:
+                adopt_base(run, facts)
+                return
         data = PreparedData(run.data_dir)
         device = resolve_device(cfg)
-        with torch.device("cpu"):  # initialised on the CPU from a CPU generator: the same weights on every device
-            model = CausalLM(cfg.model, run.vocab_size(), moe=False)
-        model.init_weights(torch.Generator().manual_seed(cfg.run.seed))
-        model.to(device)
+        if run.base is not None:
+            model = build_model(cfg.model, run.vocab_size(), moe=False, tensors=dict(run.base.tensors()), device=device)
+            model.requires_grad_(True)
+        else:
+            with torch.device("cpu"):  # initialised on the CPU from a CPU generator: the same weights on every device
+                model = CausalLM(cfg.model, run.vocab_size(), moe=False)
+            model.init_weights(torch.Generator().manual_seed(cfg.run.seed))
+            model.to(device)
         model.activation_checkpointing = cfg.train.activation_checkpointing
         seq_len, micro = cfg.seq_len(cfg.train), cfg.train.micro_batch
         train_windows = data.windows(TRAIN)
@@ -113,8 +129,39 @@ def train_shared(run: Run, stop_after: int | None = None) -> None:
             state.pop("lm_head.weight")
         shared, anchor = split_shared(state)
         tokens = result.steps * cfg.tokens_per_step(cfg.train)
-        provenance = {"stage": "train-shared", "fingerprint": run.fingerprint("train-shared"), "tokens": tokens}
+        provenance = {"stage": "train-shared", "fingerprint": run.fingerprint("train-shared"), "tokens": tokens,
+                      **({"base": cfg.model.base} if run.base is not None else {})}
         facts["shared_sha256"] = save_tensors(run.shared_dir / "shared.safetensors", shared, provenance)
         facts["anchor_sha256"] = save_tensors(run.shared_dir / "anchor.safetensors", anchor, provenance)
         facts.update(steps=result.steps, train_loss=result.train_loss, val_loss=result.val_loss,
                      tokens=tokens, train_seconds=round(result.seconds, 1))
+
+
+def adopt_base(run: Run, facts: dict) -> None:
+    """The base's trunk and FFN as the run's shared part and anchor, exactly (float32), streamed one tensor at a time:
+    the base's FFN stack is never in memory whole. The anchor is the base's FFN, so with no expert trained the
+    assembled model is the base."""
+    base = run.base
+    shapes = base.tensor_shapes()
+    provenance = {"stage": "train-shared", "fingerprint": run.fingerprint("train-shared"), "tokens": "0",
+                  "base": run.cfg.model.base, "base_sha256": base.identity()}
+    log.info("taking the trunk and the anchor FFN from %s (%.1fM parameters), frozen as they are", run.cfg.model.base,
+             sum(math.prod(s) for s in shapes.values()) / 1e6)
+    for role, names in (("shared", {n for n in shapes if not is_ffn(n)}), ("anchor", {n for n in shapes if is_ffn(n)})):
+        stream = base.tensors(names)
+
+        def source(name: str) -> Source:
+            info = TensorInfo(name, "F32", tuple(shapes[name]), 0, 4 * math.prod(shapes[name]))
+
+            def copy(out: BinaryIO) -> None:
+                read, tensor = next(stream)
+                assert read == name, (read, name)
+                out.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
+
+            return info, copy
+
+        path = run.shared_dir / f"{role}.safetensors"
+        with atomic_path(path) as tmp:
+            write_streaming(tmp, [source(n) for n in sorted(names)], {k: str(v) for k, v in provenance.items()})
+        facts[f"{role}_sha256"] = sha256_file(path)
+    facts.update(steps=0, tokens=0, train_seconds=0.0)
