@@ -1,4 +1,4 @@
-"""Domain-probe sweep (issue 3): the shared phase trained with `train.domain_probe_weight` = w, then the
+"""Domain-probe sweep: the shared phase trained with `train.domain_probe_weight` = w, then the
 quality benchmark's best expert set (anchor-initialised, alone) and token recipes, against oracle and
 sequence routing, at the presets' 5/6 split. Reuses `benchmarks/quality.py`'s work folder, prepared data,
 dev windows and scoring, so its rows compare with quality.json's.

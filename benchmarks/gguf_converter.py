@@ -1,4 +1,4 @@
-"""Our GGUF export against llama.cpp's own converter (issue 16, item 7): same Hugging Face folder, tensor by tensor.
+"""Our GGUF export against llama.cpp's own converter: same Hugging Face folder, tensor by tensor.
 
 llama.cpp's `convert_hf_to_gguf.py` (and the `gguf-py` beside it) come from a llama.cpp source tree, e.g. the one
 vendored in llama-cpp-python's sdist (`pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all:`, then

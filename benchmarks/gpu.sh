@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 19 as one script, for a machine with a CUDA GPU (sized for 8 minutes on one H200; every
+# The GPU checks as one script, for a machine with a CUDA GPU (sized for 8 minutes on one H200; every
 # part has its own time limit, so one that overruns is recorded as such and the rest still run):
 #   smoke    the smoke pipeline with run.device=cuda (every computing stage on the GPU; the manifest records each
 #            stage's wall time, peak RSS and the CUDA allocator's peak)

@@ -1,4 +1,4 @@
-"""Grow benchmark (issue 20, item 5): a model that takes new text after assembly, against the alternative a user
+"""Grow benchmark: a model that takes new text after assembly, against the alternative a user
 would try, continuing to train the dense model on the new text.
 
 1. The whole pipeline (`modularforge run`) on six of the eight corpora of ../shared/data: trunk, six clustered

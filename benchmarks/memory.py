@@ -1,4 +1,4 @@
-"""Memory benchmark (issue 4): every stage's peak RSS, measured in a child process, against its floor.
+"""Memory benchmark: every stage's peak RSS, measured in a child process, against its floor.
 
 Each stage runs as `python -m modularforge <stage> --run-dir DIR` in a child process; its peak resident
 set size comes from `os.wait4`. The baseline is an idle interpreter with torch imported. Per stage the
@@ -18,7 +18,7 @@ generates with an LRU cache of 4 expert FFNs, compared token for token with the 
 
     python benchmarks/memory.py [--only poc-50m,scaling,1b]
 
-GPU mode (issue 19), `--device cuda`: the computing stages run with `run.device=cuda` and each child also reports
+GPU mode, `--device cuda`: the computing stages run with `run.device=cuda` and each child also reports
 the CUDA allocator's peak (`torch.cuda.max_memory_allocated`), which is the bound compared with the same floors
 (prepare and assemble stay CPU work). Configurations: `poc-50m` as above, and the 8 GiB headline
 `configs/gpu-8gib.yaml` (32 experts of 151M over a 63M shared part, 4.89B parameters), which trains each expert

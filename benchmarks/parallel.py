@@ -1,4 +1,4 @@
-"""Parallel benchmark (issue 18, items 2 and 3): modular training against dense at equal tokens and at equal
+"""Parallel benchmark: modular training against dense at equal tokens and at equal
 wall time on N machines, and how the comparison moves with tokens per parameter.
 
 On the eight corpora of ../shared/data partitioned into N = 8 clusters, for each budget T:

@@ -1,4 +1,4 @@
-"""Quality benchmark (issue 3): does zero-retraining assembly work, and which recipe works best?
+"""Quality benchmark: does zero-retraining assembly work, and which recipe works best?
 
 Trains, on the eight corpora of ../shared/data partitioned into eight clusters, a dense baseline on the
 same tokens as the whole modular pipeline, the shared phase, and several expert sets (init scratch or

@@ -1,4 +1,4 @@
-"""Speed benchmark (issue 5): ModularForge against Hugging Face transformers, same shapes, same machine, one run.
+"""Speed benchmark: ModularForge against Hugging Face transformers, same shapes, same machine, one run.
 
 - Training steps: ModularForge's shared phase (dense model, everything trainable) and expert phase (frozen
   shared part, one trainable FFN stack), against transformers' MixtralForCausalLM (4 experts, top-2) and
@@ -9,7 +9,7 @@
 - Tokenisation and partitioning of ../shared/data (the `prepare` stage).
 
 Medians over repeated timings, the systems interleaved round by round. Prints a table, writes docs/results/speed.json.
-`--device cuda` is the GPU mode (issue 19): every system on the GPU (synchronised around each timing), the shape
+`--device cuda` is the GPU mode: every system on the GPU (synchronised around each timing), the shape
 `GPU_SHAPE` (hidden 1024, so the GPU is not idle), the matmul peak measured on the GPU, `transformers`' generate
 on the GPU too; it writes speed_gpu.json.
 
@@ -283,7 +283,7 @@ def main() -> None:
         "generation_vs_transformers_float16": {"value": gen["same_precision_ratio"]["float16"], "target": ">= 2.0"},
         "generation_best_vs_best": {"value": gen["best_vs_best_ratio"], "target": ">= 2.0"},
     }
-    if gpu_mode:  # issue 19's GPU targets: generation >= 1.5x, MFU >= 40% of the measured bf16 peak
+    if gpu_mode:  # the GPU targets: generation >= 1.5x, MFU >= 40% of the measured bf16 peak
         for name in ("generation_vs_transformers_float32", "generation_vs_transformers_float16",
                      "generation_best_vs_best"):
             ratios[name]["target"] = ">= 1.5"

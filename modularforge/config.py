@@ -383,7 +383,7 @@ class ExpertsConfig(Section):
         "add (the same MoE without the new expert) beside the next-token loss, so that what the routers send the "
         "new expert of the older text changes that model as little as it can. In the grow benchmark 1 / 3 / 10 "
         "left the exported model's old corpora +5.5% / +3.9% / +1.8% above before and its new corpora at 65.4 / "
-        "65.0 / 67.3 perplexity (149.3 before; docs/RESULTS.md section 7).",
+        "65.0 / 67.3 perplexity (149.3 before; docs/RESULTS.md#growing-a-model).",
     )
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=1e-3))
 

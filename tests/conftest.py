@@ -1,5 +1,5 @@
 """Shared fixtures: a tiny two-domain corpus cut from the bundled sample, a tiny config, and one tiny
-run trained through assembly once per session (tests that only read it share it).
+run trained through assembly once per test run (tests that only read it share it).
 
 The tiny config computes on MODULARFORGE_TEST_DEVICE (default cpu), so the same suite runs on a GPU:
 `MODULARFORGE_TEST_DEVICE=cuda python -m pytest`."""

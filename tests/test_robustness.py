@@ -1,4 +1,4 @@
-"""The run directory never lies and never loses data, and every bad input is one line and exit 2 (issue 16):
+"""The run directory never lies and never loses data, and every bad input is one line and exit 2:
 files checked against the manifest, one writer at a time, a marker for run directories, numbers range-checked,
 nothing scored is an error, OS errors name the path, and a fuzz test over `--set` values and generate flags."""
 
