@@ -218,6 +218,7 @@ def cmd_generate(args) -> None:
 def cmd_run(args) -> None:
     _dataset_override(args)
     run = resolve(args)
+    run.check_base()  # a changed base is refused here, before the first child starts
     with run.lock():  # held across every stage; the children share it (`Run.child_lock`)
         run.save_config()
         log.info("run directory: %s", run.dir)
@@ -255,6 +256,7 @@ def _grow(args, change: Callable[[Run], None]) -> None:
         raise ModularForgeError(f"{args.command} changes an existing run: give --run-dir RUN")
     if not run.marker_path.is_file():
         raise ModularForgeError(f"{run.dir} is not a ModularForge run directory; give --run-dir RUN of a finished run")
+    run.check_base()
     _apply_runtime(run)
     if args.change_only:  # the child: the parent holds the lock and runs the stages
         with run.lock():

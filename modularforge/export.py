@@ -3,15 +3,18 @@
 Follows the conventions of llama.cpp's own converter (`convert_hf_to_gguf.py`, class `LlamaModel`,
 which also converts Mixtral) and the key and tensor names of its `gguf` Python package:
 
-- architecture `llama` with `expert_count` / `expert_used_count`; the experts of each layer are
+- architecture `llama` (a Qwen3-MoE folder: `qwen3moe`, with `attn_q_norm` / `attn_k_norm` and
+  `expert_feed_forward_length`) with `expert_count` / `expert_used_count`; the experts of each layer are
   stacked into `blk.N.ffn_{gate,up,down}_exps.weight` ([E, I, H], [E, I, H], [E, H, I] in numpy
   order), the router is `blk.N.ffn_gate_inp.weight` and stays f32;
-- q_proj / k_proj rows are permuted per head from the Hugging Face `rotate_half` layout to the
-  interleaved pairs that llama.cpp's `llama` RoPE rotates;
+- for `llama`, q_proj / k_proj rows are permuted per head from the Hugging Face `rotate_half` layout to the
+  interleaved pairs that llama.cpp's `llama` RoPE rotates (`qwen3moe` rotates Hugging Face's halves itself);
+  Llama 3.x's rope scaling is the `rope_freqs` tensor of per-frequency factors;
 - 1-D tensors (norms) stay f32; q8_0 falls back to f16 for a matrix whose rows are not a multiple
   of the 32-value block;
 - the tokenizer is a `gpt2` (byte-level BPE) vocabulary with its merges, token types, BOS/EOS/PAD
-  and no automatic BOS, under the pre-tokenizer name llama.cpp maps to GPT-2's regex.
+  and no automatic BOS, under the pre-tokenizer name llama.cpp maps to GPT-2's regex; a base's tokenizer
+  under the names its `llama_cpp.json` gives (which prepare wrote where llama.cpp has a name for it).
 
 The folder is read through `inference.AssembledFolder`, which checks it first. Memory stays bounded:
 headers are read first to plan every tensor, the GGUF header is written, and
@@ -30,10 +33,10 @@ import numpy as np
 import torch
 
 from modularforge.errors import ConfigError, DataError, ModularForgeError
-from modularforge.data.tokenizer import PRE_TOKENIZER_NAME
-from modularforge.files import atomic_path
+from modularforge.data.tokenizer import LLAMA_CPP_TOKENIZER, PRE_TOKENIZER_NAME
+from modularforge.files import atomic_path, read_json
 from modularforge.inference import AssembledFolder
-from modularforge.model.layers import permute_rotary
+from modularforge.model.layers import permute_rotary, rotary_frequencies
 from modularforge.model.weights import expert_key
 
 log = logging.getLogger(__name__)
@@ -49,11 +52,14 @@ LAYER_TENSORS = {
     "self_attn.k_proj.weight": "ATTN_K",
     "self_attn.v_proj.weight": "ATTN_V",
     "self_attn.o_proj.weight": "ATTN_OUT",
+    "self_attn.q_norm.weight": "ATTN_Q_NORM",
+    "self_attn.k_norm.weight": "ATTN_K_NORM",
     "post_attention_layernorm.weight": "FFN_NORM",
     "block_sparse_moe.gate.weight": "FFN_GATE_INP",
 }
 EXPERT_TENSORS = {"w1": "FFN_GATE_EXP", "w3": "FFN_UP_EXP", "w2": "FFN_DOWN_EXP"}
 GLOBAL_TENSORS = {"model.embed_tokens.weight": "TOKEN_EMBD", "model.norm.weight": "OUTPUT_NORM", "lm_head.weight": "OUTPUT"}
+GGUF_ARCHITECTURES = {"mixtral": "LLAMA", "qwen3_moe": "QWEN3MOE"}  # exported family -> gguf.MODEL_ARCH
 
 
 @dataclass
@@ -78,7 +84,7 @@ def export(model_dir: Path, fmt: str, out: Path | None, dtype: str) -> Path:
     gguf = _import_gguf()
     model_dir = Path(model_dir)
     model = AssembledFolder(model_dir)
-    _check_tokenizer(model)
+    tokenizer_names(model)
     out = Path(out) if out is not None else model_dir.resolve().parent / f"model.{dtype}.gguf"
     plan = tensor_plan(model, dtype, gguf)
     with atomic_path(out) as tmp:
@@ -95,15 +101,21 @@ def _import_gguf():
     return gguf
 
 
-def _check_tokenizer(model: AssembledFolder) -> None:
-    """The pre-tokenizer name we declare must describe the tokenizer: byte-level BPE with GPT-2's regex."""
+def tokenizer_names(model: AssembledFolder) -> dict:
+    """llama.cpp's names of the folder's tokenizer: a base's from its `llama_cpp.json`, else ours (byte-level BPE with
+    GPT-2's regex), checked; a tokenizer llama.cpp has no name for is a DataError."""
+    written = model.dir / LLAMA_CPP_TOKENIZER
+    if written.is_file():
+        return {"add_bos_token": False, **read_json(written)}
     tok = model.tokenizer
     pre = tok.get("pre_tokenizer") or {}
     if tok.get("model", {}).get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
         raise DataError(
-            f"{model.dir / 'tokenizer.json'} is not a byte-level BPE tokenizer with GPT-2's regex; "
-            "GGUF export supports only the tokenizers ModularForge trains"
+            f"{model.dir / 'tokenizer.json'} is not a byte-level BPE tokenizer with a pre-tokenizer llama.cpp names "
+            "(GPT-2's, SmolLM's, Llama 3's, Qwen's); GGUF export supports those, and llama.cpp's own "
+            "convert_hf_to_gguf.py converts the folder otherwise"
         )
+    return {"model": "gpt2", "pre": PRE_TOKENIZER_NAME, "add_bos_token": False}
 
 
 def storage_type(gguf, kind: str, shape: tuple[int, ...], dtype: str):
@@ -128,9 +140,14 @@ def tensor_plan(model: AssembledFolder, dtype: str, gguf) -> list[Planned]:
         return planned(GLOBAL_TENSORS[hf_name], model.shapes[hf_name], lambda: model.read(hf_name).float())
 
     plan = [whole("model.embed_tokens.weight")]
+    if cfg.rope_scaling is not None:  # llama.cpp's converter writes Llama 3.x's scaling as per-frequency factors
+        plan.append(Planned(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", (cfg.head_dim // 2,),
+                            gguf.GGMLQuantizationType.F32, lambda: rope_factors(cfg)))
     for i in range(cfg.num_layers):
         for suffix, kind in LAYER_TENSORS.items():
             hf_name = f"model.layers.{i}.{suffix}"
+            if hf_name not in model.shapes:  # q/k norms: Qwen3 only
+                continue
             load = _loader(model, hf_name, _rotary_heads(suffix, cfg))
             plan.append(planned(kind, model.shapes[hf_name], load, i))
         for w, kind in EXPERT_TENSORS.items():
@@ -143,7 +160,15 @@ def tensor_plan(model: AssembledFolder, dtype: str, gguf) -> list[Planned]:
     return plan
 
 
+def rope_factors(cfg) -> np.ndarray:
+    """Llama 3.x's rope scaling as llama.cpp's `rope_freqs`: each frequency's unscaled / scaled ratio."""
+    plain = rotary_frequencies(cfg.model_copy(update={"rope_scaling": None}))
+    return (plain / rotary_frequencies(cfg)).numpy().astype(np.float32)
+
+
 def _rotary_heads(suffix: str, cfg) -> int | None:
+    if cfg.architecture != "mixtral":  # only llama.cpp's `llama` rotary embedding pairs interleaved dimensions
+        return None
     return {"self_attn.q_proj.weight": cfg.num_heads, "self_attn.k_proj.weight": cfg.kv_heads}.get(suffix)
 
 
@@ -164,7 +189,8 @@ def stored_nbytes(shape: tuple[int, ...], qtype, gguf) -> int:
 
 
 def write_gguf(path: Path, model: AssembledFolder, plan: list[Planned], dtype: str, gguf) -> None:
-    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    arch = getattr(gguf.MODEL_ARCH, GGUF_ARCHITECTURES[model.cfg.architecture])
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[arch])
     add_hyperparameters(writer, model, dtype, gguf)
     add_tokenizer(writer, model, gguf)
     for t in plan:
@@ -195,6 +221,11 @@ def add_hyperparameters(writer, model: AssembledFolder, dtype: str, gguf) -> Non
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_heads)
     writer.add_head_count_kv(cfg.kv_heads)
+    if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+    if cfg.architecture == "qwen3_moe":
+        writer.add_expert_feed_forward_length(cfg.intermediate_size)
     writer.add_rope_dimension_count(cfg.head_dim)
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
@@ -231,8 +262,9 @@ def merges(tokenizer: dict) -> list[str]:
 
 def add_tokenizer(writer, model: AssembledFolder, gguf) -> None:
     tokens, types = vocabulary(model.tokenizer, model.config["vocab_size"], gguf)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(PRE_TOKENIZER_NAME)
+    names = tokenizer_names(model)
+    writer.add_tokenizer_model(names["model"])
+    writer.add_tokenizer_pre(names["pre"])
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges(model.tokenizer))
@@ -240,6 +272,6 @@ def add_tokenizer(writer, model: AssembledFolder, gguf) -> None:
     writer.add_bos_token_id(model.config.get("bos_token_id", eos))
     writer.add_eos_token_id(eos)
     writer.add_pad_token_id(model.config.get("pad_token_id", eos))
-    # our tokenizer adds nothing when encoding, so llama.cpp must not add BOS either
-    writer.add_add_bos_token(False)
+    # our tokenizer adds nothing when encoding, so llama.cpp must not add BOS either; a base's does as it did
+    writer.add_add_bos_token(bool(names["add_bos_token"]))
     writer.add_add_eos_token(False)

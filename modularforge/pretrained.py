@@ -15,7 +15,9 @@ anything is written.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -99,6 +101,7 @@ class PretrainedBase:
     architecture: str  # the exported family: mixtral | qwen3_moe
     shape: dict  # ModelConfig keys
     vocab_size: int  # rows of the embedding
+    token_ids: int  # ids the tokenizer uses (its largest + 1)
     files: list[Path] = field(default_factory=list)  # every file whose bytes make the base
     _tensors: Callable[[set[str] | None], Iterator[tuple[str, torch.Tensor]]] | None = None
     _names: Callable[[], dict[str, tuple[int, ...]]] | None = None
@@ -213,7 +216,21 @@ def _open_folder(source: str, folder: Path) -> PretrainedBase:
 
     extra = [folder / n for n in (*TOKENIZER_FILES, "tokenizer.model") if (folder / n).is_file()]
     files = [config_path, *(p for p in weights), *extra]
-    return PretrainedBase(source, folder, architecture, shape, vocab, files, tensors, names)
+    return PretrainedBase(source, folder, architecture, shape, vocab, _token_ids(folder), files, tensors, names)
+
+
+def _token_ids(folder: Path) -> int:
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise DataError(f"model.base: {folder} has no tokenizer.json (a fast tokenizer is needed; a tokenizer.model "
+                        "alone can be converted with transformers: AutoTokenizer.from_pretrained(folder)"
+                        ".save_pretrained(folder))")
+    tokenizer = read_json(path)
+    try:
+        ids = [*tokenizer["model"]["vocab"].values(), *(t["id"] for t in tokenizer.get("added_tokens") or [])]
+        return max(ids) + 1
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise DataError(f"{path} is not a tokenizers vocabulary (no model.vocab of token ids)") from None
 
 
 def _check_hf_config(config: dict, path: Path) -> None:
@@ -298,6 +315,66 @@ def _gguf_field(reader, key: str, default=None):
 
 def _open_gguf(source: str, path: Path) -> PretrainedBase:
     gguf = _import_gguf()
+    facts = _gguf_facts(path)
+    ours = facts["tensors"]  # our name -> (GGUF name, shape)
+    permuted = facts["permuted"]  # our layer suffix -> heads, for the q/k rows llama.cpp's converter permuted
+
+    def names() -> dict[str, tuple[int, ...]]:
+        return {mine: tuple(shape) for mine, (_, shape) in ours.items()}
+
+    def read(wanted: set[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
+        import torch
+
+        from modularforge.model.layers import unpermute_rotary
+
+        fresh = _gguf_reader(path)  # the reader's memory map pages in what is read; a new one per pass lets them go
+        by_name = {t.name: t for t in fresh.tensors}
+        for mine, (theirs, shape) in sorted(ours.items()):
+            if wanted is not None and mine not in wanted:
+                continue
+            t = by_name[theirs]
+            data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+            tensor = torch.from_numpy(np.array(data, dtype=np.float32, order="C")).reshape(tuple(shape))
+            suffix = mine.split(".", 3)[-1] if mine.startswith("model.layers.") else None
+            if suffix in permuted:
+                tensor = unpermute_rotary(tensor, permuted[suffix])
+            yield mine, tensor
+
+    return PretrainedBase(source, path, facts["architecture"], facts["shape"], facts["vocab_size"], facts["token_ids"],
+                          [path], read, names)
+
+
+def _gguf_facts(path: Path) -> dict:
+    """What a GGUF file says of its model (family, shape, tensors), kept in the user's cache by the file's identity:
+    gguf's reader parses every metadata array (a vocabulary of tens of thousands of strings) in seconds, and every
+    stage of a run needs these facts."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{FACTS_VERSION}".encode())
+    cached = cache_dir() / f"gguf-{key.hexdigest()[:32]}.json"
+    if cached.is_file():
+        try:
+            return json.loads(cached.read_text())
+        except (OSError, ValueError):
+            pass  # a damaged cache entry is read again from the file
+    facts = _read_gguf_facts(path)
+    try:
+        write_json(cached, facts)
+    except ModularForgeError:
+        log.debug("cannot cache the metadata of %s in %s", path, cached)
+    return facts
+
+
+FACTS_VERSION = 2  # of what `_read_gguf_facts` records
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MODULARFORGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
+        / "modularforge"
+    return Path(root)
+
+
+def _read_gguf_facts(path: Path) -> dict:
+    gguf = _import_gguf()
     reader = _gguf_reader(path)
     arch = _gguf_field(reader, "general.architecture")
     if arch not in GGUF_FAMILIES:
@@ -323,11 +400,11 @@ def _open_gguf(source: str, path: Path) -> PretrainedBase:
     if not isinstance(heads, int):
         raise DataError(f"{path}: per-layer head counts are not supported")
     head_dim = key("attention.key_length") or hidden // heads
-    vocab = int(tensors["token_embd.weight"].shape[1])
+    kv_heads = key("attention.head_count_kv") or heads
     config = {
         "hidden_size": hidden, "intermediate_size": key("feed_forward_length"), "num_hidden_layers": key("block_count"),
-        "num_attention_heads": heads, "num_key_value_heads": key("attention.head_count_kv") or heads,
-        "head_dim": head_dim, "rope_theta": float(key("rope.freq_base", 10_000.0)),
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+        "rope_theta": float(key("rope.freq_base", 10_000.0)),
         "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-5)),
         "tie_word_embeddings": "output.weight" not in tensors, "max_position_embeddings": key("context_length"),
     }
@@ -337,41 +414,18 @@ def _open_gguf(source: str, path: Path) -> PretrainedBase:
     shape = _shape(config, path)
     if GGUF_ROPE_FREQS in tensors:
         shape["rope_scaling"] = _llama3_scaling(np.asarray(tensors[GGUF_ROPE_FREQS].data, np.float32), shape, path)
-    ours: dict[str, str] = {}
-    for name in tensors:
+    ours: dict[str, tuple[str, list[int]]] = {}
+    for name, t in tensors.items():
         if name == GGUF_ROPE_FREQS:
             continue
         mapped = _gguf_to_ours(name)
         if mapped is None:
             raise DataError(f"{path}: tensor {name} has no place in a {arch} model of ModularForge")
-        ours[mapped] = name
+        ours[mapped] = (name, [int(d) for d in reversed(t.shape)])
     # llama.cpp's converter permutes q/k rows for its `llama` rotary embedding; Qwen's NEOX one keeps HF's order
-    permuted = {"self_attn.q_proj.weight": heads, "self_attn.k_proj.weight": config["num_key_value_heads"]} \
-        if arch == "llama" else {}
-
-    def names() -> dict[str, tuple[int, ...]]:
-        return {mine: tuple(int(d) for d in reversed(tensors[theirs].shape)) for mine, theirs in ours.items()}
-
-    def read(wanted: set[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
-        import torch
-
-        from modularforge.model.layers import unpermute_rotary
-
-        fresh = _gguf_reader(path)  # the reader's memory map pages in what is read; a new one per pass lets them go
-        by_name = {t.name: t for t in fresh.tensors}
-        for mine, theirs in sorted(ours.items()):
-            if wanted is not None and mine not in wanted:
-                continue
-            t = by_name[theirs]
-            data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
-            tensor = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).reshape(
-                tuple(int(d) for d in reversed(t.shape)))
-            suffix = mine.split(".", 3)[-1] if mine.startswith("model.layers.") else None
-            if suffix in permuted:
-                tensor = unpermute_rotary(tensor, permuted[suffix])
-            yield mine, tensor
-
-    return PretrainedBase(source, path, GGUF_FAMILIES[arch], shape, vocab, [path], read, names)
+    permuted = {"self_attn.q_proj.weight": heads, "self_attn.k_proj.weight": kv_heads} if arch == "llama" else {}
+    return {"architecture": GGUF_FAMILIES[arch], "shape": shape, "vocab_size": int(tensors["token_embd.weight"].shape[1]),
+            "tensors": ours, "permuted": permuted, "token_ids": len(_gguf_field(reader, "tokenizer.ggml.tokens", []))}
 
 
 def _gguf_to_ours(name: str) -> str | None:
@@ -454,12 +508,7 @@ def write_tokenizer(base: PretrainedBase, out_dir: Path, max_seq_len: int) -> To
 
 def _folder_tokenizer(base: PretrainedBase) -> tuple[str, dict, dict | None]:
     folder = base.path
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        raise DataError(f"model.base: {folder} has no tokenizer.json (a fast tokenizer is needed; a tokenizer.model "
-                        "alone can be converted with transformers: AutoTokenizer.from_pretrained(folder)"
-                        ".save_pretrained(folder))")
-    text = path.read_text(encoding="utf-8")
+    text = (folder / "tokenizer.json").read_text(encoding="utf-8")  # its presence was checked on opening
     special: dict = {}
     config_path = folder / "tokenizer_config.json"
     if config_path.is_file():
@@ -476,8 +525,6 @@ def _folder_tokenizer(base: PretrainedBase) -> tuple[str, dict, dict | None]:
 
 def _llama_cpp_names(tokenizer_json: str) -> dict | None:
     """llama.cpp's names of a byte-level BPE tokenizer's model and pre-tokenizer, or None where it has none."""
-    import json
-
     tok = json.loads(tokenizer_json)
     if (tok.get("model") or {}).get("type") != "BPE":
         return None
@@ -548,14 +595,20 @@ def with_base_shape(cfg: Config) -> Config:
     dump["model"] |= shape | {"max_seq_len": min(cfg.model.max_seq_len, shape["context_length"])}
     dump["tokenizer"]["vocab_size"] = base.vocab_size
     resolved = config_from_dict(dump)
-    check_shapes(base, resolved)
+    check_base(base, resolved)
     return resolved
 
 
-def check_shapes(base: PretrainedBase, cfg: Config) -> None:
-    """Every tensor the dense model of `cfg` needs, at its shape, and no other: before anything is written."""
+def check_base(base: PretrainedBase, cfg: Config) -> None:
+    """Every tensor the dense model of `cfg` needs, at its shape, and no other, and a tokenizer whose ids the
+    embeddings have rows for: before anything is written."""
     from modularforge.model.weights import dense_shapes
 
+    if base.token_ids > base.vocab_size:
+        raise DataError(f"the tokenizer of {base.source} has token ids up to {base.token_ids - 1}, but its embeddings "
+                        f"have {base.vocab_size} rows; the tokenizer does not belong to these weights")
+    if base.token_ids == 0:
+        raise DataError(f"{base.source} holds no tokenizer vocabulary")
     expected, found = dense_shapes(cfg.model, base.vocab_size), base.tensor_shapes()
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or unexpected:

@@ -11,16 +11,19 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from importlib import resources
 from pathlib import Path
 
 import pytest
 import torch
 
+from bases import LLAMA3, hf_folder, tokenizer_folder
 from modularforge.config import Config, config_from_dict
 from modularforge.runs import Run
 
 torch.set_num_threads(2)
+os.environ.setdefault("MODULARFORGE_CACHE", tempfile.mkdtemp(prefix="modularforge-cache-"))  # GGUF metadata
 TEST_DEVICE = os.environ.get("MODULARFORGE_TEST_DEVICE", "cpu")
 
 
@@ -72,6 +75,17 @@ def make_config(tiny_corpus, tmp_path):
     return make
 
 
+@pytest.fixture(scope="module")
+def make_config_module(tiny_corpus, tmp_path_factory):
+    """`make_config` for module-scoped fixtures: runs under one folder of the module."""
+    root = tmp_path_factory.mktemp("runs")
+
+    def make(**sections) -> Config:
+        return config_from_dict(tiny_config_dict(tiny_corpus, root, **sections))
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def trained_run(tiny_corpus, tmp_path_factory) -> Run:
     """A tiny run through every stage up to calibrate (read-only for tests)."""
@@ -95,3 +109,32 @@ def run_copy(trained_run, tmp_path) -> Run:
     target = tmp_path / "run"
     shutil.copytree(trained_run.dir, target)
     return Run(trained_run.cfg, target)
+
+
+# --- tiny pretrained bases (tests/bases.py) ----------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def base_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
+    texts = [json.loads(line)["text"] for f in sorted(tiny_corpus.rglob("*.jsonl")) for line in f.open()]
+    return tokenizer_folder(texts, tmp_path_factory.mktemp("base-tokenizer"), vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def llama_base(base_tokenizer, tmp_path_factory) -> Path:
+    """Llama 3.x-shaped: llama3 rope scaling, grouped KV heads, untied head."""
+    return hf_folder(tmp_path_factory.mktemp("llama") / "base", base_tokenizer, "llama", rope_scaling=dict(LLAMA3),
+                     context=16384)
+
+
+@pytest.fixture(scope="session")
+def qwen3_base(base_tokenizer, tmp_path_factory) -> Path:
+    """Qwen3-shaped: q/k norms, a head width apart from hidden / heads (32, not 16), tied embeddings, sharded."""
+    return hf_folder(tmp_path_factory.mktemp("qwen3") / "base", base_tokenizer, "qwen3", tie=True, sharded=True)
+
+
+@pytest.fixture(scope="session")
+def wide_base(base_tokenizer, tmp_path_factory) -> Path:
+    """Rows a multiple of 256, as K-quant blocks need."""
+    return hf_folder(tmp_path_factory.mktemp("wide") / "base", base_tokenizer, "llama", hidden=256,
+                     intermediate=512, heads=4, kv_heads=2)
+

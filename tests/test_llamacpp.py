@@ -143,3 +143,47 @@ def test_llama_cpp_runs_expert_counts_that_are_not_powers_of_two(regrown, llama_
     finally:
         llm.close()
     assert np.abs(theirs - ours).max() < 1e-3
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def upcycled(request, make_config_module):
+    """A tiny run from a pretrained base: Llama 3.x-shaped (llama3 rope scaling: `rope_freqs`) or Qwen3-shaped
+    (q/k norms, head width 32: architecture `qwen3moe`)."""
+    from bases import base_sections
+    from modularforge.assemble import assemble
+    from modularforge.calibrate import calibrate
+    from modularforge.prepare import prepare
+    from modularforge.runs import Run
+    from modularforge.train.experts import train_experts
+    from modularforge.train.shared import train_shared
+
+    base = request.getfixturevalue(f"{request.param}_base")
+    run = Run(make_config_module(**base_sections(base, request.param, experts={"select_margin": 0.0})))
+    for stage in (prepare, train_shared, train_experts, assemble, calibrate):
+        stage(run)
+    return run
+
+
+def test_llama_cpp_runs_an_upcycled_model_as_we_do(upcycled, llama_cpp, tmp_path):
+    model = open_model(upcycled.model_dir).eval()
+    tokenizer = load_tokenizer(upcycled.model_dir)
+    prompt = tokenizer.encode(TEXT, add_special_tokens=False).ids[:PROMPT_TOKENS]
+    with torch.no_grad():
+        ours = model(torch.tensor([prompt]))[0].numpy()
+    eos = eos_id(tokenizer, upcycled.model_dir)
+    greedy = list(generate_ids(model, prompt, Sampling(temperature=0, max_new_tokens=24), eos))
+    llm = _open(llama_cpp, export(upcycled.model_dir, "gguf", tmp_path / "model.gguf", "f32"), 64)
+    try:
+        assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == tokenizer.encode(TEXT).ids
+        llm.eval(prompt)
+        theirs = np.array(llm.scores[: len(prompt)])
+        generated = []
+        llm.reset()
+        for token in llm.generate(prompt, temp=0.0, repeat_penalty=1.0):
+            generated.append(int(token))
+            if token == eos or len(generated) == len(greedy):
+                break
+    finally:
+        llm.close()
+    assert np.abs(theirs - ours).max() < 1e-3
+    assert generated == greedy
