@@ -60,19 +60,27 @@ def save_tokenizer(tokenizer: Tokenizer, max_seq_len: int, out_dir: Path) -> Non
         write_json(tmp / "special_tokens_map.json", {"bos_token": EOS, "eos_token": EOS, "pad_token": EOS})
 
 
-def load_tokenizer(tokenizer_dir: Path) -> Tokenizer:
+def load_tokenizer(tokenizer_dir: Path, vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer.json of a folder; with `vocab_size` (the model's), one with more tokens than the model has
+    embeddings is refused too. A damaged file is a DataError naming it."""
     path = Path(tokenizer_dir) / "tokenizer.json"
     if not path.is_file():
         raise DataError(f"missing tokenizer: {path}")
     try:
-        return Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_file(str(path))
     except Exception as e:
         raise DataError(f"cannot read tokenizer {path}: {e}") from None
+    if vocab_size is not None and tokenizer.get_vocab_size() > vocab_size:
+        raise DataError(f"{path} holds {tokenizer.get_vocab_size()} tokens, more than the {vocab_size} of the model "
+                        "it belongs to; it is damaged or belongs to another model")
+    return tokenizer
 
 
 def eos_id(tokenizer: Tokenizer) -> int:
     token_id = tokenizer.token_to_id(EOS)
-    assert token_id is not None, "tokenizer lacks the EOS token"
+    if token_id is None:  # a damaged tokenizer.json
+        raise DataError(f"the tokenizer has no end-of-text token {EOS!r}; its tokenizer.json is damaged or not a "
+                        "ModularForge tokenizer")
     return token_id
 
 
