@@ -152,7 +152,7 @@ def validate_inputs(run: Run) -> Inputs:
 
 
 def _check_tokenizer_files(run: Run) -> None:
-    """The tokenizer files are copied into the model as they are: the small ones must be JSON objects, and
+    """The tokenizer files are copied into the model as they are: the small ones must have their shape, and
     tokenizer.json, which the experts were trained with, must be the file prepare wrote (its checksum, not its
     parse: parsing it cost a third of assembly's peak memory)."""
     read_json(run.tokenizer_dir / "tokenizer_config.json", TokenizerConfig)

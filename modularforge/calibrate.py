@@ -68,7 +68,8 @@ def calibrate(run: Run) -> dict:
 
 
 def _open_inputs(run: Run) -> tuple[AssembledFolder, dict, list[Path], dict[str, PreparedData]]:
-    """The model folder, its modularforge.json, the experts' statistics and the text (checked, not read)."""
+    """The model folder (its headers), its modularforge.json, the experts' statistics, checked as far as their
+    headers, as is shared.safetensors, and the text."""
     cfg = run.cfg
     folder = AssembledFolder(run.model_dir)
     info = read_json(run.model_dir / "modularforge.json", ModelInfo)

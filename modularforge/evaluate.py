@@ -247,8 +247,9 @@ def _batches(w: Windows, seq_len: int, max_tokens: int, micro: int, stride: int 
     return w.batches(w.sequential(seq_len, max_tokens=max_tokens, stride=stride), seq_len, micro)
 
 
-def partition_batches(run: Run, data: dict[str, PreparedData] | None = None,
-                      ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+def partition_batches(
+    run: Run, data: dict[str, PreparedData] | None = None
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """(partition, (B, T + 1) batch, (B,) its partition) over the validation windows of every partition of the run's
     text, `evaluate.eval_tokens` of each; `data`: the data folders already open, by name."""
     cfg = run.cfg
