@@ -36,7 +36,8 @@ from modularforge.model.transformer import CausalLM
 from modularforge.model.weights import build_model, dense_shapes, ffn_to_expert
 from modularforge.routers import compute_routers, stats_shapes
 from modularforge.runs import Run
-from modularforge.safetensors_stream import TensorInfo, from_file, from_tensor, read_header, write_streaming
+from modularforge.safetensors_stream import TensorInfo, checked_header, from_file, from_tensor, write_streaming
+from modularforge.schemas import ExpertDone, JsonObject, Shards, TokenizerConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,15 @@ class Inputs:
 
 def assemble(run: Run, on_read: OnRead | None = None) -> None:
     """`on_read(file, tensor)` is called before each input tensor is copied (for instrumentation)."""
+    with run.lock():  # held from the checks to the last write, so what was checked is what is copied
+        run.require("train-experts")
+        _assemble(run, validate_inputs(run), on_read)  # bad input leaves the run as it was, manifest included
+
+
+def _assemble(run: Run, inputs: Inputs, on_read: OnRead | None) -> None:
     cfg = run.cfg
     with run.stage("assemble") as facts:
         log.info("assembly copies files on the CPU (run.device applies to the stages that compute)")
-        inputs = validate_inputs(run)
         routers = compute_routers(cfg, inputs.stats)
         model = cfg.model.model_copy(update={"num_experts": len(inputs.names)})
         with atomic_dir(run.model_dir) as tmp:
@@ -96,12 +102,12 @@ def assemble_in_memory(run: Run) -> CausalLM:
 
 
 def _eos(run: Run) -> int:
-    return read_json(run.data_dir / "shards.json")["eos_id"]
+    return read_json(run.data_dir / "shards.json", Shards)["eos_id"]
 
 
 def _bos(run: Run) -> int:
     """The base's beginning-of-text token, recorded by prepare; our own tokenizer's is its EOS."""
-    shards = read_json(run.data_dir / "shards.json")
+    shards = read_json(run.data_dir / "shards.json", Shards)
     return shards.get("bos_id", shards["eos_id"])
 
 
@@ -122,6 +128,7 @@ def validate_inputs(run: Run) -> Inputs:
     if missing:
         raise AssemblyError(f"tokenizer files missing from {run.tokenizer_dir}: {', '.join(missing)}; "
                             "run `modularforge prepare`")
+    _check_tokenizer_files(run)
     shared = run.shared_dir / "shared.safetensors"
     shared_table = _checked_table(
         shared, {k: v for k, v in shapes.items() if ".mlp." not in k}, shared_facts.get("shared_sha256")
@@ -139,8 +146,8 @@ def validate_inputs(run: Run) -> Inputs:
         if not done_path.exists():
             raise AssemblyError(f"expert {spec.name} is missing: {done_path} not found; run `modularforge "
                                 "train-experts`")
-        done = read_json(done_path)
-        if done.get("fingerprint") != run.expert_fingerprint(spec):
+        done = read_json(done_path, ExpertDone)
+        if done["fingerprint"] != run.expert_fingerprint(spec):
             raise AssemblyError(f"{done_path}: expert {spec.name} was trained under a different config or trunk; "
                                 "run `modularforge train-experts` to retrain it")
         table = _checked_table(files["expert"], ffn_shapes, done["sha256"]["expert"])
@@ -152,20 +159,24 @@ def validate_inputs(run: Run) -> Inputs:
     return inputs
 
 
+def _check_tokenizer_files(run: Run) -> None:
+    """The tokenizer files are copied into the model as they are: the small ones must have their shape, and
+    tokenizer.json, which the experts were trained with, must be the file prepare wrote (its checksum, not its
+    parse: parsing it cost a third of assembly's peak memory)."""
+    read_json(run.tokenizer_dir / "tokenizer_config.json", TokenizerConfig)
+    read_json(run.tokenizer_dir / "special_tokens_map.json", JsonObject)
+    path = run.tokenizer_dir / "tokenizer.json"
+    recorded = run.manifest()["stages"].get("prepare", {}).get("files", {}).get("tokenizer/tokenizer.json")
+    if recorded is not None and sha256_file(path) != recorded:
+        raise AssemblyError(f"{path} was changed since `modularforge prepare` wrote it, so it is not the tokenizer the "
+                            "experts were trained with; restore it, or run `modularforge run` to redo the run from it")
+
+
 def _checked_table(path: Path, expected: dict[str, tuple[int, ...]], sha256: str | None) -> dict[str, TensorInfo]:
-    if not path.is_file():
-        raise AssemblyError(f"missing input: {path}")
     try:
-        table, _ = read_header(path)
+        table = checked_header(path, expected)
     except DataError as e:
         raise AssemblyError(str(e)) from None
-    missing = sorted(set(expected) - set(table))
-    extra = sorted(set(table) - set(expected))
-    if missing or extra:
-        raise AssemblyError(f"{path} does not match the config: missing {missing[:3]}, unexpected {extra[:3]}")
-    for name, shape in expected.items():
-        if table[name].shape != shape:
-            raise AssemblyError(f"{path}: {name} has shape {list(table[name].shape)}, the config needs {list(shape)}")
     if sha256 is not None and sha256_file(path) != sha256:
         raise AssemblyError(f"{path} does not match the checksum recorded when it was written; it is corrupted")
     return table

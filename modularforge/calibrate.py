@@ -25,20 +25,22 @@ from modularforge.device import as_float64, autocast, autocast_dtype, module_dev
 from modularforge.files import atomic_path, load_tensors, read_json, write_json
 from modularforge.inference import AssembledFolder, open_model
 from modularforge.model.transformer import CausalLM
-from modularforge.model.weights import gate_key
-from modularforge.routers import compute_routers, layer_stats
+from modularforge.model.weights import dense_shapes, gate_key, is_ffn
+from modularforge.routers import compute_routers, layer_stats, stats_shapes
 from modularforge.runs import Run
-from modularforge.safetensors_stream import from_tensor, write_streaming
+from modularforge.safetensors_stream import checked_header, from_tensor, write_streaming
+from modularforge.schemas import ModelInfo
 
 log = logging.getLogger(__name__)
 
 
-def calibration_batches(run: Run, tokens_per_partition: int) -> list[torch.Tensor]:
+def calibration_batches(run: Run, tokens_per_partition: int,
+                        data: dict[str, PreparedData] | None = None) -> list[torch.Tensor]:
     """Held-out windows of every partition of the run's text (`Run.partitions`: the prepared ones and the text of
-    each added expert), about `tokens_per_partition` tokens of each."""
+    each added expert), about `tokens_per_partition` tokens of each; `data`: the folders already open, by name."""
     cfg = run.cfg
     seq_len, micro = cfg.model.max_seq_len, cfg.calibrate.micro_batch_size
-    data: dict[str, PreparedData] = {}
+    data = {} if data is None else data
     batches = []
     for part in run.partitions():
         prepared = data.setdefault(part.data, PreparedData(run.dir / part.data))
@@ -60,17 +62,37 @@ def mean_loss(model: CausalLM, batches: list[torch.Tensor], dtype: torch.dtype |
 
 
 def calibrate(run: Run) -> dict:
+    with run.lock():  # every input is opened and checked before the stage records anything
+        run.require("assemble")
+        return _calibrate(run, *_open_inputs(run))
+
+
+def _open_inputs(run: Run) -> tuple[AssembledFolder, dict, list[Path], dict[str, PreparedData]]:
+    """The model folder (its headers), its modularforge.json, the experts' statistics, checked as far as their
+    headers, as is shared.safetensors, and the text."""
+    cfg = run.cfg
+    folder = AssembledFolder(run.model_dir)
+    info = read_json(run.model_dir / "modularforge.json", ModelInfo)
+    stats_paths = [run.expert_files(s.name)["stats"] for s in run.experts()]
+    for path in stats_paths:
+        checked_header(path, stats_shapes(cfg.model.num_layers, cfg.model.hidden_size))
+    checked_header(run.shared_dir / "shared.safetensors", {
+        name: shape for name, shape in dense_shapes(cfg.model, folder.vocab_size).items() if not is_ffn(name)})
+    data = {part.data: PreparedData(run.dir / part.data) for part in run.partitions()}
+    return folder, info, stats_paths, data
+
+
+def _calibrate(run: Run, folder: AssembledFolder, info: dict, stats_paths: list[Path],
+               data: dict[str, PreparedData]) -> dict:
     cfg = run.cfg
     with run.stage("calibrate") as facts:
-        folder = AssembledFolder(run.model_dir)
         device = resolve_device(cfg)
         model = open_model(folder, expert_cache=cfg.calibrate.expert_cache, device=device)
-        stats_paths = [run.expert_files(s.name)["stats"] for s in run.experts()]
         reset_uncalibrated(model, run, stats_paths)
         result = {"temperature": None, "norm": cfg.calibrate.norm}
         if cfg.calibrate.temperature or cfg.calibrate.norm:
             dtype = autocast_dtype(cfg.calibrate.precision, device)
-            batches = calibration_batches(run, max(1, cfg.calibrate.calib_tokens // len(run.partitions())))
+            batches = calibration_batches(run, max(1, cfg.calibrate.calib_tokens // len(run.partitions())), data)
             result["calib_loss_before"] = mean_loss(model, batches, dtype)
             if cfg.calibrate.norm:
                 targets = [torch.stack(layer_stats(stats_paths, i, cfg.model.hidden_size).diag).mean(0).float().to(device)
@@ -87,7 +109,6 @@ def calibrate(run: Run) -> dict:
             log.info("calibration: loss %.4f -> %.4f (temperature %s, norm %s)", result["calib_loss_before"],
                      result["calib_loss_after"], result["temperature"], cfg.calibrate.norm)
         write_calibration_shard(folder, model)
-        info = read_json(run.model_dir / "modularforge.json")
         write_json(run.model_dir / "modularforge.json", {**info, "calibration": result})
         facts["calibration"] = result
         return result

@@ -187,7 +187,7 @@ GENERATE_FLAGS = {
 def cmd_generate(args) -> None:
     from modularforge.data.tokenizer import eos_id, load_tokenizer
     from modularforge.generate import stream_to_stdout
-    from modularforge.inference import open_model
+    from modularforge.inference import AssembledFolder, open_model
     from modularforge.sampling import Sampling, generate_text
 
     _flags_to_overrides(args, GENERATE_FLAGS)
@@ -197,8 +197,9 @@ def cmd_generate(args) -> None:
     model_dir = args.model or run.model_dir
     from modularforge.device import resolve_device
 
-    model = open_model(model_dir, expert_cache=g.expert_cache, decode_dtype=g.dtype, device=resolve_device(run.cfg))
-    tokenizer = load_tokenizer(model_dir)
+    folder = AssembledFolder(model_dir)
+    tokenizer = load_tokenizer(model_dir, folder.vocab_size)
+    model = open_model(folder, expert_cache=g.expert_cache, decode_dtype=g.dtype, device=resolve_device(run.cfg))
     shown = False
 
     def show(piece: str) -> None:  # the prompt appears with the first new text, after every check has passed
@@ -330,12 +331,13 @@ class StageFailed(ModularForgeError):
 
 
 def _print_samples(run: Run) -> None:
-    import json
+    from modularforge.files import read_json
+    from modularforge.schemas import Report
 
     path = run.reports_dir / "report.json"
     if not path.exists():
         return
-    report = json.loads(path.read_text())
+    report = read_json(path, Report)
     print("\nperplexity on held-out text: assembled MoE %.2f, dense anchor %.2f" % (
         report["headline"]["token"]["perplexity"], report["headline"]["anchor"]["perplexity"]))
     for s in report["samples"]:
@@ -510,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.code if e.code == EXIT_INTERRUPTED else EXIT_ERROR
     except ModularForgeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)  # one line, whatever a library said
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("\ninterrupted; rerun the same command to resume", file=sys.stderr)

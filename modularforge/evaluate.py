@@ -27,6 +27,7 @@ import math
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,13 +40,18 @@ from modularforge.data.sources import iter_text_pieces
 from modularforge.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths
 from modularforge.device import as_float64, autocast, autocast_dtype, module_device, resolve_device, to_device
 from modularforge.errors import DataError
-from modularforge.files import read_json
+from modularforge.files import read_json, read_metrics, sha256_file
 from modularforge.inference import AssembledFolder, open_model
 from modularforge.model.transformer import CausalLM
-from modularforge.model.weights import load_dense
+from modularforge.model.weights import dense_shapes, is_ffn, load_dense
 from modularforge.report import write_report
 from modularforge.runs import Run
+from modularforge.safetensors_stream import checked_header
 from modularforge.sampling import Sampling, generate_text, sequence_choices
+from modularforge.schemas import ExpertDone
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -241,11 +247,13 @@ def _batches(w: Windows, seq_len: int, max_tokens: int, micro: int, stride: int 
     return w.batches(w.sequential(seq_len, max_tokens=max_tokens, stride=stride), seq_len, micro)
 
 
-def partition_batches(run: Run) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+def partition_batches(
+    run: Run, data: dict[str, PreparedData] | None = None
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """(partition, (B, T + 1) batch, (B,) its partition) over the validation windows of every partition of the run's
-    text, `evaluate.eval_tokens` of each."""
+    text, `evaluate.eval_tokens` of each; `data`: the data folders already open, by name."""
     cfg = run.cfg
-    data: dict[str, PreparedData] = {}
+    data = {} if data is None else data
     for p, part in enumerate(run.partitions()):
         prepared = data.setdefault(part.data, PreparedData(run.dir / part.data))
         for batch in _batches(prepared.windows(VAL, part.index), cfg.model.max_seq_len, cfg.evaluate.eval_tokens,
@@ -254,18 +262,48 @@ def partition_batches(run: Run) -> Iterator[tuple[int, torch.Tensor, torch.Tenso
 
 
 def evaluate(run: Run) -> dict:
+    with run.lock():  # every input is opened and checked before the stage records anything
+        run.require("calibrate")
+        return _evaluate(run, *_open_inputs(run))
+
+
+def _open_inputs(run: Run) -> tuple[Tokenizer, AssembledFolder, dict[str, PreparedData]]:
+    """The tokenizer, the model folder and the text; and a check of every other file the report reads."""
+    cfg = run.cfg
+    folder = AssembledFolder(run.model_dir)
+    tokenizer = load_tokenizer(run.tokenizer_dir, folder.vocab_size)
+    recorded = run.manifest()["stages"].get("prepare", {}).get("files", {}).get("tokenizer/tokenizer.json")
+    if recorded is not None and sha256_file(run.tokenizer_dir / "tokenizer.json") != recorded:
+        raise DataError(f"{run.tokenizer_dir / 'tokenizer.json'} was changed since `modularforge prepare` wrote it, so "
+                        "it does not read the run's text as the model does; restore it, or run `modularforge run`")
+    shapes = dense_shapes(cfg.model, folder.vocab_size)
+    for name, ffn in (("shared", False), ("anchor", True)):
+        checked_header(run.shared_dir / f"{name}.safetensors", {n: s for n, s in shapes.items() if is_ffn(n) == ffn})
+    data = {part.data: PreparedData(run.dir / part.data) for part in run.partitions()}
+    reports = {name: load_report(run.dir / name) for name in data}
+    for part in run.partitions():
+        if part.index >= len(reports[part.data]["partitions"]):
+            raise DataError(f"{run.dir / part.data / 'partitions.json'} has no partition {part.index}; run "
+                            "`modularforge prepare` again")
+    for spec in run.experts():
+        read_json(run.expert_dir(spec.name) / "done.json", ExpertDone)
+        read_metrics(run.expert_dir(spec.name) / "metrics.jsonl")
+    read_metrics(run.shared_dir / "metrics.jsonl")
+    return tokenizer, folder, data
+
+
+def _evaluate(run: Run, tokenizer: Tokenizer, folder: AssembledFolder, data: dict[str, PreparedData]) -> dict:
     cfg = run.cfg
     with run.stage("evaluate") as facts:
-        tokenizer = load_tokenizer(run.tokenizer_dir)
         device = resolve_device(cfg)
-        moe = open_model(run.model_dir, expert_cache=cfg.evaluate.expert_cache, device=device)
+        moe = open_model(folder, expert_cache=cfg.evaluate.expert_cache, device=device)
         anchor = load_dense(cfg.model, run.vocab_size(), run.shared_dir, device=device)
         moe.eval(), anchor.eval()
         experts, parts = run.experts(), run.partitions()
         modes = tuple(m for m in MODES if m in {*cfg.evaluate.routing_modes, "anchor", "token", "oracle"})
         prefix = cfg.evaluate.prefix_len
         how = WindowScoring(modes, prefix, cfg.evaluate.sequence_revise_every, cfg.evaluate.precision, routing=True)
-        scores = score_windows(moe, partition_batches(run), how, token_byte_lengths(tokenizer),
+        scores = score_windows(moe, partition_batches(run, data), how, token_byte_lengths(tokenizer),
                                [part.expert for part in parts], anchor)
         full = {m: scores.total(m, after_prefix=False) for m in ("anchor", "token")}
         own_partition = {m: [Tally() for _ in experts] for m in ("anchor", "oracle")}
@@ -312,7 +350,7 @@ def expert_gains(run: Run, own_partition: dict[str, list[Tally]]) -> list[dict]:
     An expert with no partition in this run (imported) has no such numbers."""
     rows = []
     for spec, anchor, expert in zip(run.experts(), own_partition["anchor"], own_partition["oracle"]):
-        done = read_json(run.expert_dir(spec.name) / "done.json")
+        done = read_json(run.expert_dir(spec.name) / "done.json", ExpertDone)
         row = {"expert": spec.name, "kind": spec.kind, "anchor_perplexity": None, "expert_perplexity": None,
                "gain": None, "tokens": 0, "selection": done.get("selection")}
         if expert.tokens:
@@ -331,7 +369,7 @@ def _partition_summary(run: Run) -> list[dict]:
     reports: dict[str, dict] = {}
     rows = []
     for part in run.partitions():
-        report = reports.setdefault(part.data, load_report(run.dir / part.data))
+        report = reports.setdefault(part.data, load_report(run.dir / part.data))  # checked by _open_inputs
         p = report["partitions"][part.index]
         rows.append({"partition": part.label, **{k: p[k] for k in ("train_tokens", "val_tokens", "top_terms", "sources")}})
     return rows
@@ -382,14 +420,14 @@ def evaluate_file(model_dir: Path, path: Path, how: FileScoring = FileScoring(),
     if expert is not None:
         how = replace(how, expert=expert_position(folder, expert))
     model = open_model(folder, expert_cache=expert_cache, device=device)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, folder.vocab_size)
     return score_file(model, tokenizer, path, how, text_field, eos_id(tokenizer, model_dir))
 
 
 def expert_position(folder: AssembledFolder, expert: str) -> int:
     """The position of an expert of an assembled model, given by its name or its position."""
     names = folder.config.get("expert_names") or [str(e) for e in range(folder.cfg.num_experts)]
-    if expert in names:
+    if expert in names[: folder.cfg.num_experts]:
         return names.index(expert)
     if expert.isdigit() and int(expert) < folder.cfg.num_experts:
         return int(expert)

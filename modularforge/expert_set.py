@@ -11,16 +11,16 @@ registry records only what the grow commands changed.
 
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from modularforge import schemas
 from modularforge.errors import DataError
 from modularforge.files import read_json, write_json
 
 REGISTRY = "registry.json"
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME = schemas.EXPERT_NAME
 PREPARED = "data"  # the data folder of partition experts, relative to the run directory
 
 Kind = Literal["partition", "added", "imported"]
@@ -45,10 +45,8 @@ class ExpertSpec:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
-    def from_json(cls, entry: dict, where: Path) -> ExpertSpec:
-        known = {f.name for f in fields(cls)}
-        if not isinstance(entry, dict) or not {"name", "kind"} <= set(entry) or set(entry) - known:
-            raise DataError(f"{where}: an expert entry is not one this version writes: {entry!r}")
+    def from_json(cls, entry: dict) -> ExpertSpec:
+        """An entry of the registry, as `schemas.ExpertEntry` checked it."""
         return cls(**entry)
 
 
@@ -73,11 +71,8 @@ class Registry:
         path = Path(experts_dir) / REGISTRY
         if not path.exists():
             return cls([], [])
-        raw = read_json(path)
-        if not isinstance(raw, dict) or not isinstance(raw.get("removed", []), list):
-            raise DataError(f"{path} is not an expert registry; restore it or delete it to return to the partition "
-                            "experts alone")
-        return cls([str(n) for n in raw.get("removed", [])], [ExpertSpec.from_json(e, path) for e in raw.get("added", [])])
+        raw = read_json(path, schemas.Registry)
+        return cls(list(raw.get("removed", [])), [ExpertSpec.from_json(e) for e in raw.get("added", [])])
 
     def save(self, experts_dir: Path) -> None:
         write_json(Path(experts_dir) / REGISTRY, {"removed": self.removed, "added": [s.to_json() for s in self.added]})

@@ -35,6 +35,7 @@ import torch
 from modularforge.errors import ConfigError, DataError, ModularForgeError
 from modularforge.data.tokenizer import LLAMA_CPP_TOKENIZER, PRE_TOKENIZER_NAME
 from modularforge.files import atomic_path, read_json
+from modularforge.schemas import LlamaCppTokenizer
 from modularforge.inference import AssembledFolder
 from modularforge.model.layers import permute_rotary, rotary_frequencies
 from modularforge.model.weights import expert_key
@@ -106,7 +107,7 @@ def tokenizer_names(model: AssembledFolder) -> dict:
     GPT-2's regex), checked; a tokenizer llama.cpp has no name for is a DataError."""
     written = model.dir / LLAMA_CPP_TOKENIZER
     if written.is_file():
-        return {"add_bos_token": False, **read_json(written)}
+        return {"add_bos_token": False, **read_json(written, LlamaCppTokenizer)}
     tok = model.tokenizer
     pre = tok.get("pre_tokenizer") or {}
     if tok.get("model", {}).get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):

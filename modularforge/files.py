@@ -17,11 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
 from modularforge.errors import DataError, FileSystemError, os_error
 from modularforge.safetensors_stream import from_tensor, write_streaming
+from modularforge.schemas import FileSchema, MetricsRecord, check
 
 
 _calls = itertools.count()  # next() on a count is atomic under the GIL, so threads get distinct names too
@@ -123,10 +125,12 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: str | Path) -> Any:
+def read_json(path: str | Path, schema: type[FileSchema] | None = None) -> Any:
+    """The parsed JSON file at `path`, checked against `schema` (modularforge.schemas) when given: a missing,
+    unreadable or malformed file, or one of the wrong shape, is a DataError naming it and what is wrong."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except FileNotFoundError:
         raise DataError(f"missing file: {path}") from None
     except UnicodeDecodeError as e:
@@ -135,6 +139,34 @@ def read_json(path: str | Path) -> Any:
         raise os_error(e, path, "cannot read") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    return value if schema is None else check(value, schema, path)
+
+
+def read_arrays(path: str | Path, names: tuple[str, ...], fix: str) -> dict[str, np.ndarray]:
+    """The named arrays of an .npz file, each one-dimensional, of integers and of one length; a missing, truncated
+    or damaged file, or one without these arrays, is a DataError naming it and what is wrong, and saying `fix`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"missing file: {path}; {fix}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [name for name in names if name not in z.files]
+            if missing:
+                raise DataError(f"{path} lacks the array '{missing[0]}'; {fix}")
+            arrays = {name: z[name] for name in names}
+    except DataError:
+        raise
+    except OSError as e:
+        raise os_error(e, path, "cannot read") from None
+    except Exception as e:  # zipfile, numpy and zlib raise several types for a truncated or damaged archive
+        raise DataError(f"{path} is not a readable .npz file ({type(e).__name__}: {e}); {fix}") from None
+    for name, array in arrays.items():
+        if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+            raise DataError(f"{path}: '{name}' must be a list of whole numbers, got a {array.ndim}-d array of "
+                            f"{array.dtype}; {fix}")
+        if len(array) != len(arrays[names[0]]):
+            raise DataError(f"{path}: '{name}' has {len(array)} entries, '{names[0]}' {len(arrays[names[0]])}; {fix}")
+    return arrays
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
@@ -187,17 +219,31 @@ def read_metrics(path: str | Path) -> list[dict]:
     """The records of a training run's `metrics.jsonl` (none when it does not exist)."""
     if not Path(path).exists():
         return []
-    return [json.loads(line) for line in metric_lines(Path(path))]
+    return [record for _, record in metric_lines(Path(path))]
 
 
-def metric_lines(path: Path) -> list[str]:
-    """The lines of a metrics file, less a last line torn by a crash in mid-write (resuming writes it again)."""
-    lines = [line for line in path.read_text().splitlines() if line]
-    if lines:
+def metric_lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of each line of a metrics file, less a last line torn by a crash in mid-write (resuming
+    writes it again); any other line that is not a record is a DataError naming the file and line."""
+    try:
+        lines = [line for line in path.read_text().splitlines() if line]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise os_error(e, path, "cannot read") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        where = f"{path}, line {number}"
         try:
-            torn = not isinstance(json.loads(lines[-1]), dict)
-        except json.JSONDecodeError:
-            torn = True
-        if torn:
-            lines.pop()
-    return lines
+            records.append((line, check(_json_line(line, where), MetricsRecord, where)))
+        except DataError:
+            if number < len(lines):
+                raise
+    return records
+
+
+def _json_line(line: str, where: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where} is not valid JSON ({e.msg}); {MetricsRecord.fix}") from None

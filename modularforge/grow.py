@@ -31,6 +31,7 @@ from modularforge.model.weights import dense_shapes, is_ffn
 from modularforge.routers import stats_shapes
 from modularforge.runs import EXPERT_FILES, Run
 from modularforge.safetensors_stream import read_header
+from modularforge.schemas import ExpertDone, ModelInfo, Shards
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def add_experts(run: Run, sources: list[str], dataset: str | None = None, name: 
                             "one, or a folder in experts/); choose another with --name")
     else:
         _check_resumable(run, registered, names)
+    fit_into = None if registered else fit_context(run)  # reads the set's files before anything is written
     with atomic_dir(folder) as tmp:  # replaces the folder only once the text is read and checked
         text_sha = _tokenize(run, data_cfg, tmp, clusters)
         if registered and any(s.data_sha256 != text_sha or s.replay != replay for s in registered):
@@ -78,7 +80,6 @@ def add_experts(run: Run, sources: list[str], dataset: str | None = None, name: 
     if registered:
         log.info("%s: registered by an add that did not finish, on the same text; training now", ", ".join(names))
         return registered
-    fit_into = fit_context(run)
     specs = [ExpertSpec(n, "added", data=folder.relative_to(run.dir).as_posix(), partition=j, data_sha256=text_sha,
                         tokens=tokens, replay=replay, fit_into=fit_into) for j, n in enumerate(names)]
     registry.added += specs
@@ -99,9 +100,9 @@ def fit_context(run: Run) -> dict | None:
         if not done.is_file():
             log.info("%s is not trained yet, so a new expert is not fitted into the set", spec.name)
             return None
-        experts[spec.name] = read_json(done)["fingerprint"]
+        experts[spec.name] = read_json(done, ExpertDone)["fingerprint"]
     info = run.model_dir / "modularforge.json"
-    calibration = read_json(info).get("calibration") or {} if info.is_file() else {}
+    calibration = read_json(info, ModelInfo).get("calibration") or {} if info.is_file() else {}
     return {"experts": experts, "temperature": calibration.get("temperature")}
 
 
@@ -141,7 +142,7 @@ def _tokenize(run: Run, data_cfg: DataConfig, out: Path, clusters: int) -> str:
 def text_identity(folder: Path) -> str:
     """sha256 of a data folder's token shards and its documents' partitions and splits."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([s["sha256"] for s in read_json(folder / "shards.json")["shards"]]).encode())
+    digest.update(json.dumps([s["sha256"] for s in read_json(folder / "shards.json", Shards)["shards"]]).encode())
     for array in load_partition(folder):
         digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
     return digest.hexdigest()
@@ -166,7 +167,7 @@ def import_expert(run: Run, folder: Path, name: str | None = None) -> ExpertSpec
         raise DataError(f"{folder} is not a folder; give an expert folder (experts/<name>/ of a run)")
     if not (folder / "done.json").is_file():
         raise DataError(f"{folder} has no done.json; give the folder of a finished expert (experts/<name>/ of a run)")
-    done = read_json(folder / "done.json")
+    done = read_json(folder / "done.json", ExpertDone)
     name = check_name(name if name is not None else str(done.get("name") or folder.name))
     if name in run.registry().names_in_use(cfg.model.num_experts) or run.expert_dir(name).exists():
         raise DataError(f"expert name {name!r} is in use in {run.dir}; import it under another with --name")

@@ -32,6 +32,7 @@ from modularforge.model.transformer import CausalLM
 from modularforge.model.weights import (
     FFN_WEIGHTS, build_model, dense_shapes, expert_key, ffn_from_weights, ffn_to_expert, gate_key, is_ffn,
 )
+from modularforge.schemas import ModelConfigFile, TokenizerFile, WeightIndex
 from modularforge.safetensors_stream import TensorInfo, read_header, read_tensors
 
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
@@ -72,11 +73,11 @@ class AssembledFolder:
         path = self.dir / "tokenizer.json"
         if not path.is_file():
             raise DataError(f"{self.dir} has no tokenizer.json; is it an assembled model folder?")
-        return read_json(path)
+        return read_json(path, TokenizerFile)
 
     def _weight_map(self) -> dict[str, str]:
         if (self.dir / INDEX).exists():
-            return read_json(self.dir / INDEX)["weight_map"]
+            return read_json(self.dir / INDEX, WeightIndex)["weight_map"]
         if not (self.dir / SINGLE).exists():
             raise DataError(f"{self.dir} holds no {SINGLE}(.index.json); is it an assembled model folder?")
         return {name: SINGLE for name in read_header(self.dir / SINGLE)[0]}
@@ -133,13 +134,13 @@ class AssembledFolder:
 
 
 def _read_config(path: Path) -> dict:
-    config = read_json(path)
+    config = read_json(path, ModelConfigFile)
     try:
         model_config_from_hf(config)
         missing = [key for key in ("vocab_size", "eos_token_id") if key not in config]
         if missing:
             raise KeyError(missing[0])
-    except (KeyError, ValueError) as e:  # a missing key, or a value our model config rejects
+    except (KeyError, ValueError, TypeError) as e:  # a missing key, or a value our model config rejects
         raise DataError(f"{path} is not a ModularForge Mixtral or Qwen3-MoE config ({type(e).__name__}: "
                         f"{str(e).splitlines()[0]})") from None
     return config

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from modularforge import schemas
 from modularforge.config import Config, config_from_dict
 from modularforge.data.tokenizer import LLAMA_CPP_TOKENIZER, TOKENIZER_FILES
 from modularforge.errors import DataError, ModularForgeError
@@ -176,9 +177,7 @@ def _open_folder(source: str, folder: Path) -> PretrainedBase:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise DataError(f"model.base: {folder} has no config.json; give a Hugging Face model folder or a .gguf file")
-    config = read_json(config_path)
-    if not isinstance(config, dict):
-        raise DataError(f"{config_path} is not a JSON object")
+    config = read_json(config_path, schemas.BaseConfig)
     model_type = config.get("model_type")
     if model_type not in HF_FAMILIES:
         raise DataError(f"model.base: {folder} is a {model_type!r} model; supported: {SUPPORTED}")
@@ -225,7 +224,7 @@ def _token_ids(folder: Path) -> int:
         raise DataError(f"model.base: {folder} has no tokenizer.json (a fast tokenizer is needed; a tokenizer.model "
                         "alone can be converted with transformers: AutoTokenizer.from_pretrained(folder)"
                         ".save_pretrained(folder))")
-    tokenizer = read_json(path)
+    tokenizer = read_json(path, schemas.BaseTokenizerFile)
     try:
         ids = [*tokenizer["model"]["vocab"].values(), *(t["id"] for t in tokenizer.get("added_tokens") or [])]
         return max(ids) + 1
@@ -260,9 +259,9 @@ def _shape(config: dict, path: Path) -> dict:
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise DataError(f"{index} has no weight_map")
+        weight_map = read_json(index, schemas.BaseWeightIndex)["weight_map"]
+        if not weight_map:
+            raise DataError(f"{index} has an empty weight_map")
         files = [folder / name for name in sorted(set(weight_map.values()))]
         missing = [p.name for p in files if not p.is_file()]
         if missing:
@@ -512,11 +511,11 @@ def _folder_tokenizer(base: PretrainedBase) -> tuple[str, dict, dict | None]:
     special: dict = {}
     config_path = folder / "tokenizer_config.json"
     if config_path.is_file():
-        tokenizer_config = read_json(config_path)
+        tokenizer_config = read_json(config_path, schemas.BaseTokenizerConfig)
         for key in ("eos_token", "bos_token", "unk_token", "chat_template"):
             value = tokenizer_config.get(key)
             special[key] = value.get("content") if isinstance(value, dict) else value
-    model_config = read_json(folder / "config.json")
+    model_config = read_json(folder / "config.json", schemas.BaseConfig)
     for role in ("eos", "bos"):
         value = model_config.get(f"{role}_token_id")
         special[f"{role}_id"] = value[0] if isinstance(value, list) and value else value

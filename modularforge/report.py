@@ -143,13 +143,13 @@ def _expert_lines(experts: list[dict]) -> list[str]:
 
 def plot_losses(run: Run, path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
-    shared = [m for m in read_metrics(run.shared_dir / "metrics.jsonl") if "loss" in m]
+    shared = [m for m in read_metrics(run.shared_dir / "metrics.jsonl") if m.get("loss") is not None]
     offset = 0
     if shared:
         ax.plot([m["step"] for m in shared], [m["loss"] for m in shared], label="shared phase", color="black")
         offset = shared[-1]["step"]
     for spec in run.experts():
-        metrics = [m for m in read_metrics(run.expert_dir(spec.name) / "metrics.jsonl") if "loss" in m]
+        metrics = [m for m in read_metrics(run.expert_dir(spec.name) / "metrics.jsonl") if m.get("loss") is not None]
         if metrics:
             ax.plot([offset + m["step"] for m in metrics], [m["loss"] for m in metrics], label=spec.name)
     ax.set_xlabel("step (experts start where the shared phase ends)")

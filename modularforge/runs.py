@@ -42,6 +42,7 @@ from modularforge.errors import DataError, RunDirectoryError, StageOrderError, o
 from modularforge.expert_set import PREPARED, ExpertSpec, Registry, partition_expert_name
 from modularforge.files import LEFTOVER, read_json, remove_leftovers, sha256_file, write_json, write_text
 from modularforge.pretrained import PretrainedBase, cached_base, with_base_shape
+from modularforge.schemas import Manifest, Shards
 
 log = logging.getLogger(__name__)
 
@@ -200,10 +201,10 @@ class Run:
 
     def vocab_size(self) -> int:
         """The vocabulary size that prepare recorded with the token shards."""
-        return read_json(self.data_dir / "shards.json")["vocab_size"]
+        return read_json(self.data_dir / "shards.json", Shards)["vocab_size"]
 
     def manifest(self) -> dict[str, Any]:
-        return read_json(self.manifest_path) if self.manifest_path.exists() else {"stages": {}}
+        return read_json(self.manifest_path, Manifest) if self.manifest_path.exists() else {"stages": {}}
 
     def fingerprint(self, stage: str) -> str:
         dump = self.cfg.model_dump(mode="json")
@@ -359,7 +360,9 @@ class Run:
         return fd
 
     def save_config(self) -> None:
-        write_text(self.dir / "config.yaml", self.cfg.to_yaml())
+        text, path = self.cfg.to_yaml(), self.dir / "config.yaml"
+        if not (path.is_file() and path.read_text(errors="replace") == text):  # a command that fails writes nothing
+            write_text(path, text)
 
     def record_change(self, entry: dict[str, Any]) -> None:
         """Append what a grow command (add-expert, import-expert, remove-expert) did and what each of its steps

@@ -82,6 +82,23 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     return table, metadata
 
 
+def checked_header(path: str | Path, expected: dict[str, tuple[int, ...]]) -> dict[str, TensorInfo]:
+    """The tensor table of a file that must hold exactly the `expected` tensors at their shapes; else a DataError
+    naming the file and the first difference."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"missing input: {path}")
+    table, _ = read_header(path)
+    missing = sorted(set(expected) - set(table))
+    extra = sorted(set(table) - set(expected))
+    if missing or extra:
+        raise DataError(f"{path} does not match the config: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, shape in expected.items():
+        if table[name].shape != shape:
+            raise DataError(f"{path}: {name} has shape {list(table[name].shape)}, the config needs {list(shape)}")
+    return table
+
+
 def _entry_problem(entry: object) -> str | None:
     """What is wrong with one tensor's header entry, or None."""
     if not isinstance(entry, dict):

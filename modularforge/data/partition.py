@@ -25,7 +25,8 @@ import numpy as np
 from modularforge.config import PartitionConfig
 from modularforge.data.shards import CALIB, SPLIT_NAMES, TRAIN, VAL, TokenStore
 from modularforge.errors import DataError
-from modularforge.files import atomic_path, read_json, write_json
+from modularforge.files import atomic_path, read_arrays, read_json, write_json
+from modularforge.schemas import PartitionReport
 
 if TYPE_CHECKING:  # scipy and tokenizers load only where partitioning runs, not with the corpus reader
     import scipy.sparse as sp
@@ -78,16 +79,18 @@ def partition_documents(
 
 
 def load_partition(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(partition, split) per document, as `prepare` saved them."""
+    """(partition, split) per document, as `prepare` saved them; a damaged file is a DataError naming it."""
     path = Path(data_dir) / "partition.npz"
-    if not path.is_file():
-        raise DataError(f"missing file: {path}; run `modularforge prepare`")
-    with np.load(path) as z:
-        return z["assignment"], z["split"]
+    arrays = read_arrays(path, ("assignment", "split"), PartitionReport.fix)
+    if len(arrays["assignment"]) and arrays["assignment"].min() < 0:
+        raise DataError(f"{path}: 'assignment' holds a negative partition; {PartitionReport.fix}")
+    if not np.isin(arrays["split"], list(SPLIT_NAMES)).all():
+        raise DataError(f"{path}: 'split' holds a split other than train, calib and val; {PartitionReport.fix}")
+    return arrays["assignment"], arrays["split"]
 
 
 def load_report(data_dir: Path) -> dict:
-    return read_json(Path(data_dir) / "partitions.json")
+    return read_json(Path(data_dir) / "partitions.json", PartitionReport)
 
 
 def _token_counts(store: TokenStore, vocab_size: int) -> sp.csr_matrix:
@@ -176,9 +179,13 @@ class Partitioner:
     def load(cls, path: Path) -> Partitioner:
         if not Path(path).is_file():
             raise DataError(f"missing file: {path}; run `modularforge prepare`")
-        with np.load(path) as z:
-            meta = json.loads(str(z["meta"]))
-            return cls(**meta, **{k: z[k] for k in z.files if k != "meta"})
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                return cls(**meta, **{k: z[k] for k in z.files if k != "meta"})
+        except Exception as e:  # a truncated archive, a damaged array, or arrays of another version
+            raise DataError(f"{path} is not a readable partitioner ({type(e).__name__}: {e}); run `modularforge "
+                            "prepare` again") from None
 
 
 def _counts_of(documents: list[np.ndarray], vocab_size: int) -> sp.csr_matrix:

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from modularforge.config import DataConfig
 from modularforge.errors import DataError, os_error
-from modularforge.files import atomic_path, read_json, sha256_file, temp_name, write_json
+from modularforge.files import atomic_path, read_arrays, read_json, sha256_file, temp_name, write_json
+from modularforge.schemas import Documents, Shards
 
 if TYPE_CHECKING:  # the writer's types; readers of the shards (every later stage) need neither library
     from tokenizers import Tokenizer
@@ -33,6 +34,7 @@ if TYPE_CHECKING:  # the writer's types; readers of the shards (every later stag
 TRAIN, CALIB, VAL = 0, 1, 2
 SPLIT_NAMES = {TRAIN: "train", CALIB: "calib", VAL: "val"}
 SHARD_MAX_TOKENS = 1 << 28  # 512 MiB of uint16
+DOCUMENT_COLUMNS = ("shard", "start", "length", "bytes", "split", "label")  # of documents.npz, one entry per document
 
 
 def split_of(key: str, cfg: DataConfig) -> int:
@@ -52,7 +54,7 @@ def write_shards(docs: Iterable[Document], tokenizer: Tokenizer, eos: int, cfg: 
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab = vocab_size or tokenizer.get_vocab_size()
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
-    columns: dict[str, list[int]] = {k: [] for k in ("shard", "start", "length", "bytes", "split", "label")}
+    columns: dict[str, list[int]] = {k: [] for k in DOCUMENT_COLUMNS}
     ids: list[str] = []
     labels: dict[str, int] = {}
     shards: list[dict] = []
@@ -173,18 +175,20 @@ class TokenStore:
 
     @classmethod
     def open(cls, data_dir: Path) -> TokenStore:
+        """The store `write_shards` wrote in `data_dir`; a file of it missing, damaged or at odds with another is a
+        DataError naming the file."""
         data_dir = Path(data_dir)
-        manifest = read_json(data_dir / "shards.json")
-        meta = read_json(data_dir / "documents.json")
-        try:
-            with np.load(data_dir / "documents.npz") as z:
-                docs = {k: z[k] for k in z.files}
-        except FileNotFoundError:
-            raise DataError(f"missing file: {data_dir / 'documents.npz'}") from None
+        manifest = read_json(data_dir / "shards.json", Shards)
+        meta = read_json(data_dir / "documents.json", Documents)
+        path = data_dir / "documents.npz"
+        docs = read_arrays(path, DOCUMENT_COLUMNS, Documents.fix)
         files = [data_dir / s["file"] for s in manifest["shards"]]
         for f, s in zip(files, manifest["shards"]):
             if not f.is_file() or f.stat().st_size != s["tokens"] * np.dtype(manifest["dtype"]).itemsize:
                 raise DataError(f"token shard {f} is missing or has the wrong size; rerun `modularforge prepare`")
+        problem = _index_problem(docs, len(meta["ids"]), len(meta["labels"]), [s["tokens"] for s in manifest["shards"]])
+        if problem:
+            raise DataError(f"{path} {problem}; {Documents.fix}")
         return cls(data_dir, np.dtype(manifest["dtype"]), manifest["eos_id"], files, docs, meta["ids"], meta["labels"])
 
     @property
@@ -197,3 +201,21 @@ class TokenStore:
     def document(self, index: int) -> np.ndarray:
         start, length = self.docs["start"][index], self.docs["length"][index]
         return np.array(self.shard(int(self.docs["shard"][index]))[start : start + length])
+
+
+def _index_problem(docs: dict[str, np.ndarray], documents: int, labels: int, shard_tokens: list[int]) -> str | None:
+    """What is wrong with the document index of documents.npz, given documents.json and shards.json, or None."""
+    if len(docs["shard"]) != documents:
+        return f"has {len(docs['shard'])} documents, documents.json {documents}"
+    if not documents:
+        return None
+    shard, start, length = docs["shard"], docs["start"], docs["length"]
+    if shard.min() < 0 or shard.max() >= len(shard_tokens):
+        return f"names a shard past the {len(shard_tokens)} of shards.json"
+    if start.min() < 0 or length.min() < 1 or (start + length > np.asarray(shard_tokens)[shard]).any():
+        return "places a document outside its shard"
+    if not np.isin(docs["split"], list(SPLIT_NAMES)).all():
+        return "has a split other than train, calib and val"
+    if docs["label"].min() < 0 or docs["label"].max() >= labels:
+        return "has a source label past those of documents.json"
+    return None

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from modularforge import schemas
 from modularforge.config import TokenizerConfig
 from modularforge.errors import DataError
 from modularforge.files import atomic_dir, read_json, write_json
@@ -64,14 +65,20 @@ def save_tokenizer(tokenizer: Tokenizer, max_seq_len: int, out_dir: Path) -> Non
         write_json(tmp / "special_tokens_map.json", {"bos_token": EOS, "eos_token": EOS, "pad_token": EOS})
 
 
-def load_tokenizer(tokenizer_dir: Path) -> Tokenizer:
+def load_tokenizer(tokenizer_dir: Path, vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer.json of a folder; with `vocab_size` (the model's), one with more tokens than the model has
+    embeddings is refused too. A damaged file is a DataError naming it."""
     path = Path(tokenizer_dir) / "tokenizer.json"
     if not path.is_file():
         raise DataError(f"missing tokenizer: {path}")
     try:
-        return Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_file(str(path))
     except Exception as e:
         raise DataError(f"cannot read tokenizer {path}: {e}") from None
+    if vocab_size is not None and tokenizer.get_vocab_size() > vocab_size:
+        raise DataError(f"{path} holds {tokenizer.get_vocab_size()} tokens, more than the {vocab_size} of the model "
+                        "it belongs to; it is damaged or belongs to another model")
+    return tokenizer
 
 
 def eos_id(tokenizer: Tokenizer, tokenizer_dir: Path | None = None) -> int:
@@ -80,7 +87,7 @@ def eos_id(tokenizer: Tokenizer, tokenizer_dir: Path | None = None) -> int:
     token = EOS
     config = Path(tokenizer_dir) / "tokenizer_config.json" if tokenizer_dir is not None else None
     if config is not None and config.is_file():
-        named = read_json(config).get("eos_token")
+        named = read_json(config, schemas.TokenizerConfig).get("eos_token")
         token = named.get("content") if isinstance(named, dict) else named or EOS
     token_id = tokenizer.token_to_id(token)
     if token_id is None:

@@ -25,18 +25,19 @@ from modularforge.config import Config
 from modularforge.data.batches import PreparedData, Windows, batch_rng, document_batches, fixed_batches, spread_batches
 from modularforge.data.shards import CALIB, TRAIN, VAL
 from modularforge.device import as_float64, autocast, autocast_dtype, module_device, resolve_device, to_device
-from modularforge.errors import TrainingError
-from modularforge.expert_set import ExpertSpec
+from modularforge.errors import DataError, TrainingError
+from modularforge.expert_set import PREPARED, ExpertSpec
 from modularforge.files import read_json, save_tensors, sha256_file, write_json
 from modularforge.model.layers import SwiGLU
 from modularforge.model.moe import SparseMoE
 from modularforge.model.transformer import CausalLM
-from modularforge.model.weights import FFN_WEIGHTS, build_model, ffn_from_weights, ffn_key
+from modularforge.model.weights import FFN_WEIGHTS, build_model, dense_shapes, ffn_from_weights, ffn_key, is_ffn
 from modularforge.routers import empty_stats, save_stats, stat_names
 from modularforge.runs import Run
-from modularforge.safetensors_stream import read_tensors
+from modularforge.safetensors_stream import checked_header, read_header, read_tensors
+from modularforge.schemas import ExpertDone
 from modularforge.train.fit import FIT_DIR, fit_expert, fit_windows
-from modularforge.train.loop import KeepBest, LoopPlan, LoopResult, ModelLoss, Objective, train_loop
+from modularforge.train.loop import KeepBest, LoopPlan, LoopResult, ModelLoss, Objective, check_resume, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,47 @@ SWAP_STREAM = 10_000  # random stream of anchor-swap draws (an expert of batch s
 REPLAY_STREAM = 20_000  # random stream of an added expert's replayed trunk windows (REPLAY_STREAM + s)
 
 
+def check_inputs(run: Run) -> None:
+    """What training the run's experts reads, checked before the stage records anything: the trunk's headers, each
+    expert's done.json and the files it would resume from, and the text of each expert not finished."""
+    cfg = run.cfg
+    shapes = dense_shapes(cfg.model, run.vocab_size())
+    for name, ffn in (("shared", False), ("anchor", True)):
+        checked_header(run.shared_dir / f"{name}.safetensors", {n: s for n, s in shapes.items() if is_ffn(n) == ffn})
+    folders = set()
+    for spec in run.experts():
+        out = run.expert_dir(spec.name)
+        done = read_json(out / "done.json", ExpertDone) if (out / "done.json").exists() else {}
+        check_resume(out)
+        check_resume(out / FIT_DIR)
+        if done.get("fingerprint") == run.expert_fingerprint(spec) or spec.data is None:
+            continue
+        folders |= {spec.data, *([PREPARED] if spec.replay is not None else [])}
+        if spec.fit_into is not None:  # the fit reads the set it joins: its experts' files and text
+            _check_fit_into(run, spec)
+            folders |= {s.data for s in run.experts() if s.data is not None}
+    for folder in sorted(folders):
+        PreparedData(run.dir / folder)
+
+
+def _check_fit_into(run: Run, spec: ExpertSpec) -> None:
+    temperature = spec.fit_into.get("temperature")
+    if temperature is not None and len(temperature) != run.cfg.model.num_layers:
+        raise DataError(f"{run.experts_dir / 'registry.json'}: {spec.name} is fitted at {len(temperature)} router "
+                        f"temperatures, one per layer of {run.cfg.model.num_layers}; remove {spec.name} and add it again")
+    for name in spec.fit_into["experts"]:
+        for path in run.expert_files(name).values():
+            if path.is_file():  # a missing one is the fit's own error, which says what to do
+                read_header(path)
+
+
 def finished_expert(run: Run, spec: ExpertSpec) -> dict | None:
     """The summary of an expert if it finished under its current fingerprint and its files are intact."""
     done = run.expert_dir(spec.name) / "done.json"
     if not done.exists():
         return None
-    summary = read_json(done)
-    if summary.get("fingerprint") != run.expert_fingerprint(spec):
+    summary = read_json(done, ExpertDone)
+    if summary["fingerprint"] != run.expert_fingerprint(spec):
         return None
     damaged = [path.name for role, path in run.expert_files(spec.name).items()
                if not path.is_file() or sha256_file(path) != summary.get("sha256", {}).get(role)]

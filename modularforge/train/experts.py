@@ -8,11 +8,18 @@ from __future__ import annotations
 import gc
 
 from modularforge.runs import Run
-from modularforge.train.expert import train_expert
+from modularforge.train.expert import check_inputs, train_expert
 
 
 def train_experts(run: Run, stop_at: tuple[int, int] | None = None) -> None:
     """Train every expert not yet finished. stop_at=(position in the set, step) simulates a crash (tests)."""
+    with run.lock():  # every expert's inputs are checked before the stage records anything
+        run.require("train-shared")
+        check_inputs(run)
+        _train_experts(run, stop_at)
+
+
+def _train_experts(run: Run, stop_at: tuple[int, int] | None) -> None:
     cfg = run.cfg
     with run.stage("train-experts") as facts:
         if cfg.experts.executor == "ray":

@@ -34,6 +34,7 @@ from modularforge.model.weights import FFN_WEIGHTS, build_model, expert_key, ffn
 from modularforge.routers import compute_routers
 from modularforge.runs import Run
 from modularforge.safetensors_stream import read_tensors
+from modularforge.schemas import ExpertDone
 from modularforge.train.cross_entropy import linear_cross_entropy
 from modularforge.train.loop import LoopPlan, LoopResult, Objective, train_loop
 
@@ -61,7 +62,7 @@ def fit_expert(run: Run, spec: ExpertSpec, expert: dict[str, torch.Tensor], stat
     joined = list(spec.fit_into["experts"])
     for name, fingerprint in spec.fit_into["experts"].items():
         done = run.expert_dir(name) / "done.json"
-        if not done.is_file() or read_json(done).get("fingerprint") != fingerprint:
+        if not done.is_file() or read_json(done, ExpertDone)["fingerprint"] != fingerprint:
             raise TrainingError(f"{spec.name} is fitted into the set it joined, and {name} of that set is missing "
                                 f"or was trained again since; remove {spec.name} and add it again")
     model, older_rows = grown_model(run, joined, expert, stats_path, spec.fit_into.get("temperature"))

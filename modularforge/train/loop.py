@@ -321,24 +321,28 @@ class _Best:
                 "start_window_losses": json.dumps(self.start_losses.tolist())}
 
     def restore(self, ckpt_path: Path) -> None:
-        meta = read_metadata(ckpt_path)
+        meta = checkpoint_metadata(ckpt_path)
         if "start_window_losses" not in meta:
             raise TrainingError(f"checkpoint {ckpt_path} was written without keep_best; delete it to restart")
-        self.step, self.loss = int(meta["best_step"]), float(meta["best_val_loss"])
-        self.start_losses = np.asarray(json.loads(meta["start_window_losses"]), dtype=np.float64)
+        try:
+            self.step, self.loss = int(meta["best_step"]), float(meta["best_val_loss"])
+            self.start_losses = np.asarray(json.loads(meta["start_window_losses"]), dtype=np.float64).reshape(-1)
+            gain, se = (float(x) for x in json.loads(meta["best_gain"]))
+        except (KeyError, TypeError, ValueError):  # ValueError: JSON, a number or the unpacking
+            raise TrainingError(f"checkpoint {ckpt_path} is damaged (its keep_best record does not parse); delete it "
+                                "to restart") from None
         if len(self.start_losses) != len(self.rule.documents):
             raise TrainingError(f"checkpoint {ckpt_path} was validated on other windows; delete it to restart")
-        gain, se = json.loads(meta["best_gain"])
         ids = np.unique(self.rule.documents)
         self.gain = PairedGain(gain, se, len(self.start_losses), len(ids))
-        saved = read_metadata(self.path) if self.path.exists() else {}
+        saved = checkpoint_metadata(self.path) if self.path.exists() else {}
         # a best saved after the checkpoint (by steps the resumed run repeats) is what those steps save again
         if saved.get("fingerprint") != self.fingerprint or int(saved.get("step", -1)) < self.step:
             raise TrainingError(f"{self.path} does not hold the best step {self.step} its checkpoint records; "
                                 f"delete {ckpt_path} to restart this run")
 
     def load_into(self, params: dict[str, nn.Parameter]) -> None:
-        meta = read_metadata(self.path)
+        meta = checkpoint_metadata(self.path)
         if int(meta["step"]) != self.step or meta.get("fingerprint") != self.fingerprint:
             raise TrainingError(f"{self.path} holds step {meta['step']}, not the best step {self.step}")
         tensors = load_tensors(self.path)
@@ -382,7 +386,7 @@ def _save_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer: Fus
 def _resume(path: Path, params: dict[str, nn.Parameter], optimizer: FusedAdamW, fingerprint: str, steps: int) -> int:
     if not path.exists():
         return 0
-    meta = read_metadata(path)
+    meta = checkpoint_metadata(path)
     if meta.get("fingerprint") != fingerprint:
         log.warning("ignoring checkpoint %s: it was written with a different config", path)
         return 0
@@ -400,6 +404,26 @@ def _resume(path: Path, params: dict[str, nn.Parameter], optimizer: FusedAdamW, 
     return step
 
 
+def checkpoint_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a checkpoint (ckpt.safetensors or best.safetensors) with its step: a damaged file is a
+    DataError, a step that is not a number a TrainingError, each naming the file."""
+    meta = read_metadata(path)
+    if not meta.get("step", "").isdigit():
+        raise TrainingError(f"checkpoint {path} is damaged (its step is {meta.get('step', 'missing')!r:.40}); delete "
+                            "it to restart this training")
+    return meta
+
+
+def check_resume(out_dir: Path) -> None:
+    """The files a loop resumes from in `out_dir` (checkpoint, best parameters, metrics), checked before its stage
+    records anything: damage in them is an error naming the file."""
+    for name in ("ckpt.safetensors", "best.safetensors"):
+        if (out_dir / name).exists():
+            checkpoint_metadata(out_dir / name)
+    if (out_dir / "metrics.jsonl").exists():
+        metric_lines(out_dir / "metrics.jsonl")
+
+
 def _append_metrics(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -409,6 +433,6 @@ def _trim_metrics(path: Path, step: int) -> None:
     """Drop metrics lines written after the checkpoint we resume from (they will be written again)."""
     if not path.exists():
         return
-    kept = [line for line in metric_lines(path) if json.loads(line)["step"] <= step]
+    kept = [line for line, record in metric_lines(path) if record["step"] <= step]
     with atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in kept))

@@ -26,6 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from modularforge.config import Config, ExpertsConfig
 from modularforge.errors import ModularForgeError, TrainingError
 from modularforge.runs import Run
+from modularforge.schemas import MetricsRecord, check
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def progress_line(run: Run, running: list[str], done: int, since: float = 0.0) -
     parts = [f"experts {done}/{len(experts)} done"]
     for name in sorted(running):
         last = last_metrics(run.expert_dir(name) / "metrics.jsonl", since)
-        if last and "loss" in last:  # the step-0 record of keep_best holds a validation loss only
+        if last and last.get("loss") is not None:  # the step-0 record of keep_best holds a validation loss only
             parts.append(f"{name}: step {last['step']}/{run.expert_steps(experts[name])} loss {last['loss']:.3f}")
         else:
             parts.append(f"{name}: no step yet")
@@ -193,9 +194,9 @@ def last_metrics(path: Path, since: float = 0.0) -> dict | None:
     """The last complete record of a metrics file another process may be appending to, if written since `since`."""
     if not path.exists() or path.stat().st_mtime < since:
         return None
-    for line in reversed(path.read_text().splitlines()):
+    for line in reversed(path.read_text(errors="replace").splitlines()):
         try:
-            return json.loads(line)
-        except ValueError:  # a line still being written
+            return check(json.loads(line), MetricsRecord, path)
+        except (ValueError, ModularForgeError):  # a line still being written (or damaged: this is only progress)
             continue
     return None

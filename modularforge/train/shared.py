@@ -24,7 +24,7 @@ from modularforge.model.transformer import CausalLM, count_parameters
 from modularforge.model.weights import build_model, is_ffn, split_shared
 from modularforge.runs import Run
 from modularforge.safetensors_stream import Source, TensorInfo, write_streaming
-from modularforge.train.loop import LoopPlan, LossFn, ModelLoss, Objective, train_loop
+from modularforge.train.loop import LoopPlan, LossFn, ModelLoss, Objective, check_resume, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,14 @@ def probed_loss(lm_loss: LossFn, probe: DomainProbe, weight: float) -> LossFn:
 
 
 def train_shared(run: Run, stop_after: int | None = None) -> None:
+    with run.lock():  # the text and the checkpoint are checked before the stage records anything
+        run.require("prepare")
+        PreparedData(run.data_dir)
+        check_resume(run.shared_dir)
+        _train_shared(run, stop_after)
+
+
+def _train_shared(run: Run, stop_after: int | None) -> None:
     cfg = run.cfg
     with run.stage("train-shared") as facts:
         if run.base is not None:
