@@ -97,8 +97,10 @@ class TokenizerConfig(Section):
 
 
 class PartitionConfig(Section):
-    method: Literal["random", "clustered", "curriculum"] = Field(
-        "clustered", description="How documents are split among experts."
+    method: Literal["random", "clustered", "curriculum", "source"] = Field(
+        "clustered", description="How documents are split among experts: random, clustered (tf-idf or embeddings, "
+        "balanced k-means), curriculum (by difficulty), or source (one partition per source: a corpus folder, or "
+        "a file's name; model.num_experts must equal their number).",
     )
     features: Literal["tfidf", "embeddings"] = Field(
         "tfidf", description="Clustering features: tf-idf over tokens + SVD, or sentence embeddings."

@@ -1,4 +1,4 @@
-"""Every file the tool reads may be damaged (issue 16, item 3): valid JSON of the wrong shape, a missing key, a
+"""Every file the tool reads may be damaged: valid JSON of the wrong shape, a missing key, a
 value of the wrong type, a truncated file. The command that reads it stops with one `error:` line naming the file,
 exit 2, and nothing in the run directory changes (not even the manifest); a fuzz test mutates the files at random."""
 

@@ -177,6 +177,20 @@ def test_sentence_embedding_clustering_with_the_locally_installed_model(make_con
     assert report["purity"] > 0.9
 
 
+def test_source_partitions_are_the_corpora_and_must_match_the_expert_count(make_config, capsys):
+    from modularforge.errors import DataError
+
+    run = Run(make_config(partition={"method": "source"}, model={"num_experts": 2, "top_k": 1}))
+    prepare(run)
+    assignment, _ = load_partition(run.data_dir)
+    store = TokenStore.open(run.data_dir)
+    assert np.array_equal(assignment, store.docs["label"])  # one corpus folder, one partition
+    report = json.loads((run.data_dir / "partitions.json").read_text())
+    assert report["purity"] == 1.0
+    with pytest.raises(DataError, match="model.num_experts=2"):
+        prepare(Run(make_config(partition={"method": "source"}, run={"name": "four"})))
+
+
 @pytest.mark.parametrize("method", ["clustered", "curriculum"])
 def test_saved_partitioner_assigns_new_text_as_prepare_did(make_config, method):
     from modularforge.data.partition import Partitioner

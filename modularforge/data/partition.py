@@ -52,6 +52,12 @@ def partition_documents(
     partitioner = Partitioner(cfg.method, num_partitions, features=cfg.features, embedding_model=cfg.embedding_model)
     if cfg.method == "random":
         assignment = _deal(rng.permutation(store.num_documents), tokens, num_partitions)
+    elif cfg.method == "source":
+        if len(store.labels) != num_partitions:
+            raise DataError(f"partition.method=source makes one partition per source, and the data has "
+                            f"{len(store.labels)} ({', '.join(store.labels[:8])}); set model.num_experts="
+                            f"{len(store.labels)}")
+        assignment = store.docs["label"].astype(np.int64)
     elif cfg.method == "curriculum":
         assignment = partitioner.fit_curriculum(counts, tokens, train)
     else:
