@@ -85,7 +85,7 @@ SWEEP_CORPORA = ("us_code", "gutenberg_fiction")
 SWEEP_RATES = (3e-4, 1e-3, 3e-3)
 QUICK = ["budget.expert_tokens=1024", "budget.total_tokens=8192", "model.max_seq_len=128", "experts.train.seq_len=128",
          "experts.stats_tokens=512", "experts.select_tokens=512", "experts.train.eval_interval=1",
-         "calibrate.calib_tokens=512", "evaluate.eval_tokens=256", "data.max_documents=400"]
+         "calibrate.calib_tokens=512", "evaluate.eval_tokens=256"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -349,17 +349,20 @@ def training_speed(run: Run, steps: int) -> dict:
     vocab = run.vocab_size()
     batch = torch.randint(0, vocab, (tcfg.batch_size, seq + 1), generator=torch.Generator().manual_seed(0))
 
-    ours = expert_model(cfg, vocab, run, 0)
-    ours_params = [p for p in ours.parameters() if p.requires_grad]
-    ours_opt = FusedAdamW([(ours_params, 0.1)], (0.9, 0.95))
-    ours_loss = ModelLoss(ours, False, tcfg.loss_chunks)
+    def our_step_fn(compile: bool):
+        model = expert_model(cfg, vocab, run, 0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = FusedAdamW([(params, 0.1)], (0.9, 0.95))
+        loss_fn = ModelLoss(model, compile, tcfg.loss_chunks)
 
-    def our_step():
-        with autocast(dtype, "cpu"):
-            loss = ours_loss(batch)
-        loss.backward()
-        ours_opt.step(1e-5)
-        ours_opt.zero_grad()
+        def step():
+            with autocast(dtype, "cpu"):
+                loss = loss_fn(batch)
+            loss.backward()
+            optimizer.step(1e-5)
+            optimizer.zero_grad()
+
+        return step
 
     m = cfg.model
     hf_config = LlamaConfig(vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
@@ -387,10 +390,15 @@ def training_speed(run: Run, steps: int) -> dict:
         theirs_opt.step()
         theirs_opt.zero_grad(set_to_none=True)
 
-    times = {"modularforge": [], "transformers": []}
-    our_step(), their_step()  # warm up
+    systems = {"modularforge": our_step_fn(False), "modularforge (experts.train.compile)": our_step_fn(True),
+               "transformers": their_step}
+    times = {name: [] for name in systems}
+    for name, step in systems.items():  # warm up (and compile)
+        start = time.perf_counter()
+        step()
+        log.info("%s: first step %.1f s", name, time.perf_counter() - start)
     for _ in range(steps):
-        for name, step in (("modularforge", our_step), ("transformers", their_step)):
+        for name, step in systems.items():
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
@@ -404,6 +412,8 @@ def training_speed(run: Run, steps: int) -> dict:
         out[name] = {"tokens_per_s": round(tokens / median, 1), "median_step_s": round(median, 3),
                      "mfu": round(flops / median / peak, 4)}
     out["ratio"] = round(out["modularforge"]["tokens_per_s"] / out["transformers"]["tokens_per_s"], 3)
+    out["ratio_compiled"] = round(out["modularforge (experts.train.compile)"]["tokens_per_s"]
+                                  / out["transformers"]["tokens_per_s"], 3)
     return out
 
 
@@ -489,7 +499,8 @@ def targets_of(rows: dict, corpora: list[str], speed: dict, generation: dict, st
                                  for row in rows if row.startswith("continued training") and unseen in rows[row]},
                               "target": "<= 1 against the base and against continued training"}
     if speed:
-        out["expert_phase_speed_over_transformers"] = {"ratio": speed["ratio"], "target": ">= 1.5"}
+        out["expert_phase_speed_over_transformers"] = {"ratio": speed["ratio"], "compiled": speed["ratio_compiled"],
+                                                        "target": ">= 1.5"}
         out["expert_phase_mfu"] = {"mfu": speed["modularforge"]["mfu"], "target": ">= 0.40"}
     if generation:
         out["generation_over_transformers"] = {"ratio": generation["ratio"], "same_greedy_tokens":

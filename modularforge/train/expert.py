@@ -251,11 +251,17 @@ def expert_model(cfg: Config, vocab: int, run: Run, stream: int) -> CausalLM:
 
 def frozen_linears_to_bf16(model: CausalLM) -> None:
     """Store the frozen attention projections and LM head in bf16. Under bf16 autocast a Linear casts its
-    weight to bf16 before the product, so the results are unchanged and the fp32 copies are not needed."""
+    weight to bf16 before the product, so the results are unchanged and the fp32 copies are not needed. A head
+    tied to the embeddings gets a bf16 copy of its own (the embeddings, whose rows are looked up, stay fp32): else
+    every step casts the vocabulary-wide matrix again."""
     linears = [layer.self_attn for layer in model.model.layers]
-    heads = [] if model.cfg.tie_embeddings else [model.lm_head]
-    for module in [m for attn in linears for m in attn.children() if isinstance(m, nn.Linear)] + heads:
+    for module in [m for attn in linears for m in attn.children() if isinstance(m, nn.Linear)]:
         module.weight.data = module.weight.data.to(torch.bfloat16)
+    if model.cfg.tie_embeddings:
+        model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.detach().to(torch.bfloat16),
+                                            requires_grad=False)
+    else:
+        model.lm_head.weight.data = model.lm_head.weight.data.to(torch.bfloat16)
 
 
 class AnchorSwap(nn.Module):
