@@ -3,6 +3,8 @@
 # part has its own time limit, so one that overruns is recorded as such and the rest still run):
 #   smoke    the smoke pipeline with run.device=cuda (every computing stage on the GPU; the manifest records each
 #            stage's wall time, peak RSS and the CUDA allocator's peak)
+#   upcycle  the smoke pipeline from a pretrained base (a tiny random Llama 3.x-shaped model that transformers builds
+#            from a config, tests/bases.py) with run.device=cuda
 #   parity   the CUDA-vs-CPU parity test (logits within bf16 tolerance, the same greedy tokens)
 #   suite    the whole test suite with MODULARFORGE_TEST_DEVICE=cuda
 #   speed    benchmarks/speed.py --device cuda: both phases against transformers' Mixtral and Llama steps at
@@ -32,7 +34,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DEVICE="${1:-cuda}"
 shift || true
-PARTS="${*:-smoke parity suite speed memory quality}"
+PARTS="${*:-smoke upcycle parity suite speed memory quality}"
 RESULTS="${OUT:-docs/results}"
 WORK="$(mktemp -d /tmp/mf-gpu.XXXXXX)"
 QUALITY_TOKENS="${QUALITY_TOKENS:-24000000}"
@@ -64,6 +66,11 @@ part() {
 
 start=$(date +%s)
 part smoke 90 python3 -m modularforge run --smoke-test --set run.device="$DEVICE" --set run.root="$WORK/runs"
+part upcycle 120 bash -c "python3 -c 'import sys; sys.path.insert(0, \"tests\"); from pathlib import Path; \
+from bases import hf_folder, tokenizer_folder, LLAMA3; \
+tok = tokenizer_folder([open(\"README.md\").read()] * 4, Path(\"$WORK/tok\")); \
+hf_folder(Path(\"$WORK/base\"), tok, \"llama\", rope_scaling=dict(LLAMA3), context=16384)' && \
+python3 -m modularforge run --smoke-test --base $WORK/base --set run.device=$DEVICE --set run.root=$WORK/runs"
 part parity 60 env MODULARFORGE_TEST_DEVICE="$DEVICE" python3 -m pytest -q -p no:cacheprovider tests/test_device.py \
   -k "cuda_and_cpu or every_stage"
 part suite 150 env MODULARFORGE_TEST_DEVICE="$DEVICE" python3 -m pytest -q -p no:cacheprovider -x

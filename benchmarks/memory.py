@@ -153,15 +153,25 @@ def training_floor(cfg: Config, vocab: int, phase: str, device: str = "cpu") -> 
     train = cfg.train if phase == "shared" else cfg.experts.train
     logits_grad = train.micro_batch * -(-cfg.seq_len(train) // train.loss_chunks) * vocab * 4  # one slice's
     activations = saved_activation_bytes(cfg, vocab, phase, device)
+    tensors = list(model.parameters()) if phase == "shared" else \
+        [p for layer in model.model.layers for p in layer.mlp.parameters()]
+    trained = sum(p.numel() for p in tensors)
+    if train.optimizer == "adamw":  # two moments
+        optimizer = 8 * trained
+    else:  # adafactor: a row and a column per matrix
+        optimizer = 4 * sum(sum(p.shape) if p.dim() > 1 else p.numel() for p in tensors)
+    # stepping inside backward: one gradient at a time
+    gradients = 4 * (max(p.numel() for p in tensors) if train.step_in_backward else trained)
     if phase == "shared":
-        weights = 16 * total  # fp32 weight + gradient + two AdamW moments
+        weights = 4 * total + gradients + optimizer
     else:
         frozen = total - ffn
         bf16 = 0
         if cfg.experts.frozen_bf16 and autocast_dtype(train.precision, device) == torch.bfloat16:
-            bf16 = sum(params(layer.self_attn) for layer in model.model.layers)
-            bf16 += 0 if cfg.model.tie_embeddings else model.lm_head.weight.numel()
-        weights = 4 * (frozen - bf16) + 2 * bf16 + 16 * ffn
+            bf16 = sum(params(layer.self_attn) for layer in model.model.layers) + model.lm_head.weight.numel()
+            if cfg.model.tie_embeddings:  # the embeddings stay fp32 beside the head's bf16 copy
+                frozen += model.lm_head.weight.numel()
+        weights = 4 * (frozen - bf16) + 2 * bf16 + 4 * ffn + gradients + optimizer
     return {"weights_and_optimizer_mb": weights / MB, "activations_mb": activations / MB,
             "logits_grad_mb": logits_grad / MB, "floor_mb": (weights + activations + logits_grad) / MB}
 
@@ -305,6 +315,105 @@ def bench_1b(work: Path, baseline: float, table: list, logs: Path) -> dict:
             "identical_tokens": cached_text == full_text}
 
 
+# ------------------------------------------------------------------------------ the largest base in 8 GiB
+
+BASE_CONFIG = ROOT / "benchmarks" / "memory_base.yaml"
+LLAMA_1B = dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, head_dim=64, vocab=128256,
+                context=131072, theta=500_000.0)
+CPU_BOUND_MB = 8 * 1024
+
+
+def random_llama_1b(folder: Path) -> Path:
+    """A Llama-3.2-1B-shaped Hugging Face folder with random bf16 weights (as the real one is stored), written one
+    layer at a time into shards, and a byte-level BPE tokenizer trained on the bundled text (its ids fit the
+    embeddings, which keep Llama 3's 128256 rows)."""
+    from safetensors.torch import save_file
+
+    from modularforge.config import TokenizerConfig
+    from modularforge.data.sources import iter_documents
+    from modularforge.config import DataConfig
+    from modularforge.data.tokenizer import train_tokenizer
+
+    if (folder / "config.json").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    s = LLAMA_1B
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int, std: float = 0.02) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
+
+    weight_map: dict[str, str] = {}
+    shards = [{"model.embed_tokens.weight": randn(s["vocab"], s["hidden"]),
+               "model.norm.weight": torch.ones(s["hidden"], dtype=torch.bfloat16)}]
+    q, kv = s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
+    for i in range(s["layers"]):
+        p = f"model.layers.{i}."
+        shards.append({p + "input_layernorm.weight": torch.ones(s["hidden"], dtype=torch.bfloat16),
+                       p + "post_attention_layernorm.weight": torch.ones(s["hidden"], dtype=torch.bfloat16),
+                       p + "self_attn.q_proj.weight": randn(q, s["hidden"]),
+                       p + "self_attn.k_proj.weight": randn(kv, s["hidden"]),
+                       p + "self_attn.v_proj.weight": randn(kv, s["hidden"]),
+                       p + "self_attn.o_proj.weight": randn(s["hidden"], q, std=0.02 / 32**0.5),
+                       p + "mlp.gate_proj.weight": randn(s["intermediate"], s["hidden"]),
+                       p + "mlp.up_proj.weight": randn(s["intermediate"], s["hidden"]),
+                       p + "mlp.down_proj.weight": randn(s["hidden"], s["intermediate"], std=0.02 / 32**0.5)})
+    for k, tensors in enumerate(shards):
+        name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, folder / name, metadata={"format": "pt"})
+        weight_map |= {t: name for t in tensors}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    texts = (d.text for d in iter_documents(DataConfig(sources=["bundled"])))
+    train_tokenizer(texts, TokenizerConfig(vocab_size=8192), 256, folder / "tok")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / "tok" / name).replace(folder / name)
+    (folder / "tok").rmdir()
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": s["vocab"],
+              "hidden_size": s["hidden"], "intermediate_size": s["intermediate"], "num_hidden_layers": s["layers"],
+              "num_attention_heads": s["heads"], "num_key_value_heads": s["kv_heads"], "head_dim": s["head_dim"],
+              "hidden_act": "silu", "max_position_embeddings": s["context"], "rms_norm_eps": 1e-5,
+              "rope_theta": s["theta"], "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                                         "high_freq_factor": 4.0,
+                                                         "original_max_position_embeddings": 8192},
+              "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 0, "torch_dtype": "bfloat16"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def bench_base_1b(work: Path, baseline: float, table: list, logs: Path) -> dict:
+    base = random_llama_1b(work / "llama-1b-random")
+    run = new_run(BASE_CONFIG, work / "base-1b", [f"model.base={base}"])
+    cfg = run.cfg
+    peaks = {}
+    for name in ("prepare", "train-shared", "train-experts", "assemble", "calibrate", "evaluate"):
+        peak, wall, _ = stage(run.dir, name, logs=logs)
+        vocab = read_json(run.data_dir / "shards.json")["vocab_size"]
+        floor = None
+        if name == "train-experts":
+            floor = training_floor(cfg, vocab, "experts")
+        elif name in ("train-shared", "assemble"):
+            floor = {"floor_mb": largest_tensor_mb(cfg, vocab)}
+        elif name in ("calibrate", "evaluate"):
+            floor = inference_floor(cfg, vocab, cfg.calibrate.expert_cache, cfg.model.max_seq_len, kv=False)
+            if name == "evaluate":  # the report also scores the dense anchor: the anchor FFN stack beside
+                anchor_mb = 4 * sum(params(layer.mlp) for layer in dense_meta(cfg, vocab).model.layers) / MB
+                floor = {**floor, "anchor_ffn_mb": anchor_mb, "floor_mb": floor["floor_mb"] + anchor_mb}
+        row(table, "base-1b", name, peak, wall, baseline, floor)
+        peaks[name] = peak
+    prompt = ["--prompt", "The Congress", "--seed", "3", "--max-new-tokens", "8"]
+    peak, wall, text = stage(run.dir, "generate", *prompt, "--expert-cache", "4", logs=logs)
+    row(table, "base-1b", "generate (cache 4)", peak, wall, baseline,
+        inference_floor(cfg, vocab, 4, cfg.model.max_seq_len, kv=True))
+    peaks["generate (cache 4)"] = peak
+    model = dense_meta(cfg, vocab)
+    ffn = sum(params(layer.mlp) for layer in model.model.layers)
+    return {"base": "Llama-3.2-1B shape, random weights", "parameters_dense": params(model),
+            "expert_ffn_parameters": ffn, "expert_adamw_fp32_gb": round(16 * ffn / 1e9, 2),
+            "recipe": {"optimizer": cfg.experts.train.optimizer, "step_in_backward": cfg.experts.train.step_in_backward,
+                       "frozen_bf16": cfg.experts.frozen_bf16},
+            "peaks_mb": {k: round(v, 1) for k, v in peaks.items()}, "generated": text}
+
+
 # ------------------------------------------------------------------------------------------- GPU mode
 
 POC_OVERRIDES = ["budget.total_tokens=106496", "budget.shared_fraction=0.2308", "train.micro_batch_size=4",
@@ -375,7 +484,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "memory")
     parser.add_argument("--out", type=Path, help="default: docs/results/memory.json (memory_gpu.json on a GPU)")
-    parser.add_argument("--only", help="default: poc-50m,scaling,1b; in the GPU mode poc-50m,gpu-8gib")
+    parser.add_argument("--only", help="default: poc-50m,scaling,1b; base-1b (the largest base in 8 GiB) writes "
+                        "memory_base.json alone; in the GPU mode poc-50m,gpu-8gib")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda[:N] (the GPU mode: memory_gpu.json)")
     parser.add_argument("--vram", action="store_true",
                         help="the GPU mode's rows on --device (implied by a GPU; with cpu it checks the mode itself)")
@@ -408,6 +518,11 @@ def main() -> None:
         targets["assembly_64_above_baseline_vs_one_expert_plus_64mb"] = {
             "value": round(scaling[64]["above_baseline_mb"], 1),
             "target": f"<= {scaling[64]['expert_mb'] + 64:.1f} MiB"}
+    if "base-1b" in parts:
+        base = bench_base_1b(args.work, baseline, table, logs)
+        result["base-1b"] = base
+        targets["base_1b_max_stage_peak_mb"] = {"value": round(max(base["peaks_mb"].values()), 1),
+                                                "target": f"< {CPU_BOUND_MB}"}
     if "1b" in parts:
         one_b = bench_1b(args.work, baseline, table, logs)
         result["1b"] = one_b
@@ -417,7 +532,8 @@ def main() -> None:
         targets["1b_fully_loaded_fp32_gb"] = {"value": one_b["fully_loaded_fp32_gb"], "target": "> 4"}
         targets["1b_identical_tokens"] = {"value": one_b["identical_tokens"], "target": "true"}
     result.update(rows=table, targets=targets, wall_seconds=round(time.perf_counter() - started, 1))
-    write_json(args.out or ROOT / "docs" / "results" / "memory.json", result)
+    default = "memory_base.json" if parts == {"base-1b"} else "memory.json"
+    write_json(args.out or ROOT / "docs" / "results" / default, result)
     print("\ntargets:")
     for name, t in targets.items():
         print(f"  {name}: {t['value']} (target {t['target']})")

@@ -213,6 +213,16 @@ class TrainConfig(Section):
         "can be branched into several budgets (benchmarks/quality.py does).",
     )
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: fraction of the steps spent decaying.")
+    optimizer: Literal["adamw", "adafactor"] = Field(
+        "adamw", description="adamw, or adafactor (factored second moments, no first moment: about 4 bytes of state "
+        "per parameter fewer than 8, for runs bound by memory; an absolute step size, so lr means what it means "
+        "for adamw).",
+    )
+    step_in_backward: bool = Field(
+        False, description="Update each parameter inside the backward pass as soon as its gradient is complete, "
+        "and drop the gradient, so the gradients of all trained weights never exist at once (for runs bound by "
+        "memory). Needs micro_batch_size = batch_size and grad_clip 0 (a global norm needs every gradient).",
+    )
     weight_decay: float = Field(0.1, ge=0, le=100, description="AdamW weight decay (matrices only).")
     beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.95, gt=0, lt=1, description="AdamW beta2.")
@@ -529,6 +539,9 @@ class Config(Section):
                     f"{name}.batch_size={train.batch_size} is not a multiple of "
                     f"{name}.micro_batch_size={train.micro_batch}"
                 )
+            if train.step_in_backward and (train.micro_batch != train.batch_size or train.grad_clip):
+                raise ValueError(f"{name}.step_in_backward steps as gradients arrive: it needs {name}.micro_batch_size "
+                                 f"= batch_size and {name}.grad_clip=0")
             if train.seq_len is not None and train.seq_len > m.max_seq_len:
                 raise ValueError(f"{name}.seq_len={train.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
         if self.experts.train.domain_probe_weight or self.experts.train.domain_probe_from:

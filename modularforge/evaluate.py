@@ -40,10 +40,10 @@ from modularforge.data.sources import iter_text_pieces
 from modularforge.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths
 from modularforge.device import as_float64, autocast, autocast_dtype, module_device, resolve_device, to_device
 from modularforge.errors import DataError
-from modularforge.files import read_json, read_metrics, sha256_file
+from modularforge.files import load_tensors, read_json, read_metrics, sha256_file
 from modularforge.inference import AssembledFolder, open_model
 from modularforge.model.transformer import CausalLM
-from modularforge.model.weights import dense_shapes, is_ffn, load_dense
+from modularforge.model.weights import build_model, dense_shapes, is_ffn
 from modularforge.report import write_report
 from modularforge.runs import Run
 from modularforge.safetensors_stream import checked_header
@@ -267,6 +267,20 @@ def evaluate(run: Run) -> dict:
         return _evaluate(run, *_open_inputs(run))
 
 
+def anchor_beside(moe: CausalLM, run: Run) -> CausalLM:
+    """The dense anchor model, built on the MoE's own trunk tensors (its embeddings, attention, final norm and head,
+    which assembly copied from the shared part) rather than a second copy of them, with the shared part's
+    post-attention norms (calibration may rescale the MoE's) and the anchor FFN."""
+    shared = run.shared_dir / "shared.safetensors"
+    trunk = {name: t for name, t in moe.state_dict().items()
+             if ".block_sparse_moe." not in name and not name.endswith("post_attention_layernorm.weight")
+             and not (name == "lm_head.weight" and run.cfg.model.tie_embeddings)}
+    norms = load_tensors(shared, [f"model.layers.{i}.post_attention_layernorm.weight"
+                                  for i in range(run.cfg.model.num_layers)])
+    tensors = trunk | norms | load_tensors(run.shared_dir / "anchor.safetensors")
+    return build_model(run.cfg.model, run.vocab_size(), moe=False, tensors=tensors, device=module_device(moe))
+
+
 def _open_inputs(run: Run) -> tuple[Tokenizer, AssembledFolder, dict[str, PreparedData]]:
     """The tokenizer, the model folder and the text; and a check of every other file the report reads."""
     cfg = run.cfg
@@ -297,7 +311,7 @@ def _evaluate(run: Run, tokenizer: Tokenizer, folder: AssembledFolder, data: dic
     with run.stage("evaluate") as facts:
         device = resolve_device(cfg)
         moe = open_model(folder, expert_cache=cfg.evaluate.expert_cache, device=device)
-        anchor = load_dense(cfg.model, run.vocab_size(), run.shared_dir, device=device)
+        anchor = anchor_beside(moe, run)
         moe.eval(), anchor.eval()
         experts, parts = run.experts(), run.partitions()
         modes = tuple(m for m in MODES if m in {*cfg.evaluate.routing_modes, "anchor", "token", "oracle"})

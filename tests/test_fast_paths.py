@@ -1,5 +1,9 @@
 """Each fast path gives the plain path's results within tolerance."""
 
+import tempfile
+from pathlib import Path
+
+import pytest
 import torch
 
 from modularforge.config import ModelConfig
@@ -133,3 +137,58 @@ def test_fused_adamw_takes_the_steps_of_torch_adamw():
     for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
     assert not torch.equal(ours.lm_head.weight, _model().lm_head.weight)
+
+
+def test_adafactor_takes_the_steps_of_torch_adafactor_with_an_absolute_step_size():
+    from modularforge.train.optimizer import Adafactor
+
+    ours, theirs = _model(), _model()
+    opt_ours = Adafactor([(list(ours.parameters()), 0.1)])
+    opt_theirs = torch.optim.Adafactor(theirs.parameters(), lr=1e-2, eps=(None, 1.0), weight_decay=0.1)
+    for step in range(3):
+        batch = torch.randint(0, 300, (2, 33), generator=torch.Generator().manual_seed(10 + step))
+        for model in (ours, theirs):
+            ModelLoss(model, compile=False)(batch).backward()
+        opt_ours.step(lr=1e-2)
+        opt_theirs.step()
+        opt_ours.zero_grad()
+        opt_theirs.zero_grad()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    matrix = ours.lm_head.weight
+    assert set(opt_ours.state[matrix]) == {"step", "row_var", "col_var"}  # a row and a column, not a matrix
+    assert sum(t.numel() for t in opt_ours.state[matrix].values()) == 1 + sum(matrix.shape)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_stepping_inside_backward_takes_the_same_steps(optimizer):
+    from modularforge.config import TrainConfig
+    from modularforge.train.loop import LoopPlan, Objective, train_loop
+
+    results = []
+    for in_backward in (False, True):
+        model = _model()
+        cfg = TrainConfig(batch_size=2, lr=1e-2, grad_clip=0.0, precision="fp32", optimizer=optimizer,
+                          step_in_backward=in_backward, eval_interval=100, checkpoint_interval=100)
+        loss = ModelLoss(model, compile=False)
+        data = torch.randint(0, 300, (8, 2, 33), generator=torch.Generator().manual_seed(3))
+        with tempfile.TemporaryDirectory() as out:
+            train_loop(Objective(params=dict(model.named_parameters()), loss_fn=loss,
+                                 sample_batch=lambda step: data[step], val_batches=[data[0]]),
+                       cfg, LoopPlan(steps=8, out_dir=Path(out), label="t", fingerprint="f"))
+        assert all(p.grad is None for p in model.parameters())
+        results.append(model)
+    for (name, a), b in zip(results[0].named_parameters(), results[1].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    assert not torch.equal(results[1].lm_head.weight, _model().lm_head.weight)
+
+
+def test_stepping_inside_backward_needs_whole_batches_and_no_global_clip():
+    from modularforge.config import config_from_dict
+    from modularforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="step_in_backward"):
+        config_from_dict({"experts": {"train": {"step_in_backward": True, "batch_size": 4, "micro_batch_size": 2,
+                                                "grad_clip": 0.0}}})
+    with pytest.raises(ConfigError, match="step_in_backward"):
+        config_from_dict({"train": {"step_in_backward": True}})  # grad_clip defaults to 1

@@ -27,9 +27,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from modularforge.config import TrainConfig
 from modularforge.device import autocast, autocast_dtype, to_device
 from modularforge.errors import TrainingError
-from modularforge.files import atomic_path, load_tensors, metric_lines, read_metadata, save_tensors
+from modularforge.files import atomic_path, metric_lines, read_metadata, save_tensors
+from modularforge.safetensors_stream import read_header, read_tensors
 from modularforge.train.cross_entropy import linear_cross_entropy
-from modularforge.train.optimizer import FusedAdamW
+from modularforge.train.optimizer import Adafactor, FusedAdamW, Optimizer
 
 log = logging.getLogger(__name__)
 
@@ -217,26 +218,39 @@ def train_loop(job: Objective, cfg: TrainConfig, plan: LoopPlan) -> LoopResult:
     return result
 
 
-def _optimizer(job: Objective, cfg: TrainConfig) -> FusedAdamW:
-    """AdamW with weight decay on the matrices (`no_decay` exempts some), none on vectors."""
+def _optimizer(job: Objective, cfg: TrainConfig) -> Optimizer:
+    """AdamW (or Adafactor) with weight decay on the matrices (`no_decay` exempts some), none on vectors; with
+    `step_in_backward`, each parameter steps from a hook as soon as its gradient is complete."""
     decays = {n: p.dim() >= 2 and not job.no_decay(n) for n, p in job.params.items()}
-    decay = [p for n, p in job.params.items() if decays[n]]
-    rest = [p for n, p in job.params.items() if not decays[n]]
-    return FusedAdamW([(decay, cfg.weight_decay), (rest, 0.0)], betas=(cfg.beta1, cfg.beta2))
+    groups = [([p for n, p in job.params.items() if decays[n]], cfg.weight_decay),
+              ([p for n, p in job.params.items() if not decays[n]], 0.0)]
+    optimizer = FusedAdamW(groups, betas=(cfg.beta1, cfg.beta2)) if cfg.optimizer == "adamw" else Adafactor(groups)
+    if cfg.step_in_backward:
+        optimizer.lr = 0.0  # the rate of the step under way, set before its backward pass
+        for p in job.params.values():
+            p.register_post_accumulate_grad_hook(lambda p: optimizer.step_one(p, optimizer.lr))
+    return optimizer
 
 
-def train_step(job: Objective, optimizer: FusedAdamW, cfg: TrainConfig, batch: torch.Tensor, lr: float,
+def train_step(job: Objective, optimizer: Optimizer, cfg: TrainConfig, batch: torch.Tensor, lr: float,
                dtype: torch.dtype | None) -> float:
-    """One optimizer step on `batch` (batch_size, T + 1), accumulated over micro-batches; the mean loss."""
+    """One optimizer step on `batch` (batch_size, T + 1), accumulated over micro-batches; the mean loss. With
+    `step_in_backward` the one backward pass also steps (`_optimizer`), so a non-finite loss is caught before it."""
     micro = cfg.micro_batch
     accum = cfg.batch_size // micro
     loss_sum = 0.0
     for m in range(accum):
         with autocast(dtype, batch.device):
             loss = job.loss_fn(batch[m * micro : (m + 1) * micro])
+        if cfg.step_in_backward:
+            if not math.isfinite(loss.item()):
+                return loss.item()
+            optimizer.lr = lr
         (loss / accum).backward()
         loss_sum += loss.item()
     mean = loss_sum / accum
+    if cfg.step_in_backward:
+        return mean
     if not math.isfinite(mean):  # the caller raises; clipping or stepping on it would only spread the NaN
         return mean
     if cfg.grad_clip > 0:
@@ -345,10 +359,9 @@ class _Best:
         meta = checkpoint_metadata(self.path)
         if int(meta["step"]) != self.step or meta.get("fingerprint") != self.fingerprint:
             raise TrainingError(f"{self.path} holds step {meta['step']}, not the best step {self.step}")
-        tensors = load_tensors(self.path)
         with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(tensors[name])
+            for name, p in params.items():  # one tensor at a time: the trained weights are not held twice
+                p.copy_(read_tensors(self.path, [name])[name])
 
 
 @torch.no_grad()
@@ -373,7 +386,7 @@ def evaluate_loss(loss_fn: LossFn, batches: Sequence[torch.Tensor], dtype: torch
     return total / max(count, 1)
 
 
-def _save_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer: FusedAdamW, step: int,
+def _save_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer: Optimizer, step: int,
                      fingerprint: str, best: _Best | None = None) -> None:
     tensors = {f"param.{n}": p.detach() for n, p in params.items()}
     for name, p in params.items():
@@ -383,22 +396,25 @@ def _save_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer: Fus
     save_tensors(path, tensors, meta)
 
 
-def _resume(path: Path, params: dict[str, nn.Parameter], optimizer: FusedAdamW, fingerprint: str, steps: int) -> int:
+def _resume(path: Path, params: dict[str, nn.Parameter], optimizer: Optimizer, fingerprint: str, steps: int) -> int:
     if not path.exists():
         return 0
     meta = checkpoint_metadata(path)
     if meta.get("fingerprint") != fingerprint:
         log.warning("ignoring checkpoint %s: it was written with a different config", path)
         return 0
-    tensors = load_tensors(path)
+    keys = read_header(path)[0]
+    by_param: dict[str, list[str]] = {}
+    for key in keys:
+        by_param.setdefault(key.split(".", 1)[1], []).append(key)
     with torch.no_grad():
-        for name, p in params.items():
-            if f"param.{name}" not in tensors:
+        for name, p in params.items():  # one parameter (and its state) at a time: nothing is held twice
+            if f"param.{name}" not in keys:
                 raise TrainingError(f"checkpoint {path} lacks parameter {name}; delete it to restart")
-            p.copy_(tensors[f"param.{name}"])
-            state = {k.split(".", 1)[0]: v for k, v in tensors.items() if k.split(".", 1)[1] == name and not k.startswith("param.")}
-            if state:
-                optimizer.load_state(p, state)
+            tensors = read_tensors(path, by_param[name])
+            p.copy_(tensors.pop(f"param.{name}"))
+            if tensors:
+                optimizer.load_state(p, {key.split(".", 1)[0]: value for key, value in tensors.items()})
     step = int(meta["step"])
     log.info("resuming %s at step %d/%d", path.parent, step, steps)
     return step
