@@ -288,11 +288,41 @@ def dense_llama_folder(run: Run, ffn: dict[str, torch.Tensor], out: Path) -> Pat
     return out
 
 
+def per_expert_layout(fused: Path, out: Path) -> Path:
+    """A Mixtral folder in transformers 5's fused layout (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj`
+    [E, H, I], `mlp.gate`), as mergekit writes it, rewritten in the per-expert layout ModularForge reads."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for shard in sorted(fused.glob("*.safetensors")):
+        tensors |= load_tensors(shard)
+    converted = {}
+    for name, t in tensors.items():
+        prefix, _, rest = name.partition(".mlp.")
+        if rest == "experts.gate_up_proj":
+            inner = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                converted[f"{prefix}.block_sparse_moe.experts.{e}.w1.weight"] = t[e, :inner].contiguous()
+                converted[f"{prefix}.block_sparse_moe.experts.{e}.w3.weight"] = t[e, inner:].contiguous()
+        elif rest == "experts.down_proj":
+            for e in range(t.shape[0]):
+                converted[f"{prefix}.block_sparse_moe.experts.{e}.w2.weight"] = t[e].contiguous()
+        elif rest == "gate.weight":
+            converted[f"{prefix}.block_sparse_moe.gate.weight"] = t
+        else:
+            converted[name] = t
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(converted, out / "model.safetensors", metadata={"format": "pt"})
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(fused / name, out / name)
+    return out
+
+
 def mergekit_moe(run: Run, data: Path, work: Path) -> Path:
-    """The experts merged by mergekit-moe (gate_mode hidden) into a Mixtral folder."""
+    """The experts merged by mergekit-moe (gate_mode hidden) into a Mixtral folder (per-expert layout)."""
     out = work / "mergekit" / "moe"
-    if (out / "config.json").exists():
-        return out
+    if (out.with_name("moe-per-expert") / "config.json").exists():
+        return out.with_name("moe-per-expert")
     venv = work / "mergekit-venv"
     if not (venv / "bin" / "mergekit-moe").exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -312,7 +342,7 @@ def mergekit_moe(run: Run, data: Path, work: Path) -> Path:
     (folders / "moe.yml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     subprocess.run([str(venv / "bin" / "mergekit-moe"), str(folders / "moe.yml"), str(out), "--device", "cpu"],
                    check=True)
-    return out
+    return per_expert_layout(out, out.with_name("moe-per-expert"))
 
 
 # --------------------------------------------------------------------------------------------------- speed
