@@ -234,7 +234,7 @@ def continued_training(source: Run, work: Path, name: str, steps: int | None = N
     dump = cfg.model_dump(mode="json")
     dump["train"] = {**tcfg.model_dump(mode="json"), "eval_interval": max(steps, 1), "checkpoint_interval": 50}
     dump["budget"] = {**dump["budget"], "total_tokens": 2 * steps * cfg.tokens_per_step(tcfg),
-                      "shared_fraction": 0.5}
+                      "base_trunk_tokens": steps * cfg.tokens_per_step(tcfg)}
     dump["run"] = {**dump["run"], "name": name}
     run = Run(config_from_dict(dump), work / name)
     assert run.cfg.shared_steps == steps, (run.cfg.shared_steps, steps)

@@ -261,9 +261,16 @@ class BudgetConfig(Section):
     )
     shared_fraction: float | Literal["auto"] = Field(
         "auto",
-        description="Share of total_tokens spent on the shared phase; the rest is split among experts. `auto` "
-        "picks it from the run's tokens per dense parameter along the best splits measured by "
-        "benchmarks/parallel.py and benchmarks/quality.py (SHARED_FRACTION_CURVE; docs/RESULTS.md).",
+        description="From scratch: share of total_tokens spent on the shared phase; the rest is split among "
+        "experts. `auto` picks it from the run's tokens per dense parameter along the best splits measured by "
+        "benchmarks/parallel.py and benchmarks/quality.py (SHARED_FRACTION_CURVE; docs/RESULTS.md). A run from a "
+        "base ignores it (see base_trunk_tokens).",
+    )
+    base_trunk_tokens: int = Field(
+        0, ge=0, le=10**15,
+        description="With model.base: tokens of continued training of the whole base on the run's text (the shared "
+        "phase, started from the base) before the experts branch from it; 0 keeps the base as it is, frozen. The "
+        "rest of total_tokens is split among the experts.",
     )
     expert_tokens: int | None = Field(
         None, ge=1, le=10**12,
@@ -565,6 +572,12 @@ class Config(Section):
         if max(self.shared_steps, self.expert_steps) > MAX_STEPS:
             raise ValueError(f"the budget gives {max(self.shared_steps, self.expert_steps):,} steps in a phase, over "
                              f"{MAX_STEPS:,}; lower budget.total_tokens (or budget.expert_tokens)")
+        if self.budget.base_trunk_tokens and m.base is None:
+            raise ValueError("budget.base_trunk_tokens continues training a base: set model.base, or use "
+                             "budget.shared_fraction for a run from scratch")
+        if m.base is not None and self.budget.base_trunk_tokens >= self.budget.total_tokens:
+            raise ValueError(f"budget.base_trunk_tokens={self.budget.base_trunk_tokens} leaves nothing of "
+                             f"budget.total_tokens={self.budget.total_tokens} for the experts; raise total_tokens")
         if (self.shared_steps < 1 and m.base is None) or self.expert_steps < 1:
             raise ValueError(
                 f"budget.total_tokens={self.budget.total_tokens} is too small for one step per phase; raise it"
@@ -580,11 +593,11 @@ class Config(Section):
     @property
     def shared_fraction(self) -> float:
         """budget.shared_fraction, with `auto` resolved from the tokens per dense parameter; for a run that starts
-        from a base, `auto` is 0: the base's trunk is used frozen, as it is."""
+        from a base, the share of budget.base_trunk_tokens (0: the base's trunk is used frozen, as it is)."""
+        if self.model.base is not None:
+            return self.budget.base_trunk_tokens / self.budget.total_tokens
         if self.budget.shared_fraction != "auto":
             return self.budget.shared_fraction
-        if self.model.base is not None:
-            return 0.0
         return auto_shared_fraction(self.budget.total_tokens / self.model.dense_parameters(self.tokenizer.vocab_size))
 
     @property

@@ -213,6 +213,8 @@ class Run:
             picked["budget.shared_fraction"] = self.cfg.shared_fraction
         elif "budget" in picked:
             picked["budget"] = {**picked["budget"], "shared_fraction": self.cfg.shared_fraction}
+            if self.cfg.model.base is None:  # a key of runs from a base (resolved into shared_fraction there)
+                picked["budget"].pop("base_trunk_tokens")
         if "model" in picked:  # top_k matters only from assembly on (listed there)
             picked["model"] = {k: v for k, v in picked["model"].items()
                                if k != "top_k" and not (k in _BASE_KEY_DEFAULTS and v == _BASE_KEY_DEFAULTS[k])}

@@ -111,7 +111,7 @@ def test_with_no_expert_trained_evaluate_gives_the_bases_own_perplexity(family, 
 
 
 def test_continuing_the_trunk_from_the_base_trains_it_from_the_base(make_config, llama_base):
-    run = _base_run(make_config, llama_base, budget={"shared_fraction": 0.5})
+    run = _base_run(make_config, llama_base, budget={"base_trunk_tokens": 20 * 8 * 32})
     assert run.cfg.shared_steps > 0
     _through(run, prepare, train_shared)
     manifest = run.manifest()["stages"]["train-shared"]

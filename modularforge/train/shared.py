@@ -2,7 +2,7 @@
 together on all partitions (DESIGN.md section 2); then split into the frozen shared part and the anchor.
 
 A run that starts from a pretrained base (`model.base`, DESIGN.md section 9) takes them from it instead: with no
-shared-phase budget (`budget.shared_fraction: auto`) the base's tensors are written as they are, one at a time,
+shared-phase budget (`budget.base_trunk_tokens: 0`) the base's tensors are written as they are, one at a time,
 into the same two files; with a budget, the shared phase trains from the base rather than from random weights."""
 
 from __future__ import annotations
