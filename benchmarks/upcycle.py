@@ -70,8 +70,7 @@ from modularforge.model.weights import FFN_WEIGHTS, ffn_key, load_dense  # noqa:
 from modularforge.runs import STAGES, Run  # noqa: E402
 from modularforge.sampling import Sampling, generate_ids, sequence_choices  # noqa: E402
 from modularforge.train.expert import expert_model, train_expert  # noqa: E402
-from modularforge.train.loop import ModelLoss  # noqa: E402
-from modularforge.train.optimizer import FusedAdamW  # noqa: E402
+from modularforge.train.loop import ModelLoss, Objective, make_optimizer, train_step  # noqa: E402
 from modularforge.train.shared import train_shared  # noqa: E402
 
 log = logging.getLogger("upcycle")
@@ -383,19 +382,13 @@ def training_speed(run: Run, steps: int) -> dict:
     batch = torch.randint(0, vocab, (tcfg.batch_size, seq + 1), generator=torch.Generator().manual_seed(0))
 
     def our_step_fn(compile: bool):
+        """The expert phase's own step: its model, loss, optimizer and (for adafactor) step inside backward."""
         model = expert_model(cfg, vocab, run, 0)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = FusedAdamW([(params, 0.1)], (0.9, 0.95))
-        loss_fn = ModelLoss(model, compile, tcfg.loss_chunks)
-
-        def step():
-            with autocast(dtype, "cpu"):
-                loss = loss_fn(batch)
-            loss.backward()
-            optimizer.step(1e-5)
-            optimizer.zero_grad()
-
-        return step
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        objective = Objective(params=params, loss_fn=ModelLoss(model, compile, tcfg.loss_chunks),
+                              sample_batch=lambda step: batch, val_batches=[])
+        optimizer = make_optimizer(objective, tcfg)
+        return lambda: train_step(objective, optimizer, tcfg, batch, 1e-5, dtype)
 
     m = cfg.model
     hf_config = LlamaConfig(vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
@@ -413,7 +406,9 @@ def training_speed(run: Run, steps: int) -> dict:
     theirs.requires_grad_(False)
     for layer in theirs.model.layers:
         layer.mlp.requires_grad_(True)
-    theirs_opt = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    trained = [p for p in theirs.parameters() if p.requires_grad]
+    theirs_opt = torch.optim.AdamW(trained, lr=1e-5, fused=True) if tcfg.optimizer == "adamw" else \
+        torch.optim.Adafactor(trained, lr=1e-5, eps=(None, 1.0))
 
     def their_step():
         with autocast(dtype, "cpu"):
@@ -438,7 +433,8 @@ def training_speed(run: Run, steps: int) -> dict:
     tokens = tcfg.batch_size * seq
     peak = matmul_peak(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
     flops = expert_step_flops(m, vocab, tcfg.batch_size, seq)
-    out = {"batch": tcfg.batch_size, "seq": seq, "precision": str(dtype or "fp32"), "matmul_peak_tflops":
+    out = {"batch": tcfg.batch_size, "seq": seq, "precision": str(dtype or "fp32"), "optimizer": tcfg.optimizer,
+           "step_in_backward_ours": tcfg.step_in_backward, "matmul_peak_tflops":
            round(peak / 1e12, 4), "step_gflop": round(flops / 1e9, 1)}
     for name, t in times.items():
         median = statistics.median(t)

@@ -170,7 +170,7 @@ def train_loop(job: Objective, cfg: TrainConfig, plan: LoopPlan) -> LoopResult:
     """
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = plan.out_dir / "ckpt.safetensors", plan.out_dir / "metrics.jsonl"
-    optimizer = _optimizer(job, cfg)
+    optimizer = make_optimizer(job, cfg)
     start = _resume(ckpt_path, job.params, optimizer, plan.fingerprint, plan.steps)
     _trim_metrics(metrics_path, start)
     device = next(iter(job.params.values())).device  # the loop computes where its parameters are
@@ -218,7 +218,7 @@ def train_loop(job: Objective, cfg: TrainConfig, plan: LoopPlan) -> LoopResult:
     return result
 
 
-def _optimizer(job: Objective, cfg: TrainConfig) -> Optimizer:
+def make_optimizer(job: Objective, cfg: TrainConfig) -> Optimizer:
     """AdamW (or Adafactor) with weight decay on the matrices (`no_decay` exempts some), none on vectors; with
     `step_in_backward`, each parameter steps from a hook as soon as its gradient is complete."""
     decays = {n: p.dim() >= 2 and not job.no_decay(n) for n, p in job.params.items()}
@@ -235,7 +235,7 @@ def _optimizer(job: Objective, cfg: TrainConfig) -> Optimizer:
 def train_step(job: Objective, optimizer: Optimizer, cfg: TrainConfig, batch: torch.Tensor, lr: float,
                dtype: torch.dtype | None) -> float:
     """One optimizer step on `batch` (batch_size, T + 1), accumulated over micro-batches; the mean loss. With
-    `step_in_backward` the one backward pass also steps (`_optimizer`), so a non-finite loss is caught before it."""
+    `step_in_backward` the one backward pass also steps (`make_optimizer`), so a non-finite loss is caught before it."""
     micro = cfg.micro_batch
     accum = cfg.batch_size // micro
     loss_sum = 0.0
