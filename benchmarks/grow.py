@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from corpora import CORPORA, dev_file  # noqa: E402
 from machine import git_facts, machine_facts  # noqa: E402
 
 from modularforge.config import apply_override, config_from_dict  # noqa: E402
@@ -60,8 +61,6 @@ from modularforge.train.loop import LoopPlan, ModelLoss, Objective, train_loop  
 log = logging.getLogger("grow")
 
 CONFIG = ROOT / "benchmarks" / "grow.yaml"
-CORPORA = ("wikipedia_en", "gutenberg_fiction", "gutenberg_nonfiction", "us_state_of_the_union", "us_code",
-           "debian_docs", "foldoc", "jargon_file")
 NEW = ("us_code", "foldoc")  # legal text and a computing dictionary: neither is like the six the trunk saw
 CT_STREAM = 3_000_000  # batch streams of continued training (one per new corpus)
 QUICK = [
@@ -183,7 +182,7 @@ class Rows:
     """Each row's perplexity on every corpus's dev text, from `score_file`."""
 
     def __init__(self, data: Path, tokenizer, eval_tokens: int):
-        self.files = {c: data / c / "dev-00000.jsonl" for c in CORPORA}
+        self.files = {c: dev_file(data, c) for c in CORPORA}
         self.tokenizer, self.eval_tokens = tokenizer, eval_tokens
         self.rows: dict[str, dict] = {}
 

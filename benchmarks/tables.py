@@ -528,8 +528,111 @@ def domain_probe(*results: dict) -> str:
                "top-k hit (worst layer)"], rows)
 
 
-# An upcycling benchmark (a pretrained base as the trunk, docs/results/upcycle.json) gets its renderer here,
-# `@renderer("upcycle")`, its section in docs/RESULTS.md, and a row in claims() below.
+# ---- starting from a pretrained model -----------------------------------------------------------------------
+
+def upcycle_pooled(result: dict, row: str) -> float:
+    return result["pooled_dev_perplexity"][row]
+
+
+@renderer("upcycle")
+def upcycle(result: dict) -> str:
+    """Perplexity of every row on each corpus's dev text and on the unseen text, with the pooled dev perplexity and
+    its ratio to the base's."""
+    rows, texts = result["rows"], list(result["rows"]["base"])
+    base = upcycle_pooled(result, "base")
+    out = []
+    for name, per in rows.items():
+        pooled = upcycle_pooled(result, name)
+        out.append([name, *(f"{per[t]['perplexity']:.2f}" if t in per else "" for t in texts),
+                    f"{pooled:.2f}" if pooled else "", f"**{pooled / base:.3f}**" if pooled else ""])
+    short = {"us_state_of_the_union": "sotu", "gutenberg_fiction": "fiction", "gutenberg_nonfiction": "nonfiction",
+             "unseen (GPL-3)": "unseen: GPL-3"}
+    return md(["row", *(short.get(t, t) for t in texts), "dev pooled", "/ base"], out)
+
+
+@renderer("upcycle_targets")
+def upcycle_targets(result: dict) -> str:
+    """The upcycle benchmark's targets, each with its measured value."""
+    t, speed, gen = result["targets"], result.get("speed") or {}, result.get("generation") or {}
+    corpora = [c for c in result["rows"]["base"] if c in result["rows"]["MoE: oracle (corpus to its expert)"]]
+    better = t["experts_better_than_base_on_their_corpus"]["better"]
+    rows = [["exported MoE / base, pooled dev text", f"**{t['moe_over_base_on_dev_text']['exported']:.3f}**",
+             "<= 0.85", meets(t["moe_over_base_on_dev_text"]["exported"], "<= 0.85")],
+            ["experts better than the base on their own corpus", f"**{len(better)} of {len(corpora)}**", "all",
+             "met" if len(better) == len(corpora) else "**missed**"]]
+    for key, value in t.items():
+        if key.startswith("exported_over_"):
+            rows.append([f"exported MoE / {key.removeprefix('exported_over_')}, pooled dev text",
+                         f"**{value['dev']:.3f}**", "< 1", meets(value["dev"], "< 1")])
+    unseen = t.get("unseen_text", {})
+    for key, value in unseen.items():
+        if key.startswith("exported_over_"):
+            rows.append([f"unseen text: exported MoE / {key.removeprefix('exported_over_')}", f"**{value:.3f}**",
+                         "<= 1", meets(value, "<= 1")])
+    if speed:
+        rows.append(["expert phase tokens/s / transformers (same base, FFNs trained)",
+                     f"**{speed['ratio']:.2f}** (compiled: {speed['ratio_compiled']:.2f})", ">= 1.5",
+                     meets(max(speed["ratio"], speed["ratio_compiled"]), ">= 1.5")])
+        rows.append(["expert phase MFU (bf16 matmul peak measured here)",
+                     f"**{speed['modularforge']['mfu']:.2f}**", ">= 0.40", meets(speed["modularforge"]["mfu"], ">= 0.40")])
+    if gen:
+        rows.append(["batch-1 generation / transformers' generate, same greedy tokens",
+                     f"**{gen['ratio']:.2f}**, {'same' if gen['same_greedy_tokens'] else 'different'} tokens",
+                     ">= 1.5", meets(gen["ratio"], ">= 1.5") if gen["same_greedy_tokens"] else "**missed**"])
+    return md(["measure", "value", "target", ""], rows)
+
+
+@renderer("upcycle_cost")
+def upcycle_cost(result: dict) -> str:
+    """Wall time and peak RSS of every stage of the upcycled run, the experts' training, and the baselines'."""
+    rows = [[stage, f"{s['wall_seconds']:.0f}", f"{s['peak_rss_mb']:.0f}"] for stage, s in result["stages"].items()]
+    experts = result["experts"].values()
+    rows.append(["(one expert, mean: training and its validations)",
+                 f"{sum(e['seconds'] for e in experts) / len(experts):.0f}", ""])
+    ct = result["continued_training"]
+    rows.append([f"continued training, equal tokens ({ct['equal_tokens_steps']} steps)",
+                 f"{ct['equal_tokens_steps'] * ct['seconds_per_step']:.0f}", ""])
+    return md(["stage", "wall s", "peak RSS MiB"], rows)
+
+
+@renderer("upcycle_speed")
+def upcycle_speed(result: dict) -> str:
+    """The expert phase's step against transformers', and batch-1 generation."""
+    s, g = result["speed"], result["generation"]
+    rows = [[name, f"{s[name]['tokens_per_s']:.0f}", f"{s[name]['mfu']:.2f}"]
+            for name in s if isinstance(s[name], dict) and "tokens_per_s" in s[name]]
+    rows += [[f"generation, batch 1: {name}", f"{rate:.1f}", ""] for name, rate in g["tokens_per_s"].items()]
+    return md([f"system ({s['batch']} x {s['seq']} tokens, {s['optimizer']}, {s['precision'].split('.')[-1]})",
+               "tokens/s", "MFU"], rows)
+
+
+@renderer("upcycle_experts")
+def upcycle_experts(result: dict) -> str:
+    """Each expert: its corpus, the base's and its own dev perplexity, and its keep-best choice."""
+    rows = []
+    for name, e in result["experts"].items():
+        base = result["rows"]["base"][e["corpus"]]["perplexity"]
+        own = result["rows"]["MoE: oracle (corpus to its expert)"][e["corpus"]]["perplexity"]
+        sel = e["selection"]
+        rows.append([name, e["corpus"], f"{base:.2f}", f"{own:.2f}", f"**{own / base - 1:+.1%}**",
+                     f"step {sel['best_step']} of {e['steps']}" if sel["beats_anchor"] else "ships as the base"])
+    return md(["expert", "corpus", "base", "expert", "change", "kept"], rows)
+
+
+@renderer("upcycle_lr")
+def upcycle_lr(result: dict) -> str:
+    """The sweep of an expert's peak learning rate over a base, per optimizer: dev perplexity against the base's."""
+    rows = []
+    for optimizer, rates in result["optimizers"].items():
+        for lr, per in sorted(rates.items(), key=lambda kv: float(kv[0])):
+            cells = [f"{per[c]['perplexity']:.2f} ({per[c]['ratio_to_base']:.3f})"
+                     + ("" if per[c]["beats_base_on_selection_text"] else ", ships as the base")
+                     for c in result["corpora"]]
+            rows.append([optimizer + (" (step in backward)" if optimizer == "adafactor" else ""), f"{float(lr):g}",
+                         *cells])
+    base = next(iter(next(iter(result["optimizers"].values())).values()))
+    return md(["optimizer", "peak lr", *(f"{c} (base {base[c]['base_perplexity']:.2f})" for c in result["corpora"])],
+              rows)
 
 
 # ---- the README's claims -----------------------------------------------------------------------------------
@@ -579,6 +682,12 @@ def claims(*results: dict) -> str:
     gen32, gen16 = speed["generation_vs_transformers_float32"], speed["generation_vs_transformers_float16"]
     gen_amx = amx["generation_vs_transformers_float32"]
     f32 = next(r for r in by["gguf.json"]["results"] if r["gguf"] == "f32" and r["kv_cache"] == "f32")
+    up, base_mem = by["upcycle.json"], by["memory_base.json"]
+    up_t = up["targets"]
+    up_vs = {key.removeprefix("exported_over_"): value["dev"] for key, value in up_t.items()
+             if key.startswith("exported_over_")}
+    up_corpora = [c for c in up["rows"]["base"] if c in up["rows"]["MoE: oracle (corpus to its expert)"]]
+    up_better = len(up_t["experts_better_than_base_on_their_corpus"]["better"])
     converted = by["gguf_converter.json"]["dtypes"]["f32"]
 
     rows = [
@@ -609,6 +718,12 @@ def claims(*results: dict) -> str:
          f"{best['equal_wall']['token_ratio_vs_dense_T']:.3f}x)",
          verdict(best["equal_wall"]["ratio_vs_dense_T"], "<= 0.90"),
          f"[equal wall time]({link}equal-wall-time-and-tokens-per-parameter)"],
+        ["Start from a pretrained model: experts branched from SmolLM2-135M, one per corpus",
+         f"exported MoE **{up_t['moe_over_base_on_dev_text']['exported']:.3f}x** the base's perplexity on the "
+         f"corpora's dev text, {up_better} of {len(up_corpora)} experts better than the base on their corpus; "
+         + "; ".join(f"{v:.3f}x {k}" for k, v in up_vs.items()),
+         verdict(up_t["moe_over_base_on_dev_text"]["exported"], "<= 0.85"),
+         f"[upcycling]({link}starting-from-a-pretrained-model)"],
         ["Growing: experts added after assembly, nothing retrained",
          f"two new corpora: the exported model gains **{g_token_share:.2f}** of what continued training "
          f"gains there, the old corpora move **{signed_pct(g_token_old)}** (continued training: "
@@ -619,8 +734,11 @@ def claims(*results: dict) -> str:
         ["Memory: every stage near its floor",
          f"peak RSS at most **{mem['poc_50m_max_ratio_to_floor']['value']:.2f}x** the floor (50M model); a "
          f"1.24B-parameter MoE trains with every stage under {mem['1b_max_stage_peak_mb']['value']:.0f} MiB "
-         f"and generates in {mem['1b_generate_cache_4_peak_mb']['value']:.0f} MiB",
-         verdict(mem["poc_50m_max_ratio_to_floor"]["value"], mem["poc_50m_max_ratio_to_floor"]["target"]),
+         f"and generates in {mem['1b_generate_cache_4_peak_mb']['value']:.0f} MiB; every stage from a "
+         f"Llama-3.2-1B-shaped base (805M-parameter experts) under "
+         f"{base_mem['targets']['base_1b_max_stage_peak_mb']['value']:.0f} MiB",
+         verdict(mem["poc_50m_max_ratio_to_floor"]["value"], mem["poc_50m_max_ratio_to_floor"]["target"])
+         + f"; 1B base {verdict(base_mem['targets']['base_1b_max_stage_peak_mb']['value'], '< 8192')} MiB",
          f"[memory]({link}memory)"],
         ["Speed against Hugging Face transformers",
          f"expert phase **{speed['experts_vs_transformers_mixtral']['value']:.2f}x** transformers' Mixtral "

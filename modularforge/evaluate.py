@@ -335,6 +335,9 @@ def _evaluate(run: Run, tokenizer: Tokenizer, folder: AssembledFolder, data: dic
                 "eval_tokens_per_partition": cfg.evaluate.eval_tokens,
             },
             "headline": {m: t.summary() for m, t in full.items()},
+            "anchor": f"the pretrained base {cfg.model.base}, as it is" if cfg.model.base and not cfg.shared_steps
+            else f"the base {cfg.model.base} trained further on the run's text" if cfg.model.base
+            else "the shared phase's dense model",
             "routing_modes": {
                 m: {"overall": _merge(ts).summary(), "per_partition": [t.summary() if t.tokens else None for t in ts],
                     "partitions_scored": sum(1 for t in ts if t.tokens)}

@@ -50,10 +50,11 @@ def render_markdown(report: dict) -> str:
         "| model | loss | perplexity | bits/byte | tokens |",
         "|---|---|---|---|---|",
     ]
-    for name, label in (("token", "assembled MoE (token routing, exported)"), ("anchor", "dense anchor (shared phase)")):
+    anchor = report.get("anchor", "the shared phase's dense model")
+    for name, label in (("token", "assembled MoE (token routing, exported)"), ("anchor", f"dense anchor ({anchor})")):
         r = report["headline"][name]
         lines.append(f"| {label} | {r['loss']:.4f} | {r['perplexity']:.2f} | {r['bits_per_byte']:.4f} | {r['tokens']} |")
-    lines += _expert_lines(report.get("experts", []))
+    lines += _expert_lines(report.get("experts", []), anchor)
     modes = report["routing_modes"]
     labels = report["partition_labels"]
     lines += [
@@ -102,7 +103,7 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _expert_lines(experts: list[dict]) -> list[str]:
+def _expert_lines(experts: list[dict], anchor: str) -> list[str]:
     if not experts:
         return []
     lines = [
@@ -110,7 +111,7 @@ def _expert_lines(experts: list[dict]) -> list[str]:
         "## What each expert adds over the anchor",
         "",
         "Its own partition's validation text (every position but each window's first), under the dense anchor "
-        "(the shared phase's model, where the expert started) and under the expert in place of the anchor FFN. "
+        f"({anchor}, where the expert started) and under the expert in place of the anchor FFN. "
         "Training kept the checkpoint with the lowest loss on the partition's held-out calibration text, step 0 "
         "(the anchor itself) included; a trained step replaced the anchor only when it beat it by "
         "`experts.select_margin` standard errors (windows clustered by document).",

@@ -107,6 +107,24 @@ def test_ray_executor_writes_the_same_expert_files_as_the_local_executor(ray, ma
     assert train_experts_on_ray(on_ray) == manifest["experts"]
 
 
+def test_ray_executor_trains_the_experts_of_a_run_from_a_base(ray, make_config, llama_base):
+    from bases import base_sections
+
+    sections = base_sections(llama_base, "local", experts={"select_margin": 0.0})
+    sections["run"]["threads"] = 1
+    local = Run(make_config(**sections))
+    prepare(local)
+    train_shared(local)
+    on_ray = Run(make_config(**{**sections, "run": {"name": "ray", "threads": 1},
+                                "experts": {**sections["experts"], **ON_RAY}}))
+    shutil.copytree(local.dir, on_ray.dir)
+    _train_local(local)
+    train_experts(on_ray)
+    for k in range(4):
+        for name in EXPERT_FILES:
+            assert (on_ray.expert_dir(k) / name).read_bytes() == (local.expert_dir(k) / name).read_bytes(), (k, name)
+
+
 def _kill_workers_mid_expert(run, killed: list, timeout: float = 300.0) -> None:
     """Once some expert has a checkpoint but is not finished, SIGKILL every Ray worker of this test
     process that is running an expert task."""
