@@ -606,8 +606,10 @@ def main() -> None:
         print(json.dumps(sweep, indent=2))
         return
 
-    pipeline_seconds = modularforge("run", "--config", str(config_path), "--run-dir", str(run.dir))
+    modularforge("run", "--config", str(config_path), "--run-dir", str(run.dir))
     stages = read_json(run.manifest_path)["stages"]
+    # Summed from the manifest, so a run resumed after an interruption still reports its whole cost.
+    pipeline_seconds = sum(facts.get("wall_seconds") or 0 for facts in stages.values())
     texts = Texts(args.data, run, args.eval_tokens)
     rows = Rows(texts)
     rows.score("base", dense_of(run))
