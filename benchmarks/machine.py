@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +33,27 @@ def machine_facts(cfg: Config | None = None, device: torch.device | str = "cpu")
         facts["training_precision"] = {"shared": str(autocast_dtype(cfg.train.precision, device) or "fp32"),
                                        "experts": str(autocast_dtype(cfg.experts.train.precision, device) or "fp32")}
     return facts
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device | str = "cpu", blocks: int = 5) -> float:
+    """The best rate of square matrix products in `dtype`, FLOP/s: the denominator of every MFU. The best of
+    several timed blocks, because one short block on a CPU can read half the rate (a neighbour's burst)."""
+    device = torch.device(device)
+    n, reps = (8192, 50) if device.type == "cuda" else (2048, 8)
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    best = 0.0
+    for _ in range(blocks):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+    return best
 
 
 def git_facts() -> dict:

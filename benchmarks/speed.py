@@ -33,7 +33,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from machine import machine_facts  # noqa: E402
+from machine import machine_facts, matmul_peak  # noqa: E402
 
 from modularforge.config import ModelConfig, TrainConfig  # noqa: E402
 from modularforge.device import autocast, autocast_dtype  # noqa: E402
@@ -53,20 +53,6 @@ GPU_SHAPE = dict(hidden=1024, intermediate=4096, layers=8, heads=16, vocab=32768
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 8) -> float:
-    if device.type == "cuda":
-        n, reps = 8192, 50
-    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
-    for _ in range(2):
-        a @ b
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    synchronize(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
 def step_flops(s: dict, trainable: str) -> float:

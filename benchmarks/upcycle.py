@@ -28,6 +28,7 @@ corpus's text to its own expert); continued training at equal tokens and at equa
 
     python benchmarks/upcycle.py --data ../shared/data [--mergekit]        # about 60 minutes on 2 cores
     python benchmarks/upcycle.py --data ../shared/data --lr-sweep          # the expert learning rate for a base
+    python benchmarks/upcycle.py --data ../shared/data --speed-only   # time the kept run's training again
     python benchmarks/upcycle.py --data ../shared/data --quick             # tiny budgets: checks the benchmark
 
 Prints a table and writes docs/results/upcycle.json and upcycle.png (upcycle_lr.json with --lr-sweep). Runs are
@@ -58,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from corpora import CORPORA, UNSEEN, dev_file  # noqa: E402
-from machine import git_facts, machine_facts  # noqa: E402
+from machine import git_facts, machine_facts, matmul_peak  # noqa: E402
 
 from modularforge.config import apply_override, config_from_dict  # noqa: E402
 from modularforge.data.tokenizer import eos_id, load_tokenizer  # noqa: E402
@@ -96,6 +97,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sweep-optimizer", default="adamw", choices=["adamw", "adafactor"],
                    help="the sweep's optimizer (adafactor also steps inside backward: the memory-bound recipe)")
     p.add_argument("--speed-steps", type=int, default=5, help="timed training steps per system")
+    p.add_argument("--speed-only", action="store_true",
+                   help="only time training and generation again on the kept run, into the existing upcycle.json")
     p.add_argument("--quick", action="store_true", help="tiny budgets, to check the benchmark itself")
     p.add_argument("--set", action="append", default=[], help="override a config key of the run (section.key=value)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results", help="where the JSON and plot go")
@@ -343,16 +346,6 @@ def mergekit_moe(run: Run, data: Path, work: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------- speed
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 8) -> float:
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    for _ in range(2):
-        a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
 def expert_step_flops(m, vocab: int, batch: int, seq: int) -> float:
@@ -608,6 +601,20 @@ def main() -> None:
 
     modularforge("run", "--config", str(config_path), "--run-dir", str(run.dir))
     stages = read_json(run.manifest_path)["stages"]
+    if args.speed_only:
+        path = out_dir / "upcycle.json"
+        result = read_json(path)
+        if result["machine"]["cpu"] != machine_facts(run.cfg)["cpu"]:
+            sys.exit(f"error: {path} was measured on {result['machine']['cpu']}: time its speed on that machine")
+        result["speed"] = training_speed(run, args.speed_steps)
+        result["generation"] = generation_speed(run.model_dir)
+        corpora = [c for c in CORPORA if c in result["rows"]["base"]]
+        result["targets"] = targets_of(result["rows"], corpora, result["speed"], result["generation"], stages)
+        result["speed_timed_again"] = {"command": " ".join(["python", *sys.argv]), "git": git_facts()}
+        write_json(path, result)
+        print(json.dumps({"speed": result["speed"], "generation": result["generation"]}, indent=2))
+        return
+
     # Summed from the manifest, so a run resumed after an interruption still reports its whole cost.
     pipeline_seconds = sum(facts.get("wall_seconds") or 0 for facts in stages.values())
     texts = Texts(args.data, run, args.eval_tokens)
