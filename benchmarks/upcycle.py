@@ -10,7 +10,8 @@ which the continued-training rows get too). Never a dependency of the package.
    expert per corpus branched from the anchor (the package's expert recipe: keep-best against the base), assembled
    (closed-form routers), calibrated, evaluated. Wall time and peak RSS of every stage come from its manifest.
 2. Continued training of the whole base (every weight) on all eight corpora for as many tokens as the experts saw
-   together, at the experts' peak learning rate and schedule (the package's shared phase, initialised from the base).
+   together, at the experts' peak learning rate and schedule (the package's shared phase, initialised from the base),
+   and again at each rate of --continued-lrs (default 1e-4: every weight trainable may want a lower rate than an FFN).
 3. The same at equal wall time on 8 workers: the dense run gets the wall time of the slowest expert (each expert
    on its own machine), at its measured seconds per step.
 4. mergekit-moe (`--mergekit`, in a venv of its own under the work folder: `pip install mergekit`): the same
@@ -26,7 +27,7 @@ Rows, on the first --eval-tokens tokens of each corpus's dev file and of a text 
 prefix scored in every row: the base; the exported MoE (token routing); sequence routing and the oracle (each
 corpus's text to its own expert); continued training at equal tokens and at equal wall time; mergekit-moe.
 
-    python benchmarks/upcycle.py --data ../shared/data [--mergekit]        # about 60 minutes on 2 cores
+    python benchmarks/upcycle.py --data ../shared/data [--mergekit]        # about 75 minutes on 2 cores
     python benchmarks/upcycle.py --data ../shared/data --lr-sweep          # the expert learning rate for a base
     python benchmarks/upcycle.py --data ../shared/data --speed-only   # time the kept run's training again
     python benchmarks/upcycle.py --data ../shared/data --quick             # tiny budgets: checks the benchmark
@@ -92,6 +93,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "upcycle", help="runs, reused")
     p.add_argument("--eval-tokens", type=int, help="tokens scored per text (default 2048; --quick 256)")
     p.add_argument("--mergekit", action="store_true", help="add the mergekit-moe row (installs mergekit in a venv)")
+    p.add_argument("--continued-lrs", type=lambda text: [float(x) for x in text.split(",")], default=[1e-4],
+                   help="peak rates of continued-training rows beside the experts' own (comma-separated)")
     p.add_argument("--lr-sweep", action="store_true", help="only the expert learning-rate sweep (upcycle_lr.json)")
     p.add_argument("--sweep-rates", default=SWEEP_RATES, help="the sweep's peak learning rates (comma-separated)")
     p.add_argument("--sweep-optimizer", default="adamw", choices=["adamw", "adafactor"],
@@ -224,11 +227,11 @@ def pooled(per: dict, texts) -> float | None:
 # --------------------------------------------------------------------------------------------------- baselines
 
 
-def continued_training(source: Run, work: Path, name: str, steps: int | None = None) -> Run:
+def continued_training(source: Run, work: Path, name: str, steps: int | None = None, lr: float | None = None) -> Run:
     """The whole base (every weight) trained on all corpora: the shared phase initialised from the base, for as many
-    tokens as the experts saw together (or `steps` steps), at the experts' peak rate and schedule."""
+    tokens as the experts saw together (or `steps` steps), at the experts' peak rate (or `lr`) and schedule."""
     cfg = source.cfg
-    tcfg = cfg.expert_train
+    tcfg = cfg.expert_train if lr is None else cfg.expert_train.model_copy(update={"lr": lr})
     tokens = sum(read_json(source.expert_dir(s.name) / "done.json")["tokens"] for s in source.experts())
     steps = steps or round(tokens / cfg.tokens_per_step(tcfg))
     dump = cfg.model_dump(mode="json")
@@ -599,6 +602,9 @@ def main() -> None:
         print(json.dumps(sweep, indent=2))
         return
 
+    # The seconds of stages a kept run already finished, so that a resumed benchmark still reports its cold cost.
+    done_before = sum(facts.get("wall_seconds") or 0 for facts in read_json(run.manifest_path)["stages"].values()
+                      if facts.get("status") == "done") if run.manifest_path.exists() else 0.0
     modularforge("run", "--config", str(config_path), "--run-dir", str(run.dir))
     stages = read_json(run.manifest_path)["stages"]
     if args.speed_only:
@@ -635,6 +641,11 @@ def main() -> None:
     wall_steps = max(1, int(slowest / seconds_per_step))
     equal_wall = continued_training(run, work, "continued-equal-wall", wall_steps)
     rows.score("continued training, equal wall time (8 workers)", dense_of(equal_wall))
+    for lr in args.continued_lrs:
+        rows.score(f"continued training, equal tokens, lr {lr:g}",
+                   dense_of(continued_training(run, work, f"continued-equal-tokens-lr{lr:g}", lr=lr)))
+        rows.score(f"continued training, equal wall time (8 workers), lr {lr:g}",
+                   dense_of(continued_training(run, work, f"continued-equal-wall-lr{lr:g}", wall_steps, lr=lr)))
     if args.mergekit:
         rows.score("mergekit-moe (gate_mode hidden)", open_model(mergekit_moe(run, args.data, work)))
 
@@ -664,7 +675,8 @@ def main() -> None:
         "targets": targets,
         "machine": machine_facts(run.cfg),
         "git": git_facts(),
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        "wall_seconds": round(time.perf_counter() - started + done_before, 1),
+        "stages_found_done_seconds": round(done_before, 1),
     }
     print_table(rows.rows, corpora, targets)
     write_json(out_dir / "upcycle.json", result)
