@@ -183,6 +183,28 @@ def test_stepping_inside_backward_takes_the_same_steps(optimizer):
     assert not torch.equal(results[1].lm_head.weight, _model().lm_head.weight)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_stepping_inside_backward_frees_the_optimizer_and_its_parameters(optimizer):
+    import gc
+    import weakref
+
+    from modularforge.config import TrainConfig
+    from modularforge.train.loop import Objective, make_optimizer
+
+    model = _model()
+    cfg = TrainConfig(batch_size=2, lr=1e-2, grad_clip=0.0, precision="fp32", optimizer=optimizer,
+                      step_in_backward=True)
+    opt = make_optimizer(Objective(params=dict(model.named_parameters()), loss_fn=ModelLoss(model, compile=False),
+                                   sample_batch=lambda step: None, val_batches=[]), cfg)
+    opt.lr = 1e-2
+    ModelLoss(model, compile=False)(torch.randint(0, 300, (2, 33))).backward()
+    assert opt.state  # the hooks stepped
+    weights, state = weakref.ref(model.lm_head.weight), weakref.ref(opt)
+    del model, opt
+    gc.collect()
+    assert weights() is None and state() is None  # a finished expert's weights do not outlive it
+
+
 def test_stepping_inside_backward_needs_whole_batches_and_no_global_clip():
     from modularforge.config import config_from_dict
     from modularforge.errors import ConfigError

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,8 +228,17 @@ def make_optimizer(job: Objective, cfg: TrainConfig) -> Optimizer:
     optimizer = FusedAdamW(groups, betas=(cfg.beta1, cfg.beta2)) if cfg.optimizer == "adamw" else Adafactor(groups)
     if cfg.step_in_backward:
         optimizer.lr = 0.0  # the rate of the step under way, set before its backward pass
+        # The hooks hold the optimizer weakly: a strong reference makes a cycle through the parameters' hooks that
+        # the garbage collector does not see, and kept each finished expert's weights and state alive (3 GB for a
+        # 1B base's FFN stack) while the next one trained.
+        optimizer_ref = weakref.ref(optimizer)
+
+        def step(p: torch.Tensor) -> None:
+            if (live := optimizer_ref()) is not None:
+                live.step_one(p, live.lr)
+
         for p in job.params.values():
-            p.register_post_accumulate_grad_hook(lambda p: optimizer.step_one(p, optimizer.lr))
+            p.register_post_accumulate_grad_hook(step)
     return optimizer
 
 
