@@ -46,7 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from machine import machine_facts  # noqa: E402
+from machine import git_facts, machine_facts  # noqa: E402
 
 from modularforge.config import Config, load_config, preset_path  # noqa: E402
 from modularforge.device import autocast, autocast_dtype  # noqa: E402
@@ -501,7 +501,7 @@ def main() -> None:
     print(f"baseline (python + torch): {baseline:.0f} MiB")
     table: list[dict] = []
     result: dict = {"command": " ".join(["python", *sys.argv]), "baseline_mb": round(baseline, 1),
-                    "machine": machine_facts()}
+                    "machine": machine_facts(), "git": git_facts()}
     poc = None
     if parts & {"poc-50m", "scaling"}:
         poc = bench_poc(args.work, baseline, table, logs)

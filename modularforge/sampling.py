@@ -132,9 +132,12 @@ def generate_ids(
     device = module_device(model)
     expert_ids = None if expert is None else torch.tensor([expert], device=device)
     dtype = next(model.parameters()).dtype
-    cache = KVCache(model.cfg, 1, window, dtype, device)
-    rotary = RotaryRows(model, dtype) if supports_decode_step(model) else None
     tokens = list(prompt)
+    # No position past the prompt and the new tokens is ever filled: a base's context (128K tokens for Llama 3.x)
+    # would otherwise preallocate gigabytes of cache for a short generation.
+    capacity = min(window, min(len(tokens), window - 1) + s.max_new_tokens + 1)
+    cache = KVCache(model.cfg, 1, capacity, dtype, device)
+    rotary = RotaryRows(model, dtype) if supports_decode_step(model) else None
 
     def prefill(context: list[int]) -> torch.Tensor:
         return model(torch.tensor([context], device=device), cache=cache, start=0, expert_ids=expert_ids)[0, -1]

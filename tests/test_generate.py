@@ -37,6 +37,23 @@ def test_cached_greedy_decode_equals_full_recompute():
     assert cached == tokens[len(prompt):]
 
 
+def test_the_kv_cache_holds_the_prompt_and_new_tokens_not_the_whole_context(monkeypatch):
+    import modularforge.sampling as sampling
+
+    capacities = []
+    real = sampling.KVCache
+    monkeypatch.setattr(sampling, "KVCache", lambda cfg, batch, capacity, *rest: capacities.append(capacity)
+                        or real(cfg, batch, capacity, *rest))
+    model = _model()
+    prompt, sampling_ = [1, 5, 7, 2], Sampling(temperature=0, max_new_tokens=6)
+    short = list(generate_ids(model, prompt, sampling_))
+    assert capacities == [len(prompt) + 6 + 1] and capacities[0] < CFG.max_seq_len
+    monkeypatch.setattr(sampling, "KVCache", real)
+    assert short == list(generate_ids(model, prompt, sampling_))[:6]
+    long = list(generate_ids(model, [1, 2, 3], Sampling(temperature=1.0, max_new_tokens=60, context_window=16)))
+    assert len(long) == 60
+
+
 def test_sliding_window_keeps_generating_past_the_context():
     model = _model()
     out = list(generate_ids(model, [1, 2, 3], Sampling(temperature=1.0, max_new_tokens=60, context_window=16)))
