@@ -735,10 +735,10 @@ def claims(*results: dict) -> str:
          f"peak RSS at most **{mem['poc_50m_max_ratio_to_floor']['value']:.2f}x** the floor (50M model); a "
          f"1.24B-parameter MoE trains with every stage under {mem['1b_max_stage_peak_mb']['value']:.0f} MiB "
          f"and generates in {mem['1b_generate_cache_4_peak_mb']['value']:.0f} MiB; every stage from a "
-         f"Llama-3.2-1B-shaped base (805M-parameter experts) under "
+         f"Llama-3.2-1B-shaped base (805M-parameter experts) at most "
          f"{base_mem['targets']['base_1b_max_stage_peak_mb']['value']:.0f} MiB",
          verdict(mem["poc_50m_max_ratio_to_floor"]["value"], mem["poc_50m_max_ratio_to_floor"]["target"])
-         + f"; 1B base {verdict(base_mem['targets']['base_1b_max_stage_peak_mb']['value'], '< 8192')} MiB",
+         + f"; 1B base {verdict(base_mem['targets']['base_1b_max_stage_peak_mb']['value'], '< 8192 MiB')}",
          f"[memory]({link}memory)"],
         ["Speed against Hugging Face transformers",
          f"expert phase **{speed['experts_vs_transformers_mixtral']['value']:.2f}x** transformers' Mixtral "
